@@ -1,0 +1,91 @@
+//! The 8250/16550 UART on COM1 (ports 0x3f8-0x3ff), built on vm-superio.
+//!
+//! Program-mode guests only write the transmit register; Linux drives the
+//! full UART and gets its interrupt (IRQ 4) through an eventfd that the VMM
+//! registers with KVM as an irqfd.
+
+use std::io::Write;
+
+use vm_superio::{Serial as Uart, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// First port of COM1.
+pub const COM1_BASE: u16 = 0x3f8;
+/// Number of ports the UART decodes.
+pub const COM1_PORTS: u16 = 8;
+
+/// How the UART raises its interrupt.
+#[derive(Debug)]
+pub enum Irq {
+    /// No interrupt controller (program mode).
+    None,
+    /// An eventfd registered as an irqfd.
+    EventFd(EventFd),
+}
+
+impl Trigger for Irq {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        match self {
+            Irq::None => Ok(()),
+            Irq::EventFd(fd) => fd.write(1),
+        }
+    }
+}
+
+/// COM1, writing what the guest transmits to `W`.
+#[derive(Debug)]
+pub struct Serial<W: Write> {
+    uart: Uart<Irq, vm_superio::serial::NoEvents, W>,
+}
+
+impl<W: Write> Serial<W> {
+    /// A UART that transmits to `out`.
+    pub fn new(irq: Irq, out: W) -> Self {
+        Self {
+            uart: Uart::new(irq, out),
+        }
+    }
+
+    /// Whether `port` belongs to the UART.
+    pub fn handles(port: u16) -> bool {
+        (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&port)
+    }
+
+    /// A guest write to `port`.
+    pub fn write(&mut self, port: u16, value: u8) {
+        if let Err(e) = self.uart.write((port - COM1_BASE) as u8, value) {
+            log::warn!("serial: {e:?}");
+        }
+    }
+
+    /// A guest read of `port`.
+    pub fn read(&mut self, port: u16) -> u8 {
+        self.uart.read((port - COM1_BASE) as u8)
+    }
+
+    /// Queues bytes for the guest to receive.
+    pub fn receive(&mut self, bytes: &[u8]) {
+        if let Err(e) = self.uart.enqueue_raw_bytes(bytes) {
+            log::warn!("serial input dropped: {e:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transmits_bytes_written_to_thr() {
+        let mut s = Serial::new(Irq::None, Vec::new());
+        for b in b"hi\n" {
+            s.write(COM1_BASE, *b);
+        }
+        assert_eq!(s.uart.writer(), b"hi\n");
+        // Line status: transmitter empty.
+        assert_ne!(s.read(COM1_BASE + 5) & 0x20, 0);
+        assert!(Serial::<Vec<u8>>::handles(0x3ff) && !Serial::<Vec<u8>>::handles(0x400));
+    }
+}

@@ -1,0 +1,1 @@
+//! Guest programs used by the tests.

@@ -1,0 +1,132 @@
+//! What all VMs of one process share: configuration and counters.
+
+use crate::sync::{Arc, AtomicU64, Ordering};
+
+/// Tunables of the memory system.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Pages made present together on a first touch (a power of two, 1 to
+    /// 512), within the aligned block around the touched page. Linux
+    /// faults file pages around in 64 KiB blocks; doing the same for fresh
+    /// guest pages saves exits. Frames stay holes in their store until
+    /// written, so an untouched page of a block costs no host memory.
+    pub fault_around: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { fault_around: 16 }
+    }
+}
+
+/// Process-wide counters. Each is exact at any quiescent point.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) resident: AtomicU64,
+    pub(crate) shared: AtomicU64,
+    pub(crate) copied: AtomicU64,
+    pub(crate) pins: AtomicU64,
+    pub(crate) swapped: AtomicU64,
+    pub(crate) swap_ins: AtomicU64,
+    pub(crate) migrated: AtomicU64,
+    pub(crate) wp_events: AtomicU64,
+    pub(crate) stores: AtomicU64,
+    pub(crate) first_touch: AtomicU64,
+    pub(crate) reused: AtomicU64,
+    pub(crate) host_faults: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Frames allocated and not yet freed.
+    pub resident: u64,
+    /// Frames mapped by more than one VM.
+    pub shared: u64,
+    /// Frames copied by write or unshare faults and at fork.
+    pub copied: u64,
+    /// Pins held.
+    pub pins: u64,
+    /// Pages in swap.
+    pub swapped: u64,
+    /// Pages read back from swap.
+    pub swap_ins: u64,
+    /// Pages moved to new frames.
+    pub migrated: u64,
+    /// Writes reported to write-protect listeners.
+    pub wp_events: u64,
+    /// Frame stores open.
+    pub stores: u64,
+    /// First-touch faults (each may make several pages present).
+    pub first_touch: u64,
+    /// Write faults that reused the frame instead of copying it.
+    pub reused: u64,
+    /// Faults resolved for the guest (any kind).
+    pub host_faults: u64,
+}
+
+impl StatsSnapshot {
+    /// The counters in the order of the guest ABI's STATS call: the first
+    /// eight are fixed by the ABI, later ones are appended.
+    pub fn to_abi(&self) -> [u64; 12] {
+        [
+            self.resident,
+            self.shared,
+            self.copied,
+            self.pins,
+            self.swapped,
+            self.swap_ins,
+            self.migrated,
+            self.wp_events,
+            self.stores,
+            self.first_touch,
+            self.reused,
+            self.host_faults,
+        ]
+    }
+}
+
+/// Shared state of every VM created from it: configuration and counters.
+#[derive(Debug)]
+pub struct Context {
+    pub(crate) config: Config,
+    pub(crate) stats: Stats,
+    pub(crate) next_store_id: AtomicU64,
+}
+
+impl Context {
+    /// A new context. Values out of range in `config` are clamped.
+    pub fn new(mut config: Config) -> Arc<Self> {
+        config.fault_around = config.fault_around.clamp(1, 512).next_power_of_two();
+        Arc::new(Self {
+            config,
+            stats: Stats::default(),
+            next_store_id: AtomicU64::new(1),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Config {
+        self.config
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            resident: l(&s.resident),
+            shared: l(&s.shared),
+            copied: l(&s.copied),
+            pins: l(&s.pins),
+            swapped: l(&s.swapped),
+            swap_ins: l(&s.swap_ins),
+            migrated: l(&s.migrated),
+            wp_events: l(&s.wp_events),
+            stores: l(&s.stores),
+            first_touch: l(&s.first_touch),
+            reused: l(&s.reused),
+            host_faults: l(&s.host_faults),
+        }
+    }
+}

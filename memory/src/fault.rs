@@ -1,0 +1,223 @@
+//! Fault resolution: first touch, write faults and unshare faults.
+//!
+//! All three run under the VM's memory-map lock (read) and the leaf lock of
+//! the faulting page, like Linux's `handle_pte_fault`. The decisions follow
+//! MEMORY-MODEL.md:
+//!
+//! - first touch: fresh zeroed frames, exclusive (R2), mapped writable;
+//! - write fault (R11, `do_wp_page`): exclusive → reuse; sole reference →
+//!   mark exclusive and reuse; otherwise copy into a new exclusive frame;
+//! - unshare fault (R10): as a write fault, but the entry stays read-only.
+//!
+//! Copying when unsure is always allowed (an unnecessary copy); reusing a
+//! frame someone else can still reach never is.
+
+use crate::entry::Entry;
+use crate::store::Store;
+use crate::sync::{Arc, Ordering};
+use crate::table::Leaf;
+use crate::vm::{Access, MemError, VmMemory};
+
+impl VmMemory {
+    /// Resolves a guest fault: makes the page holding `gpa` allow `access`.
+    /// Called for vCPU exits; resolving a fault that another vCPU already
+    /// resolved is a no-op.
+    pub fn fault(&self, gpa: u64, access: Access) -> Result<(), MemError> {
+        let page = self
+            .layout
+            .page_of(gpa)
+            .ok_or(MemError::NotRam { gpa, len: 1 })?;
+        self.ctx.stats.host_faults.fetch_add(1, Ordering::Relaxed);
+        self.fault_page(page, access)
+    }
+
+    /// Resolves `access` to page number `page`.
+    pub(crate) fn fault_page(&self, page: u64, access: Access) -> Result<(), MemError> {
+        let _map = self.map_lock.read();
+        let leaf = self.table.leaf_or_alloc(page);
+        let _ptl = leaf.lock().lock();
+        self.fault_locked(leaf, page, access)
+    }
+
+    /// The body of a fault; the caller holds the map lock and `leaf`'s lock.
+    pub(crate) fn fault_locked(
+        &self,
+        leaf: &Leaf,
+        page: u64,
+        access: Access,
+    ) -> Result<(), MemError> {
+        let e = leaf.get(page);
+        if access.allowed_by(e, |s| self.frame_exclusive(s, page)) {
+            return Ok(());
+        }
+        match e {
+            Entry::None => self.first_touch(leaf, page),
+            Entry::Marker { wp } => self.touch_marker(leaf, page, wp),
+            Entry::Present { store, wp, .. } => {
+                if wp && access == Access::Write {
+                    return Err(MemError::Unsupported {
+                        gpa: self.gpa(page),
+                        state: "write-protected for a listener",
+                    });
+                }
+                self.cow_fault(leaf, page, store, access == Access::Write)
+            }
+            Entry::Swap { .. } | Entry::Migration { .. } => Err(self.unresolvable(page, e)),
+        }
+    }
+
+    /// Makes the empty pages of the fault-around block of `page` present.
+    fn first_touch(&self, leaf: &Leaf, page: u64) -> Result<(), MemError> {
+        let around = self.ctx.config.fault_around;
+        let start = page & !(around - 1);
+        let end = (start + around).min(self.table.pages());
+        let mut hint = start
+            .checked_sub(1)
+            .and_then(|p| self.table.get(p).present_store());
+        let mut claimed: Vec<(u64, u32)> = Vec::new();
+        for p in start..end {
+            match leaf.get(p) {
+                Entry::None => match self.alloc_frame(p, hint) {
+                    Ok(idx) => {
+                        claimed.push((p, idx));
+                        hint = Some(idx);
+                    }
+                    Err(e) if p == page => {
+                        self.unclaim_all(&claimed);
+                        return Err(e);
+                    }
+                    Err(e) => log::warn!("fault-around skipped page {p:#x}: {e}"),
+                },
+                other => hint = other.present_store().or(hint),
+            }
+        }
+        self.ctx.stats.first_touch.fetch_add(1, Ordering::Relaxed);
+        let mut result = Ok(());
+        for run in claimed.chunk_by(|a, b| a.0 + 1 == b.0 && a.1 == b.1) {
+            let (first, idx) = run[0];
+            let store = self.store(idx);
+            match self.host_map(first, run.len() as u64, &store, true) {
+                Ok(()) if result.is_ok() => {
+                    for &(p, _) in run {
+                        self.frame_map(&store, p);
+                        leaf.set(p, Entry::writable(idx));
+                    }
+                }
+                Ok(()) => {
+                    // An earlier run failed: keep the host page consistent
+                    // with the entry, which stays empty.
+                    let _ = self.host_unmap(first, run.len() as u64);
+                    self.unclaim_all(run);
+                }
+                Err(e) => {
+                    self.unclaim_all(run);
+                    if run.iter().any(|&(p, _)| p == page) || result.is_err() {
+                        result = Err(e);
+                    } else {
+                        log::warn!("fault-around skipped pages at {first:#x}: {e}");
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    fn unclaim_all(&self, claimed: &[(u64, u32)]) {
+        for &(p, idx) in claimed {
+            self.unclaim(idx, p);
+        }
+    }
+
+    /// First touch of a page whose empty entry keeps a write-protect: one
+    /// fresh frame, mapped read-only while the protection is armed.
+    fn touch_marker(&self, leaf: &Leaf, page: u64, wp: bool) -> Result<(), MemError> {
+        let idx = self.alloc_frame(page, None)?;
+        let store = self.store(idx);
+        if let Err(e) = self.host_map(page, 1, &store, !wp) {
+            store.put(page, true);
+            return Err(e);
+        }
+        self.frame_map(&store, page);
+        leaf.set(
+            page,
+            Entry::Present {
+                store: idx,
+                writable: !wp,
+                wp,
+                soft_dirty: true,
+            },
+        );
+        self.ctx.stats.first_touch.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Write fault (`write` = true, R11) or unshare fault (R10) on a present
+    /// page that does not allow the access.
+    fn cow_fault(&self, leaf: &Leaf, page: u64, idx: u32, write: bool) -> Result<(), MemError> {
+        let store = self.store(idx);
+        let meta = store.meta(page);
+        let reuse = if meta.exclusive() {
+            true
+        } else if meta.refcount() == 1 {
+            // Sole reference: only this entry holds the frame, and no
+            // lockless pin can take one without seeing the entry change.
+            meta.set_exclusive();
+            true
+        } else {
+            false
+        };
+        if !reuse {
+            return self.copy_on_fault(leaf, page, &store, write);
+        }
+        if write {
+            self.host_protect(page, 1, true)?;
+            leaf.set(page, Entry::writable(idx));
+            self.ctx.stats.reused.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Replaces the frame of `page` by an exclusive copy.
+    fn copy_on_fault(
+        &self,
+        leaf: &Leaf,
+        page: u64,
+        old: &Arc<Store>,
+        writable: bool,
+    ) -> Result<(), MemError> {
+        let hint = page
+            .checked_sub(1)
+            .filter(|p| p / crate::layout::PAGES_PER_LEAF == page / crate::layout::PAGES_PER_LEAF)
+            .and_then(|p| match leaf.get(p) {
+                Entry::Present {
+                    store,
+                    writable: true,
+                    ..
+                } => Some(store),
+                _ => None,
+            });
+        let idx = self.alloc_frame(page, hint)?;
+        let new = self.store(idx);
+        // SAFETY: both are whole frames in live direct maps; `new` was just
+        // claimed by us and `old` is not exclusive, so nobody writes it (R1:
+        // no writable entry maps it, pins only exist on exclusive frames).
+        unsafe { crate::sys::copy_page(new.frame_ptr(page), old.frame_ptr(page)) };
+        if let Err(e) = self.host_map(page, 1, &new, writable) {
+            new.put(page, true);
+            return Err(e);
+        }
+        self.frame_map(&new, page);
+        leaf.set(
+            page,
+            Entry::Present {
+                store: idx,
+                writable,
+                wp: false,
+                soft_dirty: true,
+            },
+        );
+        self.frame_unmap_put(old, page, true);
+        self.ctx.stats.copied.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}

@@ -1,0 +1,134 @@
+//! Per-frame metadata: the counts and the anon-exclusive bit.
+//!
+//! Counts are exact (R16):
+//! - `refcount`: every reference that keeps the frame alive: one per stage-2
+//!   entry that maps it, one per pin, one per transient holder (a copy in
+//!   progress, a lockless pin attempt).
+//! - `mapcount`: stage-2 entries (of any VM) mapping it.
+//! - `pincount`: device pins.
+//!
+//! A frame is *free* when `refcount` is 0: its store slot is a hole that
+//! reads zeros. Releasing the last reference passes through `FREEING` while
+//! the slot is punched, so nobody can claim it before it reads zeros again.
+
+use crate::sync::{AtomicU32, Ordering};
+
+const FREEING: u32 = u32::MAX;
+const ANON_EXCLUSIVE: u32 = 1;
+
+/// Metadata of one frame (one 4 KiB slot of a store).
+#[derive(Debug, Default)]
+pub(crate) struct FrameMeta {
+    refcount: AtomicU32,
+    mapcount: AtomicU32,
+    pincount: AtomicU32,
+    flags: AtomicU32,
+}
+
+impl FrameMeta {
+    /// Claims a free slot as a new frame with one reference, exclusive (R2).
+    pub(crate) fn try_claim(&self) -> bool {
+        if self
+            .refcount
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        self.mapcount.store(0, Ordering::Relaxed);
+        self.pincount.store(0, Ordering::Relaxed);
+        self.flags.store(ANON_EXCLUSIVE, Ordering::Release);
+        true
+    }
+
+    /// Drops a reference. Returns true if it was the last one: the frame is
+    /// then `FREEING` and the caller must punch its slot and call
+    /// [`FrameMeta::finish_free`].
+    #[must_use]
+    pub(crate) fn put(&self) -> bool {
+        let mut c = self.refcount.load(Ordering::Relaxed);
+        loop {
+            debug_assert!(c != 0 && c != FREEING, "put on a free frame");
+            let next = if c == 1 { FREEING } else { c - 1 };
+            match self
+                .refcount
+                .compare_exchange_weak(c, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return c == 1,
+                Err(now) => c = now,
+            }
+        }
+    }
+
+    /// Marks a `FREEING` frame free once its slot reads zeros again.
+    pub(crate) fn finish_free(&self) {
+        debug_assert_eq!(self.refcount.load(Ordering::Relaxed), FREEING);
+        self.flags.store(0, Ordering::Relaxed);
+        self.refcount.store(0, Ordering::Release);
+    }
+
+    pub(crate) fn refcount(&self) -> u32 {
+        match self.refcount.load(Ordering::Acquire) {
+            FREEING => 0,
+            c => c,
+        }
+    }
+
+    pub(crate) fn mapcount(&self) -> u32 {
+        self.mapcount.load(Ordering::Acquire)
+    }
+
+    /// Counts one more mapping; returns the new mapcount.
+    pub(crate) fn map(&self) -> u32 {
+        self.mapcount.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Counts one mapping fewer; returns the new mapcount.
+    pub(crate) fn unmap(&self) -> u32 {
+        let old = self.mapcount.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(old > 0, "mapcount underflow");
+        old - 1
+    }
+
+    pub(crate) fn pincount(&self) -> u32 {
+        self.pincount.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn exclusive(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & ANON_EXCLUSIVE != 0
+    }
+
+    pub(crate) fn set_exclusive(&self) {
+        self.flags.fetch_or(ANON_EXCLUSIVE, Ordering::AcqRel);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_put_free() {
+        let f = FrameMeta::default();
+        assert!(f.try_claim());
+        assert!(f.exclusive());
+        assert_eq!(f.refcount(), 1);
+        assert!(!f.try_claim(), "claimed twice");
+        assert!(f.put(), "last put did not report it");
+        assert_eq!(f.refcount(), 0);
+        assert!(!f.try_claim(), "claimed while freeing");
+        f.finish_free();
+        assert!(!f.exclusive());
+        assert!(f.try_claim());
+    }
+
+    #[test]
+    fn mapcount_counts() {
+        let f = FrameMeta::default();
+        assert!(f.try_claim());
+        assert_eq!(f.map(), 1);
+        assert_eq!(f.map(), 2);
+        assert_eq!(f.unmap(), 1);
+        assert_eq!(f.mapcount(), 1);
+    }
+}

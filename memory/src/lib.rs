@@ -1,0 +1,41 @@
+//! Guest-physical memory that behaves like Linux anonymous memory.
+//!
+//! A VM's memory ([`VmMemory`]) is a stage-2 table from guest page to
+//! [`Entry`], the frames those entries name, and a host mapping derived
+//! from the table that KVM's memslots point at. Faults that KVM reports
+//! (a write to a read-only page, an access to an absent one) are resolved
+//! here, following MEMORY-MODEL.md.
+//!
+//! # Lock order
+//! Outermost first; debug builds assert it on every acquisition
+//! (see `lock.rs`):
+//!
+//! 1. a VM's memory-map lock (`map_lock`, Linux's `mmap_lock`);
+//! 2. a leaf-table lock (Linux's page-table lock);
+//! 3. a VM's store list.
+//!
+//! Frame counts and the anon-exclusive bit are atomics, changed under the
+//! table lock of an entry that maps the frame.
+//!
+//! `memory` knows nothing of KVM: it hands the VMM host ranges to register
+//! as memslots and changes the protection of host pages itself; KVM follows
+//! through its MMU notifiers.
+
+mod context;
+mod entry;
+mod fault;
+mod frame;
+mod layout;
+mod lock;
+mod store;
+mod sync;
+mod sys;
+mod table;
+mod view;
+mod vm;
+
+pub use context::{Config, Context, StatsSnapshot};
+pub use entry::{Entry, MigrationKind};
+pub use layout::{Layout, LayoutError, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_LEAF, RamRange};
+pub use view::GuestView;
+pub use vm::{Access, FrameInfo, MemError, VmMemory, max_map_count};

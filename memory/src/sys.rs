@@ -1,0 +1,226 @@
+//! The crate's edge to the host kernel: memfds, mappings, protection, hole
+//! punching and raw frame copies. Everything `unsafe` in `memory` is here.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+
+use crate::layout::PAGE_SIZE;
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Creates an empty, close-on-exec memfd of `len` bytes (all holes).
+pub(crate) fn memfd(name: &CStr, len: u64) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is a valid NUL-terminated string; the call has no other
+    // memory-safety preconditions.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by no one else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: ftruncate on an fd we own; no memory is touched.
+    check(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })?;
+    Ok(fd)
+}
+
+/// Frees the frames backing `[offset, offset + len)` of a memfd; the range
+/// reads zeros afterwards.
+pub(crate) fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on a valid fd; it touches no memory of ours.
+    check(unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    })
+}
+
+/// A range of host virtual memory owned by this process: unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a `Mapping` is an address range; it is only dereferenced through
+// raw pointers by code that holds the locks documented at each use.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; sharing the range's address is harmless.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Reserves `len` bytes of address space, inaccessible and unbacked.
+    pub(crate) fn reserve(len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's
+        // choosing cannot alias any existing Rust object.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        Self::from_mmap(p, len)
+    }
+
+    /// Maps all of `fd` (`len` bytes) shared and read-write.
+    pub(crate) fn shared(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        // SAFETY: as in `reserve`, a fresh mapping at a kernel-chosen address.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        Self::from_mmap(p, len)
+    }
+
+    fn from_mmap(p: *mut libc::c_void, len: usize) -> io::Result<Self> {
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
+        Ok(Self { base, len })
+    }
+
+    /// Address of page `page` of the range.
+    pub(crate) fn page_ptr(&self, page: u64) -> *mut u8 {
+        let off = page * PAGE_SIZE;
+        assert!(off < self.len as u64, "page {page} outside mapping");
+        self.base.as_ptr().wrapping_add(off as usize)
+    }
+
+    fn span(&self, page: u64, pages: u64) -> (*mut libc::c_void, usize) {
+        let end = (page + pages) * PAGE_SIZE;
+        assert!(
+            end <= self.len as u64,
+            "pages {page}+{pages} outside mapping"
+        );
+        (self.page_ptr(page).cast(), (pages * PAGE_SIZE) as usize)
+    }
+
+    /// Maps `pages` pages of `fd` at file offset `page * 4K` over the same
+    /// pages of this range.
+    pub(crate) fn map_file(
+        &self,
+        page: u64,
+        pages: u64,
+        fd: BorrowedFd<'_>,
+        writable: bool,
+    ) -> io::Result<()> {
+        let (addr, len) = self.span(page, pages);
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: the target lies inside this reservation, which no Rust
+        // object occupies; MAP_FIXED replaces only our own pages there.
+        let p = unsafe {
+            libc::mmap(
+                addr,
+                len,
+                prot,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                (page * PAGE_SIZE) as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Makes `pages` pages inaccessible and drops their backing mapping.
+    pub(crate) fn unmap(&self, page: u64, pages: u64) -> io::Result<()> {
+        let (addr, len) = self.span(page, pages);
+        // SAFETY: as in `map_file`: our own reservation, no Rust objects.
+        let p = unsafe {
+            libc::mmap(
+                addr,
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Changes the protection of `pages` pages.
+    pub(crate) fn protect(&self, page: u64, pages: u64, writable: bool) -> io::Result<()> {
+        let (addr, len) = self.span(page, pages);
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: changes protection inside our own reservation only.
+        check(unsafe { libc::mprotect(addr, len, prot) })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the range was mapped by us and nothing refers into it once
+        // its owner is dropped.
+        let ret = unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        if ret != 0 {
+            log::error!("munmap failed: {}", io::Error::last_os_error());
+        }
+    }
+}
+
+/// Copies one page between two frames.
+///
+/// # Safety
+/// Both pointers address a whole page of live mappings, the pages do not
+/// overlap, and no one writes `src` or touches `dst` concurrently (the
+/// caller holds the table lock of the entries involved).
+pub(crate) unsafe fn copy_page(dst: *mut u8, src: *const u8) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, PAGE_SIZE as usize) }
+}
+
+/// Copies `len` bytes out of a frame.
+///
+/// # Safety
+/// `src..src+len` lies inside a live mapping of one frame that the caller
+/// keeps alive and mapped for the duration.
+pub(crate) unsafe fn read_frame(src: *const u8, out: &mut [u8]) {
+    // SAFETY: guaranteed by the caller; `out` is a distinct Rust buffer.
+    unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) }
+}
+
+/// Copies bytes into a frame.
+///
+/// # Safety
+/// As for [`read_frame`], and the frame is exclusive to the caller's VM.
+pub(crate) unsafe fn write_frame(dst: *mut u8, data: &[u8]) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
+}

@@ -1,0 +1,173 @@
+//! The per-VM stage-2 table: page number → [`Entry`].
+//!
+//! Two levels, like an x86 page directory and page table:
+//!
+//! ```text
+//!   top[page / 512] ──► Leaf { lock, entries[page % 512] }
+//!   (one top entry per 2 MiB of RAM; a leaf covers 512 pages)
+//! ```
+//!
+//! Rules (MEMORY-MODEL.md, "Huge mappings and table retraction"):
+//! - leaf entries change only under their leaf's lock;
+//! - a top entry, once it points at a leaf, is not changed under a leaf
+//!   lock: it is installed once (compare-and-swap from empty) and only
+//!   replaced by code that holds the VM's memory-map lock for writing and
+//!   has waited for lockless walkers;
+//! - leaves live until the table is dropped, so a reference obtained from a
+//!   top entry stays valid for the table's lifetime.
+
+use crate::entry::Entry;
+use crate::layout::PAGES_PER_LEAF;
+use crate::lock::{Rank, RankedMutex};
+use crate::sync::{AtomicU64, Ordering};
+
+/// 512 entries and the lock that serialises changes to them.
+#[derive(Debug)]
+pub(crate) struct Leaf {
+    lock: RankedMutex<()>,
+    entries: Box<[AtomicU64]>,
+}
+
+impl Leaf {
+    fn new() -> Self {
+        Self {
+            lock: RankedMutex::new(Rank::Table, ()),
+            entries: (0..PAGES_PER_LEAF).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The leaf's lock (the page-table lock).
+    pub(crate) fn lock(&self) -> &RankedMutex<()> {
+        &self.lock
+    }
+
+    /// Reads an entry. Without the lock this is the lockless walk's read:
+    /// the value can change right after.
+    pub(crate) fn get(&self, page: u64) -> Entry {
+        Entry::unpack(self.raw(page))
+    }
+
+    /// Reads the packed entry.
+    pub(crate) fn raw(&self, page: u64) -> u64 {
+        self.entries[(page % PAGES_PER_LEAF) as usize].load(Ordering::Acquire)
+    }
+
+    /// Writes an entry. The caller holds this leaf's lock.
+    pub(crate) fn set(&self, page: u64, entry: Entry) {
+        crate::lock::assert_held(Rank::Table);
+        self.entries[(page % PAGES_PER_LEAF) as usize].store(entry.pack(), Ordering::Release);
+    }
+}
+
+/// The stage-2 table of one VM.
+#[derive(Debug)]
+pub(crate) struct Table {
+    top: Box<[AtomicU64]>,
+    pages: u64,
+}
+
+impl Table {
+    /// An empty table for `pages` pages.
+    pub(crate) fn new(pages: u64) -> Self {
+        Self {
+            top: (0..pages.div_ceil(PAGES_PER_LEAF))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            pages,
+        }
+    }
+
+    /// Number of pages covered.
+    pub(crate) fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    fn slot(&self, page: u64) -> &AtomicU64 {
+        assert!(page < self.pages, "page {page} outside the table");
+        &self.top[(page / PAGES_PER_LEAF) as usize]
+    }
+
+    /// The leaf covering `page`, if one was installed.
+    pub(crate) fn leaf(&self, page: u64) -> Option<&Leaf> {
+        let raw = self.slot(page).load(Ordering::Acquire);
+        // SAFETY: a non-zero top entry is a pointer produced by
+        // `Box::into_raw` in `leaf_or_alloc`, freed only in `drop`, which
+        // cannot run while `&self` is borrowed.
+        (raw != 0).then(|| unsafe { &*(raw as *const Leaf) })
+    }
+
+    /// The leaf covering `page`, installing an empty one if there is none.
+    pub(crate) fn leaf_or_alloc(&self, page: u64) -> &Leaf {
+        if let Some(leaf) = self.leaf(page) {
+            return leaf;
+        }
+        let fresh = Box::into_raw(Box::new(Leaf::new()));
+        match self
+            .slot(page)
+            .compare_exchange(0, fresh as u64, Ordering::AcqRel, Ordering::Acquire)
+        {
+            // SAFETY: we just installed `fresh`; it lives until `drop`.
+            Ok(_) => unsafe { &*fresh },
+            Err(_) => {
+                // SAFETY: `fresh` came from `Box::into_raw` above and was
+                // never shared: the install lost the race.
+                drop(unsafe { Box::from_raw(fresh) });
+                self.leaf(page).expect("top entry set by the winner")
+            }
+        }
+    }
+
+    /// Reads an entry without a lock.
+    pub(crate) fn get(&self, page: u64) -> Entry {
+        self.leaf(page).map_or(Entry::None, |l| l.get(page))
+    }
+
+    /// Indices of the installed leaves, in order.
+    pub(crate) fn leaves(&self) -> impl Iterator<Item = (u64, &Leaf)> {
+        (0..self.top.len() as u64).filter_map(move |i| {
+            self.leaf(i * PAGES_PER_LEAF)
+                .map(|l| (i * PAGES_PER_LEAF, l))
+        })
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        for slot in self.top.iter() {
+            let raw = slot.load(Ordering::Acquire);
+            if raw != 0 {
+                // SAFETY: installed by `leaf_or_alloc` from `Box::into_raw`;
+                // `&mut self` proves no reference to it remains.
+                drop(unsafe { Box::from_raw(raw as *mut Leaf) });
+            }
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaves_are_installed_once() {
+        let t = Table::new(2000);
+        assert!(t.leaf(5).is_none());
+        let a = t.leaf_or_alloc(5) as *const Leaf;
+        let b = t.leaf_or_alloc(511) as *const Leaf;
+        assert_eq!(a, b);
+        assert_ne!(a, t.leaf_or_alloc(512) as *const Leaf);
+        assert_eq!(t.leaves().map(|(p, _)| p).collect::<Vec<_>>(), vec![0, 512]);
+        let leaf = t.leaf(5).unwrap();
+        let _g = leaf.lock().lock();
+        leaf.set(5, Entry::writable(3));
+        assert_eq!(t.get(5), Entry::writable(3));
+        assert_eq!(t.get(6), Entry::None);
+        assert_eq!(t.get(1999), Entry::None);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the table")]
+    fn out_of_range_panics() {
+        Table::new(10).get(10);
+    }
+}

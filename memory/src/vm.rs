@@ -1,0 +1,568 @@
+//! The memory of one VM: its stage-2 table, its stores, and the host
+//! mapping derived from the table.
+//!
+//! # Host mapping
+//! The VM's RAM is one reservation of host address space, page `p` at
+//! `base + p * 4K`; KVM's memslots point into it. What the guest can do with
+//! a page follows from its entry:
+//!
+//! | entry                 | host page                                   |
+//! |-----------------------|---------------------------------------------|
+//! | none, marker, swap, migration | `PROT_NONE` (an access faults)      |
+//! | present, read-only    | the frame (store fd at `p * 4K`), `PROT_READ` |
+//! | present, writable     | the frame, `PROT_READ | PROT_WRITE`         |
+//!
+//! When an entry loses access the host page loses it first; when it gains
+//! access the host page gains it first and the entry follows. Both happen
+//! under the entry's leaf lock, so no one can observe an entry more
+//! permissive than the host mapping behind it.
+
+use std::io;
+
+use thiserror::Error;
+
+use crate::Context;
+use crate::entry::Entry;
+use crate::layout::{Layout, PAGE_SIZE};
+use crate::lock::{Rank, RankedRwLock};
+use crate::store::Store;
+use crate::sync::{Arc, AtomicU32, Ordering};
+use crate::sys::Mapping;
+use crate::table::{Leaf, Table};
+
+/// Errors of guest-memory operations.
+#[derive(Debug, Error)]
+pub enum MemError {
+    /// The range is not guest RAM.
+    #[error("guest-physical range {gpa:#x}+{len:#x} is not RAM")]
+    NotRam {
+        /// Start of the range.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The host refused to create a frame store.
+    #[error("cannot create a frame store")]
+    Store(#[source] io::Error),
+    /// The host refused to reserve address space for the VM's RAM.
+    #[error("cannot reserve {len:#x} bytes of host address space for guest RAM")]
+    Reserve {
+        /// Bytes requested.
+        len: u64,
+        /// What the host said.
+        #[source]
+        source: io::Error,
+    },
+    /// A change to the host mapping failed.
+    #[error("cannot change the host mapping of guest page {page:#x} (+{pages} pages)")]
+    HostMap {
+        /// First page number.
+        page: u64,
+        /// Number of pages.
+        pages: u64,
+        /// What the host said.
+        #[source]
+        source: io::Error,
+    },
+    /// The host's limit on mappings per process was reached.
+    #[error(
+        "the host allows no more memory mappings (vm.max_map_count = {limit}); \
+         raise it, e.g. `sysctl -w vm.max_map_count=1048576`"
+    )]
+    MapCount {
+        /// The current limit.
+        limit: u64,
+    },
+    /// The page is in a state this build cannot resolve.
+    #[error("guest page {gpa:#x} is {state}, which cannot be resolved")]
+    Unsupported {
+        /// Guest-physical address of the page.
+        gpa: u64,
+        /// Its state.
+        state: &'static str,
+    },
+}
+
+/// Reads `vm.max_map_count`.
+pub fn max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// What an access needs from a page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Read: the page must be present.
+    Read,
+    /// Write: present, writable and therefore exclusive.
+    Write,
+    /// Read through a reference that must stay coherent with later guest
+    /// writes: present and exclusive, possibly still read-only (R9, R10).
+    Unshare,
+}
+
+impl Access {
+    /// Whether an entry already allows this access without a fault.
+    pub(crate) fn allowed_by(self, e: Entry, exclusive: impl FnOnce(u32) -> bool) -> bool {
+        match (self, e) {
+            (_, Entry::Present { writable: true, .. }) => true,
+            (Access::Read, Entry::Present { .. }) => true,
+            (Access::Unshare, Entry::Present { store, .. }) => exclusive(store),
+            _ => false,
+        }
+    }
+}
+
+/// The state of the frame a page maps, for tests and diagnostics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameInfo {
+    /// References to the frame (mappings, pins, transient holders).
+    pub refcount: u32,
+    /// Stage-2 entries mapping it, in any VM.
+    pub mapcount: u32,
+    /// Pins on it.
+    pub pincount: u32,
+    /// The anon-exclusive bit.
+    pub exclusive: bool,
+}
+
+/// The memory of one VM.
+#[derive(Debug)]
+pub struct VmMemory {
+    pub(crate) ctx: Arc<Context>,
+    pub(crate) layout: Layout,
+    pub(crate) table: Table,
+    /// The stores this VM's entries may name; an entry's store index is a
+    /// position in this list. Only ever appended to while the VM lives.
+    pub(crate) stores: RankedRwLock<Vec<Arc<Store>>>,
+    /// Index of the store new frames go to first.
+    pub(crate) home: AtomicU32,
+    /// The host mapping KVM sees.
+    pub(crate) host: Mapping,
+    /// Linux's `mmap_lock`: read for faults and pins, write for fork and
+    /// teardown-like changes of the whole VM.
+    pub(crate) map_lock: RankedRwLock<()>,
+}
+
+impl VmMemory {
+    /// Creates the memory of a new VM: nothing present, no host memory used.
+    pub fn new(ctx: &Arc<Context>, layout: Layout) -> Result<Arc<Self>, MemError> {
+        let len = layout.size();
+        let host =
+            Mapping::reserve(len as usize).map_err(|source| MemError::Reserve { len, source })?;
+        Ok(Arc::new(Self {
+            ctx: ctx.clone(),
+            table: Table::new(layout.pages()),
+            layout,
+            stores: RankedRwLock::new(Rank::Stores, Vec::new()),
+            home: AtomicU32::new(0),
+            host,
+            map_lock: RankedRwLock::new(Rank::MapLock, ()),
+        }))
+    }
+
+    /// The shared context.
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// Where RAM lives.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The host ranges KVM must be given as memslots: (guest-physical
+    /// address, length, host address).
+    pub fn host_ranges(&self) -> Vec<(u64, u64, u64)> {
+        self.layout
+            .ranges()
+            .iter()
+            .map(|r| (r.gpa, r.len, self.host.page_ptr(r.first_page) as u64))
+            .collect()
+    }
+
+    /// The entry of the page holding `gpa` (a snapshot: it may change).
+    pub fn entry(&self, gpa: u64) -> Option<Entry> {
+        self.layout.page_of(gpa).map(|p| self.table.get(p))
+    }
+
+    /// Whether `access` to the page at `gpa` would fault now. False for
+    /// addresses outside RAM.
+    pub fn would_fault(&self, gpa: u64, access: Access) -> bool {
+        let Some(page) = self.layout.page_of(gpa) else {
+            return false;
+        };
+        let e = self.table.get(page);
+        !access.allowed_by(e, |s| self.frame_exclusive(s, page))
+    }
+
+    /// The frame the page holding `gpa` maps, if it is present.
+    pub fn frame_info(&self, gpa: u64) -> Option<FrameInfo> {
+        let page = self.layout.page_of(gpa)?;
+        let _map = self.map_lock.read();
+        let leaf = self.table.leaf(page)?;
+        let _ptl = leaf.lock().lock();
+        let store = leaf.get(page).present_store()?;
+        let meta_owner = self.store(store);
+        let meta = meta_owner.meta(page);
+        Some(FrameInfo {
+            refcount: meta.refcount(),
+            mapcount: meta.mapcount(),
+            pincount: meta.pincount(),
+            exclusive: meta.exclusive(),
+        })
+    }
+
+    pub(crate) fn store(&self, idx: u32) -> Arc<Store> {
+        self.stores.read()[idx as usize].clone()
+    }
+
+    pub(crate) fn frame_exclusive(&self, store: u32, page: u64) -> bool {
+        self.stores.read()[store as usize].meta(page).exclusive()
+    }
+
+    pub(crate) fn page_range(&self, gpa: u64, len: u64) -> Result<Vec<(u64, u64, u64)>, MemError> {
+        self.layout
+            .split(gpa, len)
+            .ok_or(MemError::NotRam { gpa, len })
+    }
+
+    pub(crate) fn gpa(&self, page: u64) -> u64 {
+        self.layout.gpa_of(page).unwrap_or(u64::MAX)
+    }
+
+    /// The error for an entry this build cannot resolve.
+    pub(crate) fn unresolvable(&self, page: u64, e: Entry) -> MemError {
+        MemError::Unsupported {
+            gpa: self.gpa(page),
+            state: match e {
+                Entry::Swap { .. } => "swapped out",
+                Entry::Migration { .. } => "under migration",
+                _ => "in an unexpected state",
+            },
+        }
+    }
+
+    // ---- host mapping -------------------------------------------------
+
+    fn host_err(page: u64, pages: u64, source: io::Error) -> MemError {
+        if source.raw_os_error() == Some(libc::ENOMEM) {
+            if let Some(limit) = max_map_count() {
+                return MemError::MapCount { limit };
+            }
+        }
+        MemError::HostMap {
+            page,
+            pages,
+            source,
+        }
+    }
+
+    /// Maps `pages` frames of one store at `page`.
+    pub(crate) fn host_map(
+        &self,
+        page: u64,
+        pages: u64,
+        store: &Store,
+        writable: bool,
+    ) -> Result<(), MemError> {
+        self.host
+            .map_file(page, pages, store.fd(), writable)
+            .map_err(|e| Self::host_err(page, pages, e))
+    }
+
+    pub(crate) fn host_unmap(&self, page: u64, pages: u64) -> Result<(), MemError> {
+        self.host
+            .unmap(page, pages)
+            .map_err(|e| Self::host_err(page, pages, e))
+    }
+
+    pub(crate) fn host_protect(
+        &self,
+        page: u64,
+        pages: u64,
+        writable: bool,
+    ) -> Result<(), MemError> {
+        self.host
+            .protect(page, pages, writable)
+            .map_err(|e| Self::host_err(page, pages, e))
+    }
+
+    // ---- frames --------------------------------------------------------
+
+    /// Counts a new mapping of a frame, keeping the shared counter exact.
+    pub(crate) fn frame_map(&self, store: &Store, page: u64) {
+        if store.meta(page).map() == 2 {
+            self.ctx.stats.shared.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops a mapping of a frame and the reference that came with it.
+    pub(crate) fn frame_unmap_put(&self, store: &Store, page: u64, punch: bool) {
+        if store.meta(page).unmap() == 1 {
+            self.ctx.stats.shared.fetch_sub(1, Ordering::Relaxed);
+        }
+        store.put(page, punch);
+    }
+
+    /// Claims a fresh frame for `page` in some store of this VM, creating a
+    /// store if none has the slot free. `hint` is tried first (a neighbour's
+    /// store, so host mappings merge). Returns the store's index.
+    pub(crate) fn alloc_frame(&self, page: u64, hint: Option<u32>) -> Result<u32, MemError> {
+        {
+            let stores = self.stores.read();
+            let home = self.home.load(Ordering::Relaxed);
+            let order = hint
+                .into_iter()
+                .chain(std::iter::once(home))
+                .chain((0..stores.len() as u32).rev());
+            for idx in order {
+                if let Some(s) = stores.get(idx as usize) {
+                    if s.try_claim(page) {
+                        return Ok(idx);
+                    }
+                }
+            }
+        }
+        let fresh = Store::new(&self.ctx, self.layout.pages()).map_err(MemError::Store)?;
+        let claimed = fresh.try_claim(page);
+        debug_assert!(claimed, "fresh store had no free slot");
+        let mut stores = self.stores.write();
+        stores.push(fresh);
+        let idx = (stores.len() - 1) as u32;
+        self.home.store(idx, Ordering::Relaxed);
+        Ok(idx)
+    }
+
+    /// Gives a claimed frame back (it was never mapped).
+    pub(crate) fn unclaim(&self, store: u32, page: u64) {
+        self.store(store).put(page, true);
+    }
+
+    /// Runs `f` on each leaf that covers part of `[first, first + pages)`,
+    /// with the page range inside that leaf, holding the memory-map lock for
+    /// reading and the leaf's lock.
+    pub(crate) fn for_each_leaf<F>(&self, first: u64, pages: u64, mut f: F) -> Result<(), MemError>
+    where
+        F: FnMut(&Leaf, u64, u64) -> Result<(), MemError>,
+    {
+        let _map = self.map_lock.read();
+        let end = first + pages;
+        let mut at = first;
+        while at < end {
+            let leaf_end = (at / crate::layout::PAGES_PER_LEAF + 1) * crate::layout::PAGES_PER_LEAF;
+            let run_end = end.min(leaf_end);
+            if let Some(leaf) = self.table.leaf(at) {
+                let _ptl = leaf.lock().lock();
+                f(leaf, at, run_end - at)?;
+            }
+            at = run_end;
+        }
+        Ok(())
+    }
+
+    // ---- VMM access to guest memory -------------------------------------
+
+    /// Reads guest memory as the VMM: present pages through their frames,
+    /// absent ones as zeros. Never changes a mapping.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let mut done = 0usize;
+        for (first, off, len) in self.page_range(gpa, buf.len() as u64)? {
+            let mut page = first;
+            let mut off = off;
+            let mut left = len as usize;
+            while left > 0 {
+                let n = left.min((PAGE_SIZE - off) as usize);
+                let out = &mut buf[done..done + n];
+                self.read_page(page, off, out)?;
+                done += n;
+                left -= n;
+                page += 1;
+                off = 0;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_page(&self, page: u64, off: u64, out: &mut [u8]) -> Result<(), MemError> {
+        let _map = self.map_lock.read();
+        let Some(leaf) = self.table.leaf(page) else {
+            out.fill(0);
+            return Ok(());
+        };
+        let _ptl = leaf.lock().lock();
+        match leaf.get(page) {
+            Entry::Present { store, .. } => {
+                let s = self.store(store);
+                let src = s.frame_ptr(page).wrapping_add(off as usize);
+                // SAFETY: `src..src+out.len()` lies in one frame (callers
+                // split at page boundaries) of a store we hold; the leaf
+                // lock keeps the frame mapped by this entry meanwhile.
+                unsafe { crate::sys::read_frame(src, out) };
+                Ok(())
+            }
+            Entry::None | Entry::Marker { .. } => {
+                out.fill(0);
+                Ok(())
+            }
+            e @ (Entry::Swap { .. } | Entry::Migration { .. }) => Err(self.unresolvable(page, e)),
+        }
+    }
+
+    /// Writes guest memory as the VMM: each page takes a write fault first,
+    /// exactly as if the guest wrote it (copy-on-write is broken for this VM
+    /// only).
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        let mut done = 0usize;
+        for (first, off, len) in self.page_range(gpa, data.len() as u64)? {
+            let mut page = first;
+            let mut off = off;
+            let mut left = len as usize;
+            while left > 0 {
+                let n = left.min((PAGE_SIZE - off) as usize);
+                let src = &data[done..done + n];
+                self.with_page(page, Access::Write, |ptr| {
+                    // SAFETY: `ptr` is the start of the page's frame, held
+                    // writable and exclusive under the leaf lock for the
+                    // duration of this closure; `off + n` ≤ 4K.
+                    unsafe { crate::sys::write_frame(ptr.wrapping_add(off as usize), src) }
+                })?;
+                done += n;
+                left -= n;
+                page += 1;
+                off = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every page of `[gpa, gpa + len)` allow `access` now (Linux's
+    /// `mm_populate`), for memory the VMM needs present before the guest
+    /// runs.
+    pub fn populate(&self, gpa: u64, len: u64, access: Access) -> Result<(), MemError> {
+        for (first, off, run) in self.page_range(gpa, len)? {
+            for page in first..first + (off + run).div_ceil(PAGE_SIZE) {
+                self.fault_page(page, access)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves whatever fault `access` to `page` needs, then runs `f` on
+    /// the frame's direct-map address while the entry is locked in a state
+    /// that allows `access`.
+    pub(crate) fn with_page<R>(
+        &self,
+        page: u64,
+        access: Access,
+        f: impl FnOnce(*mut u8) -> R,
+    ) -> Result<R, MemError> {
+        loop {
+            {
+                let _map = self.map_lock.read();
+                let leaf = self.table.leaf_or_alloc(page);
+                let _ptl = leaf.lock().lock();
+                let e = leaf.get(page);
+                if access.allowed_by(e, |s| self.frame_exclusive(s, page)) {
+                    let store = self.store(e.present_store().expect("allowed implies present"));
+                    return Ok(f(store.frame_ptr(page)));
+                }
+            }
+            self.fault_page(page, access)?;
+        }
+    }
+
+    /// Discards `[gpa, gpa + len)`: the VM's mappings are dropped and the next
+    /// touch reads zeros. A pinned frame stays alive for its pin. Returns the
+    /// number of pages that had a frame.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
+        let mut dropped = 0;
+        for (first, off, run) in self.page_range(gpa, len)? {
+            let pages = (off + run).div_ceil(PAGE_SIZE);
+            self.for_each_leaf(first, pages, |leaf, at, n| {
+                self.host_unmap(at, n)?;
+                for p in at..at + n {
+                    match leaf.get(p) {
+                        Entry::Present { store, wp, .. } => {
+                            leaf.set(
+                                p,
+                                if wp {
+                                    Entry::Marker { wp }
+                                } else {
+                                    Entry::None
+                                },
+                            );
+                            self.frame_unmap_put(&self.store(store), p, true);
+                            dropped += 1;
+                        }
+                        Entry::None | Entry::Marker { .. } => {}
+                        e @ (Entry::Swap { .. } | Entry::Migration { .. }) => {
+                            return Err(self.unresolvable(p, e));
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(dropped)
+    }
+
+    /// Makes the present pages of `[gpa, gpa + len)` read-only, like
+    /// `mprotect(PROT_READ)`: frames stay exclusive, so the next write
+    /// reuses them (R11) after a fault.
+    pub fn write_protect(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
+        let mut changed = 0;
+        for (first, off, run) in self.page_range(gpa, len)? {
+            let pages = (off + run).div_ceil(PAGE_SIZE);
+            self.for_each_leaf(first, pages, |leaf, at, n| {
+                for p in at..at + n {
+                    if let Entry::Present {
+                        store,
+                        writable: true,
+                        wp,
+                        soft_dirty,
+                    } = leaf.get(p)
+                    {
+                        self.host_protect(p, 1, false)?;
+                        leaf.set(
+                            p,
+                            Entry::Present {
+                                store,
+                                writable: false,
+                                wp,
+                                soft_dirty,
+                            },
+                        );
+                        changed += 1;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(changed)
+    }
+}
+
+impl Drop for VmMemory {
+    fn drop(&mut self) {
+        // Every frame this VM maps loses one mapping and one reference. A
+        // store that no one else holds is closed right after, which frees
+        // its memory at once, so its frames need no hole punching.
+        let stores = std::mem::take(&mut *self.stores.write());
+        let sole: Vec<bool> = stores.iter().map(|s| Arc::strong_count(s) == 1).collect();
+        for (first, leaf) in self.table.leaves() {
+            for p in first..(first + crate::layout::PAGES_PER_LEAF).min(self.table.pages()) {
+                if let Entry::Present { store, .. } = leaf.get(p) {
+                    let s = &stores[store as usize];
+                    if s.meta(p).unmap() == 1 {
+                        self.ctx.stats.shared.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    s.put(p, !sole[store as usize]);
+                }
+            }
+        }
+    }
+}

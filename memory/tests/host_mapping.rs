@@ -1,0 +1,131 @@
+//! The host mapping follows the stage-2 table, frames are allocated on first
+//! touch and freed when no longer mapped.
+
+use memory::{Access, Config, Context, Entry, Layout, VmMemory};
+
+/// Protection of the host page at `addr` as "rw", "r-" or "--", from
+/// /proc/self/maps.
+fn host_prot(addr: u64) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let range = parts.next().unwrap();
+        let perms = parts.next().unwrap();
+        let (lo, hi) = range.split_once('-').unwrap();
+        let lo = u64::from_str_radix(lo, 16).unwrap();
+        let hi = u64::from_str_radix(hi, 16).unwrap();
+        if (lo..hi).contains(&addr) {
+            return perms[..2].to_string();
+        }
+    }
+    panic!("{addr:#x} is not mapped at all");
+}
+
+fn vm(fault_around: u64) -> (std::sync::Arc<Context>, std::sync::Arc<VmMemory>, u64) {
+    let ctx = Context::new(Config { fault_around });
+    let vm = VmMemory::new(&ctx, Layout::new(&[(0, 4 << 20)]).unwrap()).unwrap();
+    let host = vm.host_ranges()[0].2;
+    (ctx, vm, host)
+}
+
+#[test]
+fn first_touch_allocates_the_block_around_the_page() {
+    let (ctx, vm, host) = vm(16);
+    assert_eq!(host_prot(host + 0x5000), "--");
+    assert_eq!(ctx.stats().resident, 0);
+    vm.fault(0x5000, Access::Read).unwrap();
+    assert_eq!(ctx.stats().resident, 16);
+    for p in 0..16 {
+        assert!(matches!(
+            vm.entry(p * 0x1000),
+            Some(Entry::Present { writable: true, .. })
+        ));
+        assert_eq!(host_prot(host + p * 0x1000), "rw");
+    }
+    assert_eq!(vm.entry(0x10000), Some(Entry::None));
+    assert_eq!(host_prot(host + 0x10000), "--");
+}
+
+#[test]
+fn single_page_first_touch() {
+    let (ctx, vm, host) = vm(1);
+    vm.fault(0x3000, Access::Write).unwrap();
+    assert_eq!(ctx.stats().resident, 1);
+    assert_eq!(host_prot(host + 0x3000), "rw");
+    assert_eq!(host_prot(host + 0x2000), "--");
+    assert_eq!(host_prot(host + 0x4000), "--");
+}
+
+#[test]
+fn vmm_writes_are_seen_through_the_host_mapping() {
+    let (_ctx, vm, host) = vm(16);
+    vm.write(0x1ffe, &[1, 2, 3, 4]).unwrap();
+    let mut b = [0u8; 4];
+    vm.read(0x1ffe, &mut b).unwrap();
+    assert_eq!(b, [1, 2, 3, 4]);
+    // SAFETY: both pages were just made present and writable, and this test
+    // is the only user of the VM.
+    let seen = unsafe { std::ptr::read_unaligned((host + 0x1ffe) as *const u32) };
+    assert_eq!(seen, u32::from_le_bytes([1, 2, 3, 4]));
+}
+
+#[test]
+fn reads_of_untouched_memory_are_zero_and_allocate_nothing() {
+    let (ctx, vm, _) = vm(16);
+    let mut b = [0xffu8; 64];
+    vm.read(0x20000, &mut b).unwrap();
+    assert_eq!(b, [0u8; 64]);
+    assert_eq!(ctx.stats().resident, 0);
+}
+
+#[test]
+fn write_protect_then_write_reuses_the_exclusive_frame() {
+    let (ctx, vm, host) = vm(1);
+    vm.write(0x7000, &[9]).unwrap();
+    assert_eq!(vm.write_protect(0x7000, 0x1000).unwrap(), 1);
+    assert_eq!(host_prot(host + 0x7000), "r-");
+    assert!(vm.would_fault(0x7000, Access::Write));
+    assert!(!vm.would_fault(0x7000, Access::Read));
+    vm.fault(0x7000, Access::Write).unwrap();
+    assert_eq!(host_prot(host + 0x7000), "rw");
+    let s = ctx.stats();
+    assert_eq!((s.reused, s.copied, s.resident), (1, 0, 1));
+    let mut b = [0u8];
+    vm.read(0x7000, &mut b).unwrap();
+    assert_eq!(b, [9]);
+}
+
+#[test]
+fn discard_frees_frames_and_reads_zero_afterwards() {
+    let (ctx, vm, host) = vm(1);
+    vm.write(0x9000, &[5; 0x2000]).unwrap();
+    assert_eq!(ctx.stats().resident, 2);
+    assert_eq!(vm.discard(0x9000, 0x2000).unwrap(), 2);
+    assert_eq!(ctx.stats().resident, 0);
+    assert_eq!(host_prot(host + 0x9000), "--");
+    assert_eq!(vm.entry(0x9000), Some(Entry::None));
+    vm.fault(0x9000, Access::Write).unwrap();
+    let mut b = [1u8; 16];
+    vm.read(0x9000, &mut b).unwrap();
+    assert_eq!(b, [0; 16], "a discarded page did not read zeros");
+}
+
+#[test]
+fn dropping_the_vm_frees_everything() {
+    let (ctx, vm, _) = vm(16);
+    vm.write(0, &vec![3u8; 1 << 20]).unwrap();
+    assert_eq!(ctx.stats().resident, 256);
+    drop(vm);
+    let s = ctx.stats();
+    assert_eq!((s.resident, s.stores), (0, 0));
+}
+
+#[test]
+fn bad_ranges_are_errors() {
+    let (_ctx, vm, _) = vm(16);
+    assert!(vm.write(4 << 20, &[1]).is_err());
+    assert!(vm.write((4 << 20) - 1, &[1, 2]).is_err());
+    assert!(vm.read(u64::MAX, &mut [0u8; 2]).is_err());
+    assert!(vm.fault(4 << 20, Access::Read).is_err());
+    assert!(vm.discard(0, u64::MAX).is_err());
+}

@@ -1,0 +1,93 @@
+//! Serving hypercalls. Arguments come from a guest that may be hostile:
+//! every address and length is checked against guest RAM, and nothing a
+//! guest passes can make the VMM panic or read or write outside the VM.
+
+use memory::PAGE_SIZE;
+
+use crate::abi::{Hypercall, errno};
+use crate::vm::{Exit, Mode, VmShared};
+use crate::x86::program::LOW_END;
+
+/// Console output is copied out of guest memory in pieces of this size.
+const WRITE_CHUNK: u64 = 64 << 10;
+
+/// Serves hypercall `nr`: the value for RAX, or how the VM ends.
+pub(crate) fn dispatch(shared: &VmShared, nr: u64, args: [u64; 3]) -> Result<i64, Exit> {
+    let Some(call) = Hypercall::from_nr(nr) else {
+        return Ok(-errno::ENOSYS);
+    };
+    let [a, b, c] = args;
+    Ok(match call {
+        Hypercall::Exit => return Err(Exit::Code(a)),
+        Hypercall::Write => write(shared, a, b),
+        Hypercall::VcpuStart => crate::vcpu::start_vcpu(shared, a, b, c),
+        Hypercall::Discard => discard(shared, a, b),
+        Hypercall::Stats => stats(shared, a, b),
+        _ => -errno::EOPNOTSUPP,
+    })
+}
+
+/// WRITE(ptr, len): prints guest memory; returns `len`.
+fn write(shared: &VmShared, ptr: u64, len: u64) -> i64 {
+    if !shared.mem.layout().contains(ptr, len) {
+        return -errno::EFAULT;
+    }
+    let mut buf = vec![0u8; len.min(WRITE_CHUNK) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(WRITE_CHUNK) as usize;
+        if shared.mem.read(ptr + done, &mut buf[..n]).is_err() {
+            return -errno::EFAULT;
+        }
+        shared.console.write(&buf[..n]);
+        done += n as u64;
+    }
+    len as i64
+}
+
+/// DISCARD(addr, len): drops the VM's mapping of whole pages.
+fn discard(shared: &VmShared, addr: u64, len: u64) -> i64 {
+    if addr % PAGE_SIZE != 0 {
+        return -errno::EINVAL;
+    }
+    if len == 0 {
+        return 0;
+    }
+    let Some(len) = len.checked_next_multiple_of(PAGE_SIZE) else {
+        return -errno::EFAULT;
+    };
+    if !shared.mem.layout().contains(addr, len) {
+        return -errno::EFAULT;
+    }
+    if shared.mode == Mode::Program && addr < LOW_END {
+        // The VMM's descriptor tables, stubs and page tables live there.
+        return -errno::EINVAL;
+    }
+    match shared.mem.discard(addr, len) {
+        Ok(_) => 0,
+        Err(e) => {
+            log::warn!("DISCARD {addr:#x}+{len:#x}: {}", crate::vcpu::chain(&e));
+            -errno::EIO
+        }
+    }
+}
+
+/// STATS(buf, cap): writes the process-wide counters; returns how many.
+fn stats(shared: &VmShared, buf: u64, cap: u64) -> i64 {
+    let counters = shared.mem.context().stats().to_abi();
+    let n = (cap / 8).min(counters.len() as u64);
+    if n == 0 {
+        return 0;
+    }
+    let bytes: Vec<u8> = counters[..n as usize]
+        .iter()
+        .flat_map(|c| c.to_le_bytes())
+        .collect();
+    if !shared.mem.layout().contains(buf, bytes.len() as u64) {
+        return -errno::EFAULT;
+    }
+    match shared.mem.write(buf, &bytes) {
+        Ok(()) => n as i64,
+        Err(_) => -errno::EFAULT,
+    }
+}

@@ -1,0 +1,32 @@
+//! A KVM hypervisor whose guest memory behaves like Linux anonymous memory.
+//!
+//! The library runs VMs ([`vm::Vm`]) whose RAM is managed by the `memory`
+//! crate. Two kinds of guest run: static ELF programs entered directly in
+//! ring 3 (program mode, with the hypercall ABI of [`abi`]) and Linux
+//! kernels.
+
+pub mod abi;
+pub mod console;
+pub mod elf;
+mod hypercall;
+pub mod kvm;
+pub mod linux;
+mod vcpu;
+pub mod vm;
+pub mod x86;
+
+pub use console::Sink;
+
+/// An error and its sources on one line: "what failed: why: deeper why".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+pub use kvm::Hypervisor;
+pub use vm::{Boot, Exit, Outcome, Vm, VmConfig, VmmError};

@@ -1,0 +1,238 @@
+//! `vmm`: the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use vmm::linux::LinuxBoot;
+use vmm::{Boot, Exit, Hypervisor, Sink, Vm, VmConfig, error_chain};
+
+/// The demo guest built from resources/guests/demo.c.
+const DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmm",
+    version,
+    about = "A KVM hypervisor whose guest memory behaves like Linux anonymous memory",
+    long_about = "A KVM hypervisor whose guest memory behaves like Linux anonymous memory: \
+                  allocated on first touch, copy-on-write between clones, and pinned \
+                  reliably for devices.\n\n\
+                  Start with `vmm run` (a built-in demo), then `vmm run --program P.elf` \
+                  for your own static x86-64 program or `vmm run --kernel vmlinux` for Linux."
+)]
+struct Cli {
+    /// Log level for VMM diagnostics on stderr: error, warn, info, debug, trace.
+    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL", value_parser = parse_level)]
+    log_level: log::LevelFilter,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a VM: a static ELF program, a Linux kernel, or (with neither) the built-in demo.
+    #[command(after_long_help = RUN_HELP)]
+    Run(RunArgs),
+}
+
+const RUN_HELP: &str = "\
+Program mode (--program): the file must be a static, non-PIE ELF64 x86-64 executable whose
+PT_LOAD segments lie in RAM at or above 1 MiB. It starts in ring 3 with all RAM identity-mapped,
+RSP at the top of low RAM and RDI = RAM size. It talks to the VMM through hypercalls
+(`out dx, eax` with dx = 0x510, see the README) and serial port 0x3f8.
+
+Exit status: the guest's EXIT code (low 8 bits); 3 if the guest faulted or stopped its CPU;
+1 for a VMM error (bad arguments, bad files: nothing is started then).
+
+Examples:
+  vmm run                                   the built-in demo
+  vmm run --program hello.elf --mem 64M
+  vmm run --program smp.elf --vcpus 2
+  vmm run --kernel vmlinux --cmdline 'console=ttyS0' --mem 512M";
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Static x86-64 ELF program to run in program mode.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
+    program: Option<PathBuf>,
+
+    /// Linux kernel to boot: a bzImage or an uncompressed ELF vmlinux (PVH entry preferred).
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+
+    /// Initial ramdisk for the kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", requires = "kernel")]
+    cmdline: Option<String>,
+
+    /// Guest RAM: a multiple of 2 MiB, with a K, M, G or T suffix (binary units).
+    #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_size)]
+    mem: u64,
+
+    /// Number of vCPUs. In program mode vCPU 0 runs the program and the others wait for
+    /// the VCPU_START hypercall; a kernel starts them itself.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    vcpus: u32,
+
+    /// Print memory counters (frames resident, shared, copied, pinned...) when the VM ends.
+    #[arg(long)]
+    stats: bool,
+
+    /// Pages made present together on a first touch (1 to 512, a power of two).
+    #[arg(long, default_value_t = 16, value_name = "PAGES", value_parser = clap::value_parser!(u64).range(1..=512))]
+    fault_around: u64,
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse()
+        .map_err(|_| format!("`{s}` is not one of off, error, warn, info, debug, trace"))
+}
+
+/// Parses "256M", "1G", "4096", "512KiB".
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 256M or 1G"))?;
+    n.checked_mul(1u64 << shift)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("`{s}` is zero or too large"))
+}
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!(
+                "vmm: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}
+
+fn run(args: RunArgs) -> Result<ExitCode, String> {
+    let boot = match (&args.program, &args.kernel) {
+        (Some(p), _) => Boot::Program(read_file("program", p)?),
+        (None, Some(k)) => Boot::Linux(LinuxBoot {
+            kernel: read_file("kernel", k)?,
+            initrd: args
+                .initrd
+                .as_ref()
+                .map(|i| read_file("initrd", i))
+                .transpose()?,
+            cmdline: args
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| vmm::linux::DEFAULT_CMDLINE.into()),
+        }),
+        (None, None) => Boot::Program(DEMO.to_vec()),
+    };
+    let config = VmConfig {
+        mem: args.mem,
+        vcpus: args.vcpus,
+        boot,
+        sink: Sink::Stdout,
+        memory: memory::Config {
+            fault_around: args.fault_around,
+        },
+    };
+    let hv = Hypervisor::open().map_err(|e| error_chain(&e))?;
+    let ctx = memory::Context::new(config.memory);
+    if let Some(limit) = memory::max_map_count() {
+        // Each island of touched pages may cost a host mapping; refuse
+        // sizes the host's mapping limit cannot cover.
+        let needed = args.mem / (memory::PAGE_SIZE * ctx.config().fault_around) + 4096;
+        if limit < needed {
+            return Err(format!(
+                "--mem {} may need up to {needed} host memory mappings but vm.max_map_count is {limit}; \
+                 raise it with `sysctl -w vm.max_map_count={}`",
+                args.mem,
+                needed.next_power_of_two()
+            ));
+        }
+    }
+    let vm = Vm::new(&hv, &ctx, config).map_err(|e| error_chain(&e))?;
+    let outcome = vm.run().map_err(|e| error_chain(&e))?;
+    match &outcome.exit {
+        Exit::Fault(f) => eprintln!("{f}"),
+        Exit::Shutdown(why) => eprintln!("vmm: guest stopped: {why}"),
+        Exit::Error(why) => eprintln!("vmm: error: {why}"),
+        Exit::Code(_) | Exit::Reset => {}
+    }
+    if args.stats {
+        let s = outcome.stats;
+        eprintln!(
+            "memory: frames resident {}, shared {}, copied {}, pinned {}, first-touch faults {}, \
+             frames reused on write {}, faults resolved {}, stores {}",
+            s.resident,
+            s.shared,
+            s.copied,
+            s.pins,
+            s.first_touch,
+            s.reused,
+            s.host_faults,
+            s.stores
+        );
+    }
+    Ok(ExitCode::from(outcome.exit.status() as u8))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    log::set_max_level(cli.log_level);
+    let _ = log::set_logger(&StderrLogger);
+    match cli.command {
+        Command::Run(args) => match run(args) {
+            Ok(code) => code,
+            Err(msg) => {
+                eprintln!("vmm: error: {msg}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,372 @@
+//! A VM: its memory, its KVM VM and vCPU threads, its devices, and how it
+//! ends.
+//!
+//! A VM ends once: the first of EXIT, a guest fault, a reset or an error
+//! decides its [`Exit`]; every vCPU is then kicked out of `KVM_RUN` and its
+//! thread stops.
+
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use kvm_bindings::kvm_fpu;
+use kvm_ioctls::{VcpuFd, VmFd};
+use memory::{Layout, LayoutError, MemError, StatsSnapshot, VmMemory};
+use thiserror::Error;
+
+use crate::console::{Console, ConsoleWriter, Sink};
+use crate::elf::{ElfError, Program};
+use crate::kvm::{Hypervisor, KvmError, create_vcpu, ioctl};
+use crate::vcpu::{self, VcpuControl};
+use crate::x86::cpuid::{self, Guest};
+use crate::x86::program::{self, GuestFault};
+use devices::serial::{Irq, Serial};
+
+/// Guest RAM below the 32-bit MMIO hole.
+pub const LOW_RAM_MAX: u64 = 3 << 30;
+/// Where RAM beyond [`LOW_RAM_MAX`] continues.
+pub const HIGH_RAM_BASE: u64 = 4 << 30;
+/// RAM sizes are multiples of this.
+pub const RAM_ALIGN: u64 = 2 << 20;
+/// The largest RAM the VMM accepts.
+pub const MAX_RAM: u64 = 1 << 40;
+
+/// Errors creating or running a VM.
+#[derive(Debug, Error)]
+pub enum VmmError {
+    /// A configuration value out of range.
+    #[error("{0}")]
+    Config(String),
+    /// The program file was refused.
+    #[error("invalid program")]
+    Elf(#[from] ElfError),
+    /// Guest memory failed.
+    #[error("guest memory")]
+    Memory(#[from] MemError),
+    /// KVM failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// The RAM layout was refused.
+    #[error("guest RAM layout")]
+    Layout(#[from] LayoutError),
+    /// A vCPU thread could not be started.
+    #[error("cannot start a vCPU thread")]
+    Thread(#[source] std::io::Error),
+    /// Booting a kernel failed.
+    #[error("{0}")]
+    Boot(String),
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest called EXIT with this code.
+    Code(u64),
+    /// The program took an exception.
+    Fault(GuestFault),
+    /// The guest asked for a reset (a kernel's reboot or poweroff).
+    Reset,
+    /// The guest triple-faulted or otherwise stopped the CPU.
+    Shutdown(String),
+    /// The VMM could not go on.
+    Error(String),
+}
+
+impl Exit {
+    /// The process exit status this ending maps to: the guest's code for
+    /// EXIT (low 8 bits, as for any process), 0 for a reset, 3 for a guest
+    /// fault or shutdown, 1 for a VMM error.
+    pub fn status(&self) -> i32 {
+        match self {
+            Exit::Code(c) => (*c & 0xff) as i32,
+            Exit::Reset => 0,
+            Exit::Fault(_) | Exit::Shutdown(_) => 3,
+            Exit::Error(_) => 1,
+        }
+    }
+}
+
+/// What a finished VM reports.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// How it ended.
+    pub exit: Exit,
+    /// Memory counters when it ended.
+    pub stats: StatsSnapshot,
+}
+
+/// What to boot.
+#[derive(Debug)]
+pub enum Boot {
+    /// A static ELF program (program mode), its bytes.
+    Program(Vec<u8>),
+    /// A Linux kernel.
+    Linux(crate::linux::LinuxBoot),
+}
+
+/// A VM's configuration.
+#[derive(Debug)]
+pub struct VmConfig {
+    /// RAM in bytes.
+    pub mem: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// What runs.
+    pub boot: Boot,
+    /// Where the console goes.
+    pub sink: Sink,
+    /// Memory tunables.
+    pub memory: memory::Config,
+}
+
+impl VmConfig {
+    /// A program-mode configuration with defaults for the rest.
+    pub fn program(bytes: Vec<u8>) -> Self {
+        Self {
+            mem: 256 << 20,
+            vcpus: 1,
+            boot: Boot::Program(bytes),
+            sink: Sink::Stdout,
+            memory: memory::Config::default(),
+        }
+    }
+}
+
+/// The RAM layout for `mem` bytes: low RAM up to 3 GiB, the rest from 4 GiB.
+pub fn ram_layout(mem: u64) -> Result<Layout, VmmError> {
+    if mem < RAM_ALIGN || mem % RAM_ALIGN != 0 {
+        return Err(VmmError::Config(format!(
+            "--mem {mem:#x}: RAM must be a non-zero multiple of 2 MiB"
+        )));
+    }
+    if mem > MAX_RAM {
+        return Err(VmmError::Config(format!(
+            "--mem {mem:#x}: at most {} GiB of RAM is supported",
+            MAX_RAM >> 30
+        )));
+    }
+    let low = mem.min(LOW_RAM_MAX);
+    Ok(Layout::new(&[(0, low), (HIGH_RAM_BASE, mem - low)])?)
+}
+
+/// Guest kinds the exit loop distinguishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A ring-3 program.
+    Program,
+    /// A Linux kernel.
+    Linux,
+}
+
+/// What a VM's vCPU threads share.
+#[derive(Debug)]
+pub(crate) struct VmShared {
+    pub(crate) mem: Arc<VmMemory>,
+    /// Keeps the KVM VM alive as long as its vCPU threads run.
+    _kvm: VmFd,
+    pub(crate) console: Arc<Console>,
+    pub(crate) serial: Mutex<Serial<ConsoleWriter>>,
+    pub(crate) mode: Mode,
+    pub(crate) controls: Vec<Arc<VcpuControl>>,
+    exit: Mutex<Option<Exit>>,
+    ended: Condvar,
+}
+
+impl VmShared {
+    /// Ends the VM with `exit` unless it already ended; stops every vCPU.
+    pub(crate) fn finish(&self, exit: Exit) {
+        {
+            let mut slot = self.exit.lock().unwrap_or_else(PoisonError::into_inner);
+            if slot.is_some() {
+                return;
+            }
+            log::debug!("VM ends: {exit:?}");
+            *slot = Some(exit);
+        }
+        self.ended.notify_all();
+        for c in &self.controls {
+            c.stop();
+        }
+    }
+
+    fn wait(&self) -> Exit {
+        let mut slot = self.exit.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(e) = slot.clone() {
+                return e;
+            }
+            slot = self
+                .ended
+                .wait(slot)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// A VM.
+#[derive(Debug)]
+pub struct Vm {
+    shared: Arc<VmShared>,
+    idle: Vec<VcpuFd>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Vm {
+    /// Creates a VM, ready to start: memory laid out, the guest loaded,
+    /// vCPUs created with their entry state.
+    pub fn new(
+        hv: &Hypervisor,
+        ctx: &Arc<memory::Context>,
+        cfg: VmConfig,
+    ) -> Result<Self, VmmError> {
+        let layout = ram_layout(cfg.mem)?;
+        let max_vcpus = match cfg.boot {
+            Boot::Program(_) => program::MAX_VCPUS,
+            Boot::Linux(_) => hv.max_vcpus().min(254) as u32,
+        };
+        if cfg.vcpus == 0 || cfg.vcpus > max_vcpus {
+            return Err(VmmError::Config(format!(
+                "--vcpus {}: between 1 and {max_vcpus} vCPUs are supported",
+                cfg.vcpus
+            )));
+        }
+        let mode = match cfg.boot {
+            Boot::Program(_) => Mode::Program,
+            Boot::Linux(_) => Mode::Linux,
+        };
+        // Check the program before any VM exists.
+        let program = match &cfg.boot {
+            Boot::Program(bytes) => {
+                if cfg.mem > program::MAX_RAM {
+                    return Err(VmmError::Config(format!(
+                        "--mem: program mode maps at most {} GiB",
+                        program::MAX_RAM >> 30
+                    )));
+                }
+                Some(Program::parse(bytes.clone(), &layout)?)
+            }
+            Boot::Linux(_) => None,
+        };
+        let mem = VmMemory::new(ctx, layout)?;
+        let kvm = hv.create_vm(&mem)?;
+        let console = Arc::new(Console::new(cfg.sink.clone(), None));
+        let irq = match mode {
+            Mode::Program => Irq::None,
+            Mode::Linux => crate::linux::serial_irq(&kvm)?,
+        };
+        let serial = Mutex::new(Serial::new(irq, ConsoleWriter(console.clone())));
+
+        let guest = match mode {
+            Mode::Program => Guest::Program,
+            Mode::Linux => Guest::Kernel,
+        };
+        let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+        for index in 0..cfg.vcpus {
+            let cpuid = cpuid::shape(hv.supported_cpuid(), index, guest);
+            vcpus.push(create_vcpu(&kvm, index, &cpuid)?);
+        }
+        let controls = (0..cfg.vcpus)
+            .map(|i| Arc::new(VcpuControl::new(mode == Mode::Linux || i == 0)))
+            .collect();
+
+        match (&cfg.boot, program) {
+            (Boot::Program(_), Some(program)) => {
+                program::build(&mem, cfg.vcpus)?;
+                program.load(&mem)?;
+                let top = mem.layout().ranges()[0].len & !0xf;
+                for (index, vcpu) in vcpus.iter().enumerate() {
+                    setup_program_vcpu(vcpu, index as u32, hv)?;
+                    if index == 0 {
+                        let regs = program::regs(program.entry, top, mem.layout().size());
+                        ioctl("set registers", vcpu.set_regs(&regs))?;
+                    }
+                }
+            }
+            (Boot::Linux(linux), _) => crate::linux::boot(linux, &mem, &kvm, &vcpus)?,
+            (Boot::Program(_), None) => unreachable!("programs are parsed above"),
+        }
+
+        Ok(Self {
+            shared: Arc::new(VmShared {
+                mem,
+                _kvm: kvm,
+                console,
+                serial,
+                mode,
+                controls,
+                exit: Mutex::new(None),
+                ended: Condvar::new(),
+            }),
+            idle: vcpus,
+            threads: Vec::new(),
+        })
+    }
+
+    /// The VM's memory.
+    pub fn memory(&self) -> &Arc<VmMemory> {
+        &self.shared.mem
+    }
+
+    /// Starts the vCPU threads.
+    pub fn start(&mut self) -> Result<(), VmmError> {
+        vcpu::install_kick_handler();
+        for (index, fd) in self.idle.drain(..).enumerate() {
+            let shared = self.shared.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu::run(shared, fd, index as u32))
+                .map_err(VmmError::Thread)?;
+            self.shared.controls[index].set_thread(&handle);
+            self.threads.push(handle);
+        }
+        Ok(())
+    }
+
+    /// Ends the VM from outside with `exit` (if it has not ended yet).
+    pub fn stop(&self, exit: Exit) {
+        self.shared.finish(exit);
+    }
+
+    /// Waits for the VM to end and for its vCPU threads to stop.
+    pub fn wait(mut self) -> Outcome {
+        let exit = self.shared.wait();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+        self.shared.console.flush();
+        Outcome {
+            exit,
+            stats: self.shared.mem.context().stats(),
+        }
+    }
+
+    /// Starts the VM and waits for it to end.
+    pub fn run(mut self) -> Result<Outcome, VmmError> {
+        self.start()?;
+        Ok(self.wait())
+    }
+}
+
+fn setup_program_vcpu(vcpu: &VcpuFd, index: u32, hv: &Hypervisor) -> Result<(), VmmError> {
+    let base = ioctl("read system registers", vcpu.get_sregs())?;
+    let avx = cpuid::has_avx(hv.supported_cpuid());
+    ioctl(
+        "set system registers",
+        vcpu.set_sregs(&program::sregs(index, base, avx)),
+    )?;
+    if avx {
+        let mut xcrs = ioctl("read XCR0", vcpu.get_xcrs())?;
+        xcrs.nr_xcrs = 1;
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = 0b111; // x87, SSE, AVX
+        ioctl("enable AVX state", vcpu.set_xcrs(&xcrs))?;
+    }
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    ioctl("set the FPU state", vcpu.set_fpu(&fpu))?;
+    Ok(())
+}
