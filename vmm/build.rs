@@ -1,38 +1,32 @@
-//! Builds the built-in demo guest (resources/guests/demo.c) with the host's
-//! gcc, as a static non-PIE ELF that `vmm run` embeds.
+//! Builds the guests the `vmm` binary embeds (resources/guests: the demo,
+//! the benchmark guest, hello) with the host's gcc, as static non-PIE ELFs.
 
 use std::path::PathBuf;
 use std::process::Command;
 
+include!("../resources/guests/cflags.rs");
+
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("..");
     let guests = root.join("resources/guests");
-    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("demo.elf");
-    for f in ["demo.c", "guest.h"] {
-        println!("cargo:rerun-if-changed={}", guests.join(f).display());
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    for shared in ["guest.h", "cflags.rs"] {
+        println!("cargo:rerun-if-changed={}", guests.join(shared).display());
     }
+    for name in ["demo", "bench", "hello"] {
+        let src = guests.join(format!("{name}.c"));
+        println!("cargo:rerun-if-changed={}", src.display());
+        build(&src, &out_dir.join(format!("{name}.elf")));
+    }
+}
+
+fn build(src: &std::path::Path, out: &std::path::Path) {
     let status = Command::new("gcc")
-        .args([
-            "-O2",
-            "-ffreestanding",
-            "-fno-pic",
-            "-no-pie",
-            "-nostdlib",
-            "-static",
-            "-fno-stack-protector",
-            "-mno-avx",
-            "-fcf-protection=none",
-            "-Wl,--build-id=none",
-            "-Wall",
-            "-Werror",
-            "-o",
-        ])
-        .arg(&out)
-        .arg(guests.join("demo.c"))
+        .args(GUEST_CFLAGS)
+        .arg("-o")
+        .arg(out)
+        .arg(src)
         .status()
-        .expect("building the demo guest needs gcc on PATH");
-    assert!(
-        status.success(),
-        "gcc failed to build resources/guests/demo.c"
-    );
+        .expect("building the embedded guests needs gcc on PATH");
+    assert!(status.success(), "gcc failed to build {}", src.display());
 }

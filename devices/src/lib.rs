@@ -2,4 +2,5 @@
 //! a pin from `memory` (devices are the GUP users); the legacy devices here
 //! touch none.
 
+pub mod pin_test;
 pub mod serial;

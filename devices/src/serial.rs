@@ -48,6 +48,13 @@ impl<W: Write> Serial<W> {
         }
     }
 
+    /// A UART in this one's state, transmitting to `out` (for a forked VM).
+    pub fn clone_to<W2: Write>(&self, irq: Irq, out: W2) -> Serial<W2> {
+        let uart = Uart::from_state(&self.uart.state(), irq, vm_superio::serial::NoEvents, out)
+            .expect("a state taken from a live UART is valid");
+        Serial { uart }
+    }
+
     /// Whether `port` belongs to the UART.
     pub fn handles(port: u16) -> bool {
         (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&port)

@@ -1,6 +1,14 @@
 //! What all VMs of one process share: configuration and counters.
 
-use crate::sync::{Arc, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::Weak;
+
+use crate::lock::{Rank, RankedMutex};
+use std::sync::Arc;
+
+use crate::store::Store;
+use crate::sync::{AtomicU64, Ordering};
+use crate::vm::VmMemory;
 
 /// Tunables of the memory system.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,12 +94,16 @@ impl StatsSnapshot {
     }
 }
 
-/// Shared state of every VM created from it: configuration and counters.
+/// Shared state of every VM created from it: configuration, counters, and
+/// the registry of live VMs that reverse-map walks look VMs up in.
 #[derive(Debug)]
 pub struct Context {
     pub(crate) config: Config,
     pub(crate) stats: Stats,
     pub(crate) next_store_id: AtomicU64,
+    next_vm_id: AtomicU64,
+    vms: RankedMutex<HashMap<u64, Weak<VmMemory>>>,
+    stores: RankedMutex<Vec<Weak<Store>>>,
 }
 
 impl Context {
@@ -102,7 +114,45 @@ impl Context {
             config,
             stats: Stats::default(),
             next_store_id: AtomicU64::new(1),
+            next_vm_id: AtomicU64::new(1),
+            vms: RankedMutex::new(Rank::Registry, HashMap::new()),
+            stores: RankedMutex::new(Rank::Registry, Vec::new()),
         })
+    }
+
+    /// Remembers a new store (for scans over every frame: audits now,
+    /// reclaim later).
+    pub(crate) fn add_store(&self, store: &Arc<Store>) {
+        let mut stores = self.stores.lock();
+        stores.retain(|s| s.strong_count() > 0);
+        stores.push(Arc::downgrade(store));
+    }
+
+    /// The stores still alive.
+    pub(crate) fn live_stores(&self) -> Vec<Arc<Store>> {
+        self.stores
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// A process-unique id for a new VM's memory.
+    pub(crate) fn new_vm_id(&self) -> u64 {
+        self.next_vm_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn register(&self, vm: &Arc<VmMemory>) {
+        self.vms.lock().insert(vm.id(), Arc::downgrade(vm));
+    }
+
+    pub(crate) fn unregister(&self, id: u64) {
+        self.vms.lock().remove(&id);
+    }
+
+    /// The live VM with memory id `id`.
+    pub(crate) fn vm(&self, id: u64) -> Option<Arc<VmMemory>> {
+        self.vms.lock().get(&id).and_then(Weak::upgrade)
     }
 
     /// The configuration in force.

@@ -14,25 +14,31 @@
 
 use crate::entry::Entry;
 use crate::store::Store;
-use crate::sync::{Arc, Ordering};
+use std::sync::Arc;
+
+use crate::sync::Ordering;
 use crate::table::Leaf;
 use crate::vm::{Access, MemError, VmMemory};
 
 impl VmMemory {
     /// Resolves a guest fault: makes the page holding `gpa` allow `access`.
-    /// Called for vCPU exits; resolving a fault that another vCPU already
-    /// resolved is a no-op.
-    pub fn fault(&self, gpa: u64, access: Access) -> Result<(), MemError> {
+    /// Called for vCPU exits. Returns whether anything changed: false when
+    /// the page already allowed the access (another vCPU resolved it, or
+    /// the fault was spurious).
+    pub fn fault(&self, gpa: u64, access: Access) -> Result<bool, MemError> {
         let page = self
             .layout
             .page_of(gpa)
             .ok_or(MemError::NotRam { gpa, len: 1 })?;
-        self.ctx.stats.host_faults.fetch_add(1, Ordering::Relaxed);
-        self.fault_page(page, access)
+        let changed = self.fault_page(page, access)?;
+        if changed {
+            self.ctx.stats.host_faults.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(changed)
     }
 
     /// Resolves `access` to page number `page`.
-    pub(crate) fn fault_page(&self, page: u64, access: Access) -> Result<(), MemError> {
+    pub(crate) fn fault_page(&self, page: u64, access: Access) -> Result<bool, MemError> {
         let _map = self.map_lock.read();
         let leaf = self.table.leaf_or_alloc(page);
         let _ptl = leaf.lock().lock();
@@ -40,17 +46,20 @@ impl VmMemory {
     }
 
     /// The body of a fault; the caller holds the map lock and `leaf`'s lock.
+    /// Returns whether the entry changed.
     pub(crate) fn fault_locked(
         &self,
         leaf: &Leaf,
         page: u64,
         access: Access,
-    ) -> Result<(), MemError> {
+    ) -> Result<bool, MemError> {
+        crate::lock::assert_held(crate::lock::Rank::MapLock);
+        crate::lock::assert_held(crate::lock::Rank::Table);
         let e = leaf.get(page);
         if access.allowed_by(e, |s| self.frame_exclusive(s, page)) {
-            return Ok(());
+            return Ok(false);
         }
-        match e {
+        let resolved = match e {
             Entry::None => self.first_touch(leaf, page),
             Entry::Marker { wp } => self.touch_marker(leaf, page, wp),
             Entry::Present { store, wp, .. } => {
@@ -63,7 +72,8 @@ impl VmMemory {
                 self.cow_fault(leaf, page, store, access == Access::Write)
             }
             Entry::Swap { .. } | Entry::Migration { .. } => Err(self.unresolvable(page, e)),
-        }
+        };
+        resolved.map(|()| true)
     }
 
     /// Makes the empty pages of the fault-around block of `page` present.
@@ -134,7 +144,7 @@ impl VmMemory {
         let idx = self.alloc_frame(page, None)?;
         let store = self.store(idx);
         if let Err(e) = self.host_map(page, 1, &store, !wp) {
-            store.put(page, true);
+            self.unclaim(idx, page);
             return Err(e);
         }
         self.frame_map(&store, page);
@@ -167,7 +177,7 @@ impl VmMemory {
             false
         };
         if !reuse {
-            return self.copy_on_fault(leaf, page, &store, write);
+            return self.copy_on_fault(leaf, page, idx, &store, write);
         }
         if write {
             self.host_protect(page, 1, true)?;
@@ -182,6 +192,7 @@ impl VmMemory {
         &self,
         leaf: &Leaf,
         page: u64,
+        old_idx: u32,
         old: &Arc<Store>,
         writable: bool,
     ) -> Result<(), MemError> {
@@ -198,12 +209,14 @@ impl VmMemory {
             });
         let idx = self.alloc_frame(page, hint)?;
         let new = self.store(idx);
-        // SAFETY: both are whole frames in live direct maps; `new` was just
-        // claimed by us and `old` is not exclusive, so nobody writes it (R1:
-        // no writable entry maps it, pins only exist on exclusive frames).
-        unsafe { crate::sys::copy_page(new.frame_ptr(page), old.frame_ptr(page)) };
+        // `old` is not exclusive, so nobody writes it meanwhile (R1: no
+        // writable entry maps it; pins exist only on exclusive frames).
+        if let Err(e) = crate::fork::copy_frame(&new, old, page) {
+            self.unclaim(idx, page);
+            return Err(e);
+        }
         if let Err(e) = self.host_map(page, 1, &new, writable) {
-            new.put(page, true);
+            self.unclaim(idx, page);
             return Err(e);
         }
         self.frame_map(&new, page);
@@ -216,7 +229,7 @@ impl VmMemory {
                 soft_dirty: true,
             },
         );
-        self.frame_unmap_put(old, page, true);
+        self.unmap_entry(old_idx, page);
         self.ctx.stats.copied.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

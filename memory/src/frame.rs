@@ -41,6 +41,33 @@ impl FrameMeta {
         true
     }
 
+    /// Takes another reference; the caller already holds one (directly or
+    /// through a locked entry that maps the frame).
+    pub(crate) fn get(&self) {
+        let old = self.refcount.fetch_add(1, Ordering::Relaxed);
+        debug_assert!(old != 0 && old != FREEING, "get on a free frame");
+    }
+
+    /// Takes a reference unless the frame is free or being freed (the
+    /// lockless path's `try_get_folio`).
+    pub(crate) fn try_get(&self) -> bool {
+        let mut c = self.refcount.load(Ordering::Relaxed);
+        loop {
+            if c == 0 || c == FREEING {
+                return false;
+            }
+            match self.refcount.compare_exchange_weak(
+                c,
+                c + 1,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => c = now,
+            }
+        }
+    }
+
     /// Drops a reference. Returns true if it was the last one: the frame is
     /// then `FREEING` and the caller must punch its slot and call
     /// [`FrameMeta::finish_free`].
@@ -94,6 +121,29 @@ impl FrameMeta {
         self.pincount.load(Ordering::Acquire)
     }
 
+    /// Counts one pin; the caller holds a reference for it.
+    pub(crate) fn pin(&self) {
+        self.pincount.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Counts one pin fewer.
+    pub(crate) fn unpin(&self) {
+        let old = self.pincount.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(old > 0, "pincount underflow");
+    }
+
+    /// Whether the frame may be pinned. The count is exact, so "may be"
+    /// means "is, or a lockless pinner is about to find out it may not".
+    pub(crate) fn maybe_pinned(&self) -> bool {
+        self.pincount.load(Ordering::SeqCst) > 0
+    }
+
+    /// Clears the anon-exclusive bit. Callers have just checked, after a
+    /// fence, that no pin exists (R4: never on a pinned frame).
+    pub(crate) fn clear_exclusive(&self) {
+        self.flags.fetch_and(!ANON_EXCLUSIVE, Ordering::SeqCst);
+    }
+
     pub(crate) fn exclusive(&self) -> bool {
         self.flags.load(Ordering::Acquire) & ANON_EXCLUSIVE != 0
     }
@@ -120,6 +170,25 @@ mod tests {
         f.finish_free();
         assert!(!f.exclusive());
         assert!(f.try_claim());
+    }
+
+    #[test]
+    fn references_and_pins() {
+        let f = FrameMeta::default();
+        assert!(!f.try_get(), "reference taken on a free frame");
+        assert!(f.try_claim());
+        assert!(f.try_get());
+        f.get();
+        assert_eq!(f.refcount(), 3);
+        f.pin();
+        assert!(f.maybe_pinned());
+        f.unpin();
+        assert!(!f.maybe_pinned());
+        assert!(!f.put() && !f.put());
+        f.clear_exclusive();
+        assert!(!f.exclusive());
+        assert!(f.put());
+        assert!(!f.try_get(), "reference taken while freeing");
     }
 
     #[test]

@@ -18,7 +18,12 @@ pub const PAGE_SIZE: u64 = 4096;
 /// log2 of [`PAGE_SIZE`].
 pub const PAGE_SHIFT: u32 = 12;
 /// Pages per leaf table and per huge (2 MiB) mapping.
+#[cfg(not(loom))]
 pub const PAGES_PER_LEAF: u64 = 512;
+/// Pages per leaf table: tiny under the loom model checker, whose cost
+/// grows with every atomic a walk touches.
+#[cfg(loom)]
+pub const PAGES_PER_LEAF: u64 = 4;
 
 /// Errors in describing a layout.
 #[derive(Debug, Error, PartialEq, Eq)]

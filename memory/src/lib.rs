@@ -11,22 +11,33 @@
 //! (see `lock.rs`):
 //!
 //! 1. a VM's memory-map lock (`map_lock`, Linux's `mmap_lock`);
-//! 2. a leaf-table lock (Linux's page-table lock);
-//! 3. a VM's store list.
+//! 2. the memory-map lock of a VM being created by fork;
+//! 3. a leaf-table lock (Linux's page-table lock);
+//! 4. the forked child's leaf-table lock;
+//! 5. a VM's store list;
+//! 6. a store's reverse map;
+//! 7. the context's registry of live VMs.
 //!
 //! Frame counts and the anon-exclusive bit are atomics, changed under the
-//! table lock of an entry that maps the frame.
+//! table lock of an entry that maps the frame, or by the holder of a
+//! reference (pins). The write-protect sequence count is not a lock: fork
+//! holds it odd while it write-protects the VM, and the lockless pin path
+//! gives up when it saw it odd or changed.
 //!
 //! `memory` knows nothing of KVM: it hands the VMM host ranges to register
 //! as memslots and changes the protection of host pages itself; KVM follows
 //! through its MMU notifiers.
 
+mod audit;
 mod context;
 mod entry;
 mod fault;
+mod fork;
 mod frame;
 mod layout;
 mod lock;
+mod pin;
+mod slots;
 mod store;
 mod sync;
 mod sys;
@@ -34,8 +45,10 @@ mod table;
 mod view;
 mod vm;
 
+pub use audit::audit;
 pub use context::{Config, Context, StatsSnapshot};
 pub use entry::{Entry, MigrationKind};
 pub use layout::{Layout, LayoutError, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_LEAF, RamRange};
+pub use pin::{Pin, PinError, PinFlags};
 pub use view::GuestView;
 pub use vm::{Access, FrameInfo, MemError, VmMemory, max_map_count};

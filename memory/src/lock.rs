@@ -15,10 +15,19 @@ use std::ops::{Deref, DerefMut};
 pub(crate) enum Rank {
     /// A VM's memory-map lock (Linux's `mmap_lock`).
     MapLock,
+    /// The memory-map lock of a VM being created by fork, taken after its
+    /// parent's.
+    ChildMapLock,
     /// A stage-2 leaf table lock (Linux's page-table lock).
     Table,
+    /// The child's leaf table lock during fork, taken after the parent's.
+    ChildTable,
     /// A VM's list of frame stores.
     Stores,
+    /// A store's reverse map: which VMs may map its frames.
+    Rmap,
+    /// The context's registry of live VMs.
+    Registry,
 }
 
 #[cfg(debug_assertions)]
@@ -70,6 +79,15 @@ mod held {
 /// Asserts (in debug builds) that the calling thread holds a lock of `rank`.
 pub(crate) fn assert_held(rank: Rank) {
     debug_assert!(held::holds(rank), "{rank:?} must be held here");
+}
+
+/// Asserts (in debug builds) that the calling thread holds a lock of one
+/// of `ranks`.
+pub(crate) fn assert_held_any(ranks: &[Rank]) {
+    debug_assert!(
+        ranks.iter().any(|r| held::holds(*r)),
+        "one of {ranks:?} must be held here"
+    );
 }
 
 /// Records one held rank; releases it when dropped.

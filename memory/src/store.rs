@@ -26,7 +26,10 @@ use std::sync::OnceLock;
 use crate::Context;
 use crate::frame::FrameMeta;
 use crate::layout::{PAGE_SIZE, PAGES_PER_LEAF};
-use crate::sync::{Arc, AtomicU64, Ordering};
+use crate::lock::{Rank, RankedMutex};
+use std::sync::Arc;
+
+use crate::sync::{AtomicU64, Ordering};
 use crate::sys::{self, Mapping};
 
 /// One memfd of frames with their metadata.
@@ -37,6 +40,11 @@ pub(crate) struct Store {
     direct: Mapping,
     chunks: Box<[OnceLock<Box<[FrameMeta]>>]>,
     live: AtomicU64,
+    /// The reverse map: ids of the VMs whose store lists hold this store,
+    /// so whose entries may name its frames (Linux's anon_vma chain). The
+    /// frame of page `p` can only be mapped at page `p`, so a walk checks
+    /// one entry per VM.
+    mappers: RankedMutex<Vec<u64>>,
     ctx: Arc<Context>,
 }
 
@@ -51,14 +59,48 @@ impl Store {
             .collect();
         let id = ctx.next_store_id.fetch_add(1, Ordering::Relaxed);
         ctx.stats.stores.fetch_add(1, Ordering::Relaxed);
-        Ok(Arc::new(Self {
+        let store = Arc::new(Self {
             id,
             fd,
             direct,
             chunks,
             live: AtomicU64::new(0),
+            mappers: RankedMutex::new(Rank::Rmap, Vec::new()),
             ctx: ctx.clone(),
-        }))
+        });
+        ctx.add_store(&store);
+        Ok(store)
+    }
+
+    /// The frames that are not free, as (page, metadata).
+    pub(crate) fn frames(&self) -> impl Iterator<Item = (u64, &FrameMeta)> {
+        self.chunks.iter().enumerate().flat_map(|(c, chunk)| {
+            chunk.get().into_iter().flat_map(move |metas| {
+                metas
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| m.refcount() > 0)
+                    .map(move |(i, m)| (c as u64 * PAGES_PER_LEAF + i as u64, m))
+            })
+        })
+    }
+
+    /// Records that VM `vm` may map this store's frames.
+    pub(crate) fn add_mapper(&self, vm: u64) {
+        let mut m = self.mappers.lock();
+        if !m.contains(&vm) {
+            m.push(vm);
+        }
+    }
+
+    /// Forgets VM `vm` (it is going away).
+    pub(crate) fn remove_mapper(&self, vm: u64) {
+        self.mappers.lock().retain(|v| *v != vm);
+    }
+
+    /// The VMs that may map this store's frames.
+    pub(crate) fn mappers(&self) -> Vec<u64> {
+        self.mappers.lock().clone()
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {

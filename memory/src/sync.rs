@@ -1,17 +1,18 @@
 //! Synchronisation primitives, switchable to loom's models under `--cfg loom`.
 //!
-//! Every atomic, lock and `Arc` the crate uses comes from here, so the
-//! lock-free paths can be model-checked without changing their code.
+//! Every atomic and lock the crate uses comes from here, so the lock-free
+//! paths can be model-checked without changing their code. (Ownership
+//! handles, `Arc`, are std's: their counts are not part of any protocol.)
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 #[cfg(loom)]
-pub(crate) use loom::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+pub(crate) use loom::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 #[cfg(not(loom))]
-pub(crate) use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+pub(crate) use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Locks a mutex, ignoring poisoning: every critical section in this crate
 /// leaves its data consistent before anything that can panic.

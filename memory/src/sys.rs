@@ -195,15 +195,35 @@ impl Drop for Mapping {
     }
 }
 
-/// Copies one page between two frames.
+/// Fills the page at `offset` of the memfd `fd` with the page at `src`.
+///
+/// A write through the store's mapping would first take a host page fault
+/// that allocates and zeroes the page; `pwrite` allocates it and fills it
+/// in one step.
 ///
 /// # Safety
-/// Both pointers address a whole page of live mappings, the pages do not
-/// overlap, and no one writes `src` or touches `dst` concurrently (the
-/// caller holds the table lock of the entries involved).
-pub(crate) unsafe fn copy_page(dst: *mut u8, src: *const u8) {
-    // SAFETY: guaranteed by the caller.
-    unsafe { std::ptr::copy_nonoverlapping(src, dst, PAGE_SIZE as usize) }
+/// `src` addresses a whole page of a live mapping that stays mapped for the
+/// call.
+pub(crate) unsafe fn write_file_page(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    src: *const u8,
+) -> io::Result<()> {
+    // SAFETY: guaranteed by the caller: the kernel reads PAGE_SIZE bytes at
+    // `src`, which are mapped.
+    let n = unsafe {
+        libc::pwrite(
+            fd.as_raw_fd(),
+            src.cast(),
+            PAGE_SIZE as usize,
+            offset as libc::off_t,
+        )
+    };
+    match n {
+        n if n == PAGE_SIZE as isize => Ok(()),
+        n if n < 0 => Err(io::Error::last_os_error()),
+        _ => Err(io::Error::other("short write to a frame store")),
+    }
 }
 
 /// Copies `len` bytes out of a frame.

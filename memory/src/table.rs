@@ -54,7 +54,7 @@ impl Leaf {
 
     /// Writes an entry. The caller holds this leaf's lock.
     pub(crate) fn set(&self, page: u64, entry: Entry) {
-        crate::lock::assert_held(Rank::Table);
+        crate::lock::assert_held_any(&[Rank::Table, Rank::ChildTable]);
         self.entries[(page % PAGES_PER_LEAF) as usize].store(entry.pack(), Ordering::Release);
     }
 }

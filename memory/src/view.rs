@@ -23,8 +23,8 @@ use vm_memory::{
 
 use crate::entry::Entry;
 use crate::layout::{PAGE_SIZE, RamRange};
-use crate::sync::Arc;
 use crate::vm::{Access, VmMemory};
+use std::sync::Arc;
 
 /// The RAM of one VM as a `vm_memory::GuestMemoryBackend`.
 #[derive(Debug)]

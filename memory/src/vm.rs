@@ -25,8 +25,11 @@ use crate::Context;
 use crate::entry::Entry;
 use crate::layout::{Layout, PAGE_SIZE};
 use crate::lock::{Rank, RankedRwLock};
+use crate::slots::StoreList;
 use crate::store::Store;
-use crate::sync::{Arc, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use crate::sys::Mapping;
 use crate::table::{Leaf, Table};
 
@@ -44,6 +47,9 @@ pub enum MemError {
     /// The host refused to create a frame store.
     #[error("cannot create a frame store")]
     Store(#[source] io::Error),
+    /// The host refused to fill a frame (out of memory).
+    #[error("cannot copy a frame")]
+    Copy(#[source] io::Error),
     /// The host refused to reserve address space for the VM's RAM.
     #[error("cannot reserve {len:#x} bytes of host address space for guest RAM")]
     Reserve {
@@ -132,12 +138,12 @@ pub struct FrameInfo {
 /// The memory of one VM.
 #[derive(Debug)]
 pub struct VmMemory {
+    id: u64,
     pub(crate) ctx: Arc<Context>,
     pub(crate) layout: Layout,
     pub(crate) table: Table,
-    /// The stores this VM's entries may name; an entry's store index is a
-    /// position in this list. Only ever appended to while the VM lives.
-    pub(crate) stores: RankedRwLock<Vec<Arc<Store>>>,
+    /// The stores this VM's entries may name, by slot (see `slots.rs`).
+    pub(crate) stores: RankedRwLock<StoreList>,
     /// Index of the store new frames go to first.
     pub(crate) home: AtomicU32,
     /// The host mapping KVM sees.
@@ -145,6 +151,9 @@ pub struct VmMemory {
     /// Linux's `mmap_lock`: read for faults and pins, write for fork and
     /// teardown-like changes of the whole VM.
     pub(crate) map_lock: RankedRwLock<()>,
+    /// Linux's `write_protect_seq`: odd while fork write-protects the VM;
+    /// the lockless pin path gives up when it sees it odd or changed.
+    pub(crate) wp_seq: AtomicU64,
 }
 
 impl VmMemory {
@@ -153,15 +162,24 @@ impl VmMemory {
         let len = layout.size();
         let host =
             Mapping::reserve(len as usize).map_err(|source| MemError::Reserve { len, source })?;
-        Ok(Arc::new(Self {
+        let vm = Arc::new(Self {
+            id: ctx.new_vm_id(),
             ctx: ctx.clone(),
             table: Table::new(layout.pages()),
             layout,
-            stores: RankedRwLock::new(Rank::Stores, Vec::new()),
+            stores: RankedRwLock::new(Rank::Stores, StoreList::default()),
             home: AtomicU32::new(0),
             host,
             map_lock: RankedRwLock::new(Rank::MapLock, ()),
-        }))
+            wp_seq: AtomicU64::new(0),
+        });
+        ctx.register(&vm);
+        Ok(vm)
+    }
+
+    /// Process-unique id of this VM's memory (reverse maps name VMs by it).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The shared context.
@@ -216,12 +234,46 @@ impl VmMemory {
         })
     }
 
+    /// The store in slot `idx`, which an entry (or a claimed frame) of
+    /// this VM names, so the slot cannot be emptied meanwhile.
     pub(crate) fn store(&self, idx: u32) -> Arc<Store> {
-        self.stores.read()[idx as usize].clone()
+        self.stores
+            .read()
+            .get(idx)
+            .expect("a slot in use is filled")
+            .clone()
+    }
+
+    /// Empties every slot nothing uses (a fresh child shares its parent's
+    /// whole list, but maps only some of those stores).
+    pub(crate) fn drop_unused_slots(&self) {
+        let home = self.home.load(Ordering::Relaxed);
+        let mut stores = self.stores.write();
+        let slots: Vec<u32> = stores.indices().collect();
+        for idx in slots {
+            if let Some(s) = stores.take_if_unused(idx, home) {
+                s.remove_mapper(self.id);
+            }
+        }
+    }
+
+    /// Counts one use fewer of slot `idx`, emptying it if it is unused.
+    pub(crate) fn slot_release(&self, idx: u32) {
+        if !self.stores.read().release(idx) {
+            return;
+        }
+        let home = self.home.load(Ordering::Relaxed);
+        let taken = self.stores.write().take_if_unused(idx, home);
+        if let Some(store) = taken {
+            store.remove_mapper(self.id);
+        }
     }
 
     pub(crate) fn frame_exclusive(&self, store: u32, page: u64) -> bool {
-        self.stores.read()[store as usize].meta(page).exclusive()
+        self.stores
+            .read()
+            .get(store)
+            .is_some_and(|s| s.meta(page).exclusive())
     }
 
     pub(crate) fn page_range(&self, gpa: u64, len: u64) -> Result<Vec<(u64, u64, u64)>, MemError> {
@@ -300,12 +352,16 @@ impl VmMemory {
         }
     }
 
-    /// Drops a mapping of a frame and the reference that came with it.
-    pub(crate) fn frame_unmap_put(&self, store: &Store, page: u64, punch: bool) {
+    /// Drops an entry's mapping of the frame in slot `idx`: the frame
+    /// loses a mapping and a reference, the slot a use.
+    pub(crate) fn unmap_entry(&self, idx: u32, page: u64) {
+        let store = self.store(idx);
         if store.meta(page).unmap() == 1 {
             self.ctx.stats.shared.fetch_sub(1, Ordering::Relaxed);
         }
-        store.put(page, punch);
+        store.put(page, true);
+        drop(store);
+        self.slot_release(idx);
     }
 
     /// Claims a fresh frame for `page` in some store of this VM, creating a
@@ -318,21 +374,19 @@ impl VmMemory {
             let order = hint
                 .into_iter()
                 .chain(std::iter::once(home))
-                .chain((0..stores.len() as u32).rev());
+                .chain(stores.indices());
             for idx in order {
-                if let Some(s) = stores.get(idx as usize) {
-                    if s.try_claim(page) {
-                        return Ok(idx);
-                    }
+                if stores.try_claim(idx, page) {
+                    return Ok(idx);
                 }
             }
         }
         let fresh = Store::new(&self.ctx, self.layout.pages()).map_err(MemError::Store)?;
-        let claimed = fresh.try_claim(page);
-        debug_assert!(claimed, "fresh store had no free slot");
+        fresh.add_mapper(self.id);
         let mut stores = self.stores.write();
-        stores.push(fresh);
-        let idx = (stores.len() - 1) as u32;
+        let idx = stores.insert(fresh);
+        let claimed = stores.try_claim(idx, page);
+        debug_assert!(claimed, "fresh store had no free slot");
         self.home.store(idx, Ordering::Relaxed);
         Ok(idx)
     }
@@ -340,6 +394,7 @@ impl VmMemory {
     /// Gives a claimed frame back (it was never mapped).
     pub(crate) fn unclaim(&self, store: u32, page: u64) {
         self.store(store).put(page, true);
+        self.slot_release(store);
     }
 
     /// Runs `f` on each leaf that covers part of `[first, first + pages)`,
@@ -362,6 +417,30 @@ impl VmMemory {
             at = run_end;
         }
         Ok(())
+    }
+
+    /// Like [`VmMemory::for_each_leaf`], over the pages of a guest-physical
+    /// range (whole pages, across RAM ranges).
+    pub(crate) fn for_each_leaf_in<F>(&self, gpa: u64, len: u64, mut f: F) -> Result<(), MemError>
+    where
+        F: FnMut(&Leaf, u64, u64) -> Result<(), MemError>,
+    {
+        for (first, off, run) in self.page_range(gpa, len)? {
+            let pages = (off + run).div_ceil(PAGE_SIZE);
+            self.for_each_leaf(first, pages, &mut f)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on each page of a guest-physical range whose leaf exists,
+    /// holding the map lock for reading and the page's leaf lock.
+    fn for_each_page_locked<F>(&self, gpa: u64, len: u64, mut f: F) -> Result<(), MemError>
+    where
+        F: FnMut(&Leaf, u64) -> Result<(), MemError>,
+    {
+        self.for_each_leaf_in(gpa, len, |leaf, at, n| {
+            (at..at + n).try_for_each(|p| f(leaf, p))
+        })
     }
 
     // ---- VMM access to guest memory -------------------------------------
@@ -410,6 +489,47 @@ impl VmMemory {
             }
             e @ (Entry::Swap { .. } | Entry::Migration { .. }) => Err(self.unresolvable(page, e)),
         }
+    }
+
+    /// Reads guest memory without any lock, for heuristics that tolerate a
+    /// stale or torn answer (decoding the instruction behind a fault, whose
+    /// result is retried anyway). Absent pages read as zeros; false if a
+    /// page is not RAM or not in memory.
+    pub fn peek(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        let Some(runs) = self.layout.split(gpa, buf.len() as u64) else {
+            return false;
+        };
+        let mut done = 0usize;
+        for (first, off, len) in runs {
+            let (mut page, mut off, mut left) = (first, off, len as usize);
+            while left > 0 {
+                let n = left.min((PAGE_SIZE - off) as usize);
+                let out = &mut buf[done..done + n];
+                match self.table.get(page) {
+                    Entry::Present { store, .. } => {
+                        let Some(s) = self.stores.read().get(store).cloned() else {
+                            return false;
+                        };
+                        // SAFETY: `s` is held, so its direct map stays mapped;
+                        // the range lies in one frame. The frame may change
+                        // under the read: callers accept a stale answer.
+                        unsafe {
+                            crate::sys::read_frame(
+                                s.frame_ptr(page).wrapping_add(off as usize),
+                                out,
+                            )
+                        };
+                    }
+                    Entry::None | Entry::Marker { .. } => out.fill(0),
+                    Entry::Swap { .. } | Entry::Migration { .. } => return false,
+                }
+                done += n;
+                left -= n;
+                page += 1;
+                off = 0;
+            }
+        }
+        true
     }
 
     /// Writes guest memory as the VMM: each page takes a write fault first,
@@ -480,34 +600,79 @@ impl VmMemory {
     /// number of pages that had a frame.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
         let mut dropped = 0;
-        for (first, off, run) in self.page_range(gpa, len)? {
-            let pages = (off + run).div_ceil(PAGE_SIZE);
-            self.for_each_leaf(first, pages, |leaf, at, n| {
-                self.host_unmap(at, n)?;
-                for p in at..at + n {
-                    match leaf.get(p) {
-                        Entry::Present { store, wp, .. } => {
-                            leaf.set(
-                                p,
-                                if wp {
-                                    Entry::Marker { wp }
-                                } else {
-                                    Entry::None
-                                },
-                            );
-                            self.frame_unmap_put(&self.store(store), p, true);
-                            dropped += 1;
-                        }
-                        Entry::None | Entry::Marker { .. } => {}
-                        e @ (Entry::Swap { .. } | Entry::Migration { .. }) => {
-                            return Err(self.unresolvable(p, e));
-                        }
+        self.for_each_leaf_in(gpa, len, |leaf, at, n| {
+            self.host_unmap(at, n)?;
+            for p in at..at + n {
+                match leaf.get(p) {
+                    Entry::Present { store, wp, .. } => {
+                        leaf.set(
+                            p,
+                            if wp {
+                                Entry::Marker { wp }
+                            } else {
+                                Entry::None
+                            },
+                        );
+                        self.unmap_entry(store, p);
+                        dropped += 1;
+                    }
+                    Entry::None | Entry::Marker { .. } => {}
+                    e @ (Entry::Swap { .. } | Entry::Migration { .. }) => {
+                        return Err(self.unresolvable(p, e));
                     }
                 }
-                Ok(())
-            })?;
-        }
+            }
+            Ok(())
+        })?;
         Ok(dropped)
+    }
+
+    /// Makes the present pages of `[gpa, gpa + len)` writable again where
+    /// that needs no fault, like `mprotect(PROT_READ | PROT_WRITE)`: only
+    /// pages whose frame is exclusive become writable (R1); the others stay
+    /// read-only and take a write fault, which copies or reuses them.
+    pub fn unprotect(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
+        let mut changed = 0;
+        self.for_each_page_locked(gpa, len, |leaf, p| {
+            if let Entry::Present {
+                store,
+                writable: false,
+                wp: false,
+                ..
+            } = leaf.get(p)
+            {
+                if self.frame_exclusive(store, p) {
+                    self.host_protect(p, 1, true)?;
+                    leaf.set(p, Entry::writable(store));
+                    changed += 1;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(changed)
+    }
+
+    /// The VMs mapping the frame that the page holding `gpa` maps, as
+    /// (memory id, guest-physical address), found through the store's
+    /// reverse map. Empty if the page is not present.
+    pub fn frame_mappers(&self, gpa: u64) -> Vec<(u64, u64)> {
+        let Some(page) = self.layout.page_of(gpa) else {
+            return Vec::new();
+        };
+        let Some(idx) = self.table.get(page).present_store() else {
+            return Vec::new();
+        };
+        let store = self.store(idx);
+        let mut out = Vec::new();
+        for id in store.mappers() {
+            let Some(vm) = self.ctx.vm(id) else { continue };
+            if let Some(i) = vm.table.get(page).present_store() {
+                if Arc::ptr_eq(&vm.store(i), &store) {
+                    out.push((id, gpa));
+                }
+            }
+        }
+        out
     }
 
     /// Makes the present pages of `[gpa, gpa + len)` read-only, like
@@ -515,33 +680,28 @@ impl VmMemory {
     /// reuses them (R11) after a fault.
     pub fn write_protect(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
         let mut changed = 0;
-        for (first, off, run) in self.page_range(gpa, len)? {
-            let pages = (off + run).div_ceil(PAGE_SIZE);
-            self.for_each_leaf(first, pages, |leaf, at, n| {
-                for p in at..at + n {
-                    if let Entry::Present {
+        self.for_each_page_locked(gpa, len, |leaf, p| {
+            if let Entry::Present {
+                store,
+                writable: true,
+                wp,
+                soft_dirty,
+            } = leaf.get(p)
+            {
+                self.host_protect(p, 1, false)?;
+                leaf.set(
+                    p,
+                    Entry::Present {
                         store,
-                        writable: true,
+                        writable: false,
                         wp,
                         soft_dirty,
-                    } = leaf.get(p)
-                    {
-                        self.host_protect(p, 1, false)?;
-                        leaf.set(
-                            p,
-                            Entry::Present {
-                                store,
-                                writable: false,
-                                wp,
-                                soft_dirty,
-                            },
-                        );
-                        changed += 1;
-                    }
-                }
-                Ok(())
-            })?;
-        }
+                    },
+                );
+                changed += 1;
+            }
+            Ok(())
+        })?;
         Ok(changed)
     }
 }
@@ -551,12 +711,22 @@ impl Drop for VmMemory {
         // Every frame this VM maps loses one mapping and one reference. A
         // store that no one else holds is closed right after, which frees
         // its memory at once, so its frames need no hole punching.
-        let stores = std::mem::take(&mut *self.stores.write());
-        let sole: Vec<bool> = stores.iter().map(|s| Arc::strong_count(s) == 1).collect();
+        self.ctx.unregister(self.id);
+        let stores = self.stores.write().take_all();
+        for s in stores.iter().flatten() {
+            s.remove_mapper(self.id);
+        }
+        let sole: Vec<bool> = stores
+            .iter()
+            .map(|s| s.as_ref().is_some_and(|s| Arc::strong_count(s) == 1))
+            .collect();
         for (first, leaf) in self.table.leaves() {
             for p in first..(first + crate::layout::PAGES_PER_LEAF).min(self.table.pages()) {
                 if let Entry::Present { store, .. } = leaf.get(p) {
-                    let s = &stores[store as usize];
+                    let Some(s) = &stores[store as usize] else {
+                        log::error!("page {p:#x} names an empty store slot");
+                        continue;
+                    };
                     if s.meta(p).unmap() == 1 {
                         self.ctx.stats.shared.fetch_sub(1, Ordering::Relaxed);
                     }

@@ -84,6 +84,10 @@ impl Hypercall {
 pub mod errno {
     /// A VM that is not a child of the caller.
     pub const ECHILD: i64 = libc::ECHILD as i64;
+    /// The call was interrupted (the VM was forked or is stopping).
+    pub const EINTR: i64 = libc::EINTR as i64;
+    /// Writing through a read-only pin.
+    pub const EACCES: i64 = libc::EACCES as i64;
     /// A bad handle.
     pub const EBADF: i64 = libc::EBADF as i64;
     /// An address outside guest RAM.

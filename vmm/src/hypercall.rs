@@ -2,7 +2,10 @@
 //! every address and length is checked against guest RAM, and nothing a
 //! guest passes can make the VMM panic or read or write outside the VM.
 
-use memory::PAGE_SIZE;
+use std::sync::PoisonError;
+
+use devices::pin_test::{PinTest, PinTestError};
+use memory::{MemError, PAGE_SIZE, VmMemory};
 
 use crate::abi::{Hypercall, errno};
 use crate::vm::{Exit, Mode, VmShared};
@@ -22,9 +25,35 @@ pub(crate) fn dispatch(shared: &VmShared, nr: u64, args: [u64; 3]) -> Result<i64
         Hypercall::Write => write(shared, a, b),
         Hypercall::VcpuStart => crate::vcpu::start_vcpu(shared, a, b, c),
         Hypercall::Discard => discard(shared, a, b),
+        Hypercall::Pin => pin_test(shared, |dev, mem| dev.pin(mem, a, b, c).map(|h| h as i64)),
+        Hypercall::PinRead => pin_test(shared, |dev, mem| dev.read(mem, a, b).map(|n| n as i64)),
+        Hypercall::PinWrite => pin_test(shared, |dev, mem| dev.write(mem, a, b).map(|n| n as i64)),
+        Hypercall::Unpin => pin_test(shared, |dev, _| dev.unpin(a).map(|()| 0)),
         Hypercall::Stats => stats(shared, a, b),
         _ => -errno::EOPNOTSUPP,
     })
+}
+
+/// PIN, PIN_READ, PIN_WRITE, UNPIN: served by the VM's pin-test device.
+fn pin_test(
+    shared: &VmShared,
+    f: impl FnOnce(&mut PinTest, &VmMemory) -> Result<i64, PinTestError>,
+) -> i64 {
+    let mut dev = shared.pins.lock().unwrap_or_else(PoisonError::into_inner);
+    match f(&mut dev, &shared.mem) {
+        Ok(v) => v,
+        Err(e) => {
+            log::debug!("pin-test device: {}", crate::vcpu::chain(&e));
+            -match e {
+                PinTestError::BadHandle(_) => errno::EBADF,
+                PinTestError::Invalid => errno::EINVAL,
+                PinTestError::TooMany => errno::ENOMEM,
+                PinTestError::ReadOnly => errno::EACCES,
+                PinTestError::Memory(MemError::NotRam { .. }) => errno::EFAULT,
+                PinTestError::Memory(_) | PinTestError::Pin(_) => errno::EIO,
+            }
+        }
+    }
 }
 
 /// WRITE(ptr, len): prints guest memory; returns `len`.
@@ -74,7 +103,7 @@ fn discard(shared: &VmShared, addr: u64, len: u64) -> i64 {
 
 /// STATS(buf, cap): writes the process-wide counters; returns how many.
 fn stats(shared: &VmShared, buf: u64, cap: u64) -> i64 {
-    let counters = shared.mem.context().stats().to_abi();
+    let counters = shared.machine.stats().to_abi();
     let n = (cap / 8).min(counters.len() as u64);
     if n == 0 {
         return 0;

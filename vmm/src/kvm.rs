@@ -1,5 +1,7 @@
 //! The KVM side: the system handle, VMs with their memslots, and vCPUs.
 
+use std::sync::Arc;
+
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use memory::VmMemory;
@@ -32,10 +34,10 @@ pub(crate) fn ioctl<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> R
     r.map_err(|source| KvmError::Ioctl { what, source })
 }
 
-/// The process's handle on KVM.
-#[derive(Debug)]
+/// The process's handle on KVM (cheap to clone).
+#[derive(Clone, Debug)]
 pub struct Hypervisor {
-    kvm: Kvm,
+    kvm: Arc<Kvm>,
     cpuid: CpuId,
 }
 
@@ -58,7 +60,10 @@ impl Hypervisor {
             "report its CPUID",
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
         )?;
-        Ok(Self { kvm, cpuid })
+        Ok(Self {
+            kvm: Arc::new(kvm),
+            cpuid,
+        })
     }
 
     /// The CPUID KVM supports.

@@ -6,16 +6,29 @@
 //! kernels.
 
 pub mod abi;
+pub mod bench;
 pub mod console;
 pub mod elf;
+mod fork;
 mod hypercall;
 pub mod kvm;
 pub mod linux;
+mod machine;
 mod vcpu;
 pub mod vm;
 pub mod x86;
 
 pub use console::Sink;
+
+/// Guest programs built into the binary (resources/guests).
+pub mod guests {
+    /// The demo `vmm run` runs without a guest.
+    pub const DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
+    /// The benchmark guest.
+    pub const BENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bench.elf"));
+    /// One line and exit 0.
+    pub const HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
+}
 
 /// An error and its sources on one line: "what failed: why: deeper why".
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -29,4 +42,4 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 pub use kvm::Hypervisor;
-pub use vm::{Boot, Exit, Outcome, Vm, VmConfig, VmmError};
+pub use vm::{Boot, Exit, Outcome, StopHandle, Vm, VmConfig, VmmError};

@@ -7,9 +7,6 @@ use clap::{Args, Parser, Subcommand};
 use vmm::linux::LinuxBoot;
 use vmm::{Boot, Exit, Hypervisor, Sink, Vm, VmConfig, error_chain};
 
-/// The demo guest built from resources/guests/demo.c.
-const DEMO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/demo.elf"));
-
 #[derive(Parser, Debug)]
 #[command(
     name = "vmm",
@@ -35,6 +32,16 @@ enum Command {
     /// Run a VM: a static ELF program, a Linux kernel, or (with neither) the built-in demo.
     #[command(after_long_help = RUN_HELP)]
     Run(RunArgs),
+    /// Measure the figures the VMM is held to (exit costs, fork, copy-on-write, pins), each
+    /// next to its baseline, in one run.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Small sizes and few repetitions: checks that every benchmark runs, measures little.
+    #[arg(long)]
+    quick: bool,
 }
 
 const RUN_HELP: &str = "\
@@ -154,7 +161,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
                 .clone()
                 .unwrap_or_else(|| vmm::linux::DEFAULT_CMDLINE.into()),
         }),
-        (None, None) => Boot::Program(DEMO.to_vec()),
+        (None, None) => Boot::Program(vmm::guests::DEMO.to_vec()),
     };
     let config = VmConfig {
         mem: args.mem,
@@ -165,6 +172,8 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             fault_around: args.fault_around,
         },
     };
+    // Sizes are checked before the host's limits are weighed against them.
+    vmm::vm::ram_layout(args.mem).map_err(|e| error_chain(&e))?;
     let hv = Hypervisor::open().map_err(|e| error_chain(&e))?;
     let ctx = memory::Context::new(config.memory);
     if let Some(limit) = memory::max_map_count() {
@@ -218,6 +227,15 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Bench(args) => {
+            match vmm::bench::run(vmm::bench::BenchOptions { quick: args.quick }) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vmm: error: {}", error_chain(&e));
+                    ExitCode::from(1)
+                }
+            }
+        }
     }
 }
 

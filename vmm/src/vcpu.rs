@@ -21,17 +21,22 @@ use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Condvar, Mutex, Once, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 
-use kvm_bindings::{kvm_run, kvm_sync_regs};
+use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs, kvm_sync_regs, kvm_xcrs, kvm_xsave};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use memory::Access;
 
-use crate::abi::{HYPERCALL_PORT, errno};
+use crate::abi::{HYPERCALL_PORT, Hypercall, errno};
+use crate::kvm::{KvmError, ioctl};
+use crate::machine::WaitError;
 use crate::vm::{Exit, Mode, VmShared};
 use crate::x86::decode::{self, CpuState, PageAccess};
 use crate::x86::program::{self, FAULT_PORT, GuestFault};
 
-/// Consecutive unexplained faults at one RIP before the VM is stopped.
-const MAX_STUCK: u32 = 3;
+/// Consecutive faults that needed nothing before the VM is stopped. One
+/// can be legitimate (another thread changed the page between the fault
+/// and its resolution); a hundred in a row means the VMM cannot tell what
+/// the guest needs.
+const MAX_STUCK: u32 = 100;
 
 thread_local! {
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
@@ -75,16 +80,40 @@ enum State {
     Starting(u64, u64),
     /// Running guest code.
     Running,
+    /// Asked to save its state and wait (for a fork).
+    Pausing,
+    /// Waiting, its state saved.
+    Paused,
     /// Told to stop for good.
     Stopped,
 }
 
-/// The handle other threads use to start or stop one vCPU.
+/// What a pause request found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PauseRequest {
+    /// The vCPU will pause; wait for it.
+    Pausing,
+    /// It never started: it has no state to save.
+    Parked,
+    /// It is stopping with its VM.
+    Stopped,
+}
+
+/// What the vCPU thread must do next.
+enum Next {
+    Start(u64, u64),
+    Run,
+    Pause,
+    Stop,
+}
+
+/// The handle other threads use to start, pause or stop one vCPU.
 #[derive(Debug)]
 pub(crate) struct VcpuControl {
     state: Mutex<State>,
     changed: Condvar,
     thread: OnceLock<libc::pthread_t>,
+    saved: Mutex<Option<Result<VcpuState, String>>>,
 }
 
 impl VcpuControl {
@@ -97,6 +126,7 @@ impl VcpuControl {
             }),
             changed: Condvar::new(),
             thread: OnceLock::new(),
+            saved: Mutex::new(None),
         }
     }
 
@@ -108,21 +138,7 @@ impl VcpuControl {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Asks a parked vCPU to start; false if it is not parked.
-    pub(crate) fn start(&self, rip: u64, rsp: u64) -> bool {
-        let mut s = self.lock();
-        if *s != State::Parked {
-            return false;
-        }
-        *s = State::Starting(rip, rsp);
-        self.changed.notify_all();
-        true
-    }
-
-    /// Stops the vCPU and kicks it out of `KVM_RUN`.
-    pub(crate) fn stop(&self) {
-        *self.lock() = State::Stopped;
-        self.changed.notify_all();
+    fn kick(&self) {
         if let Some(t) = self.thread.get() {
             // SAFETY: `t` names a vCPU thread of this process; its handle is
             // joined only after the VM ended, and a signal to a thread that
@@ -131,25 +147,109 @@ impl VcpuControl {
         }
     }
 
-    /// Blocks until the vCPU may run; returns a start request, or None
-    /// when it must stop.
-    fn wait_runnable(&self) -> Option<Option<(u64, u64)>> {
+    /// Asks a parked vCPU to start and waits until it runs; false if it is
+    /// not parked.
+    pub(crate) fn start(&self, rip: u64, rsp: u64) -> bool {
         let mut s = self.lock();
-        loop {
-            match *s {
-                State::Running => return Some(None),
-                State::Starting(rip, rsp) => {
-                    *s = State::Running;
-                    return Some(Some((rip, rsp)));
-                }
-                State::Stopped => return None,
-                State::Parked => s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner),
+        if *s != State::Parked {
+            return false;
+        }
+        *s = State::Starting(rip, rsp);
+        self.changed.notify_all();
+        while matches!(*s, State::Starting(..)) {
+            s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+        true
+    }
+
+    /// Stops the vCPU and kicks it out of `KVM_RUN`.
+    pub(crate) fn stop(&self) {
+        *self.lock() = State::Stopped;
+        self.changed.notify_all();
+        self.kick();
+    }
+
+    /// Asks a running vCPU to save its state and wait.
+    pub(crate) fn request_pause(&self) -> PauseRequest {
+        let mut s = self.lock();
+        while matches!(*s, State::Starting(..)) {
+            s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+        match *s {
+            State::Running => {
+                *s = State::Pausing;
+                drop(s);
+                self.kick();
+                PauseRequest::Pausing
+            }
+            State::Parked => PauseRequest::Parked,
+            State::Pausing | State::Paused | State::Stopped | State::Starting(..) => {
+                PauseRequest::Stopped
             }
         }
     }
 
-    fn stopped(&self) -> bool {
-        *self.lock() == State::Stopped
+    /// Whether someone asked this vCPU to pause or stop.
+    pub(crate) fn interrupted(&self) -> bool {
+        matches!(*self.lock(), State::Pausing | State::Stopped)
+    }
+
+    /// Waits until a pause request was served; the vCPU's saved state, or
+    /// None if it stopped instead.
+    pub(crate) fn wait_paused(&self) -> Option<Result<VcpuState, String>> {
+        let mut s = self.lock();
+        while *s == State::Pausing {
+            s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+        drop(s);
+        self.saved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// Lets a paused vCPU run again.
+    pub(crate) fn resume(&self) {
+        let mut s = self.lock();
+        if *s == State::Paused {
+            *s = State::Running;
+            self.changed.notify_all();
+        }
+    }
+
+    /// The vCPU thread's side: blocks while there is nothing to do.
+    fn next(&self) -> Next {
+        let mut s = self.lock();
+        loop {
+            match *s {
+                State::Running => return Next::Run,
+                State::Starting(rip, rsp) => return Next::Start(rip, rsp),
+                State::Pausing => return Next::Pause,
+                State::Stopped => return Next::Stop,
+                State::Parked | State::Paused => {
+                    s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner)
+                }
+            }
+        }
+    }
+
+    /// The vCPU thread's side: it started (state Running again).
+    fn started(&self) {
+        let mut s = self.lock();
+        if matches!(*s, State::Starting(..)) {
+            *s = State::Running;
+        }
+        self.changed.notify_all();
+    }
+
+    /// The vCPU thread's side: its state is saved (or could not be).
+    fn paused(&self, state: Result<VcpuState, String>) {
+        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(state);
+        let mut s = self.lock();
+        if *s == State::Pausing {
+            *s = State::Paused;
+        }
+        self.changed.notify_all();
     }
 }
 
@@ -159,23 +259,50 @@ pub(crate) fn run(shared: Arc<VmShared>, mut fd: VcpuFd, index: u32) {
     KVM_RUN.with(|r| r.set(run_ptr));
     let control = shared.controls[index as usize].clone();
     let mut cpu = Vcpu {
-        shared,
+        shared: shared.clone(),
         fd,
         index,
         stuck: 0,
     };
-    match control.wait_runnable() {
-        None => {}
-        Some(start) => {
-            if let Some((rip, rsp)) = start {
-                if let Err(e) = cpu.enter_at(rip, rsp) {
-                    cpu.shared.finish(Exit::Error(e));
-                }
-            }
-            while !control.stopped() && cpu.step() {}
-        }
+    // A bug that panics here must end the VM, not leave it waiting for a
+    // vCPU that is gone.
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cpu.run_loop(&control)));
+    if let Err(panic) = ran {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        shared.finish(Exit::Error(format!("vCPU {index} failed: {what}")));
     }
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+}
+
+impl Vcpu {
+    fn run_loop(&mut self, control: &VcpuControl) {
+        loop {
+            match control.next() {
+                Next::Run => {
+                    if !self.step() {
+                        break;
+                    }
+                }
+                Next::Start(rip, rsp) => {
+                    let r = self.enter_at(rip, rsp);
+                    control.started();
+                    if let Err(e) = r {
+                        self.shared.finish(Exit::Error(e));
+                        break;
+                    }
+                }
+                Next::Pause => {
+                    let state = self.capture();
+                    control.paused(state);
+                }
+                Next::Stop => break,
+            }
+        }
+    }
 }
 
 struct Vcpu {
@@ -183,6 +310,32 @@ struct Vcpu {
     fd: VcpuFd,
     index: u32,
     stuck: u32,
+}
+
+/// The architectural state of one program-mode vCPU: enough to continue it
+/// in a forked VM.
+#[derive(Debug)]
+pub(crate) struct VcpuState {
+    pub(crate) regs: kvm_regs,
+    sregs: kvm_sregs,
+    xsave: kvm_xsave,
+    xcrs: kvm_xcrs,
+}
+
+impl VcpuState {
+    /// Loads the state into a vCPU that has not run yet.
+    pub(crate) fn restore(&self, fd: &VcpuFd) -> Result<(), KvmError> {
+        ioctl("set system registers", fd.set_sregs(&self.sregs))?;
+        ioctl("set XCR0", fd.set_xcrs(&self.xcrs))?;
+        // SAFETY: the buffer came from KVM_GET_XSAVE on this host, and
+        // program-mode guests enable only x87, SSE and AVX state in XCR0,
+        // which fits the 4 KiB `kvm_xsave` the kernel reads.
+        ioctl("set the FPU and vector registers", unsafe {
+            fd.set_xsave(&self.xsave)
+        })?;
+        ioctl("set registers", fd.set_regs(&self.regs))?;
+        Ok(())
+    }
 }
 
 /// An exit whose data was copied out of `kvm_run`.
@@ -209,6 +362,85 @@ impl Vcpu {
     fn set_rax(&mut self, value: u64) {
         self.fd.sync_regs_mut().regs.rax = value;
         self.fd.set_sync_dirty_reg(SyncReg::Register);
+    }
+
+    /// Completes any access KVM was emulating (so no exit is half done),
+    /// then reads the vCPU's state.
+    fn capture(&mut self) -> Result<VcpuState, String> {
+        let fail = |what: &str, e: kvm_ioctls::Error| format!("vCPU {}: {what}: {e}", self.index);
+        let mut settled = false;
+        for _ in 0..16 {
+            self.fd.set_kvm_immediate_exit(1);
+            match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    settled = true;
+                    break;
+                }
+                Ok(VcpuExit::IoIn(port, data)) => pio_in(&self.shared, port, data),
+                Ok(VcpuExit::MmioRead(gpa, data)) => mmio_read(&self.shared, gpa, data)?,
+                Ok(VcpuExit::MmioWrite(gpa, data)) => {
+                    let (b, n) = copy8(data);
+                    mmio_write(&self.shared, gpa, &b[..n])?;
+                }
+                Ok(other) => {
+                    return Err(format!("vCPU {} cannot pause during {other:?}", self.index));
+                }
+                Err(e) => return Err(fail("completing a pending access", e)),
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        if !settled {
+            return Err(format!(
+                "vCPU {} kept emulating; cannot pause it",
+                self.index
+            ));
+        }
+        let s = self.fd.sync_regs();
+        Ok(VcpuState {
+            regs: s.regs,
+            sregs: s.sregs,
+            xsave: self
+                .fd
+                .get_xsave()
+                .map_err(|e| fail("reading vector registers", e))?,
+            xcrs: self.fd.get_xcrs().map_err(|e| fail("reading XCR0", e))?,
+        })
+    }
+
+    /// FORK from this vCPU: returns the child's id (the child sees 0).
+    fn fork(&mut self) -> i64 {
+        self.set_rax(0);
+        let state = match self.capture() {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("FORK: {e}");
+                return -errno::EIO;
+            }
+        };
+        match crate::fork::fork(&self.shared, Some((self.index, state))) {
+            Ok(id) => i64::from(id),
+            Err(e) => {
+                log::warn!("FORK: {}", chain(&e));
+                crate::fork::errno_of(&e)
+            }
+        }
+    }
+
+    /// WAIT from this vCPU.
+    fn wait(&self, child: u64) -> i64 {
+        let Ok(child) = u32::try_from(child) else {
+            return -errno::ECHILD;
+        };
+        let control = &self.shared.controls[self.index as usize];
+        match self
+            .shared
+            .machine
+            .wait_child(self.shared.id, child, || control.interrupted())
+        {
+            Ok(exit) => exit.wait_status(),
+            Err(WaitError::NotChild) => -errno::ECHILD,
+            Err(WaitError::Interrupted) => -errno::EINTR,
+        }
     }
 
     /// Starts a secondary program-mode vCPU at `rip` with `rsp`.
@@ -302,7 +534,14 @@ impl Vcpu {
             HYPERCALL_PORT if data.len() == 4 => {
                 let nr = u64::from(u32::from_le_bytes(data.try_into().expect("4 bytes")));
                 let regs = self.regs().regs;
-                match crate::hypercall::dispatch(&self.shared, nr, [regs.rdi, regs.rsi, regs.r10]) {
+                let result = match Hypercall::from_nr(nr) {
+                    Some(Hypercall::Fork) => Ok(self.fork()),
+                    Some(Hypercall::Wait) => Ok(self.wait(regs.rdi)),
+                    _ => {
+                        crate::hypercall::dispatch(&self.shared, nr, [regs.rdi, regs.rsi, regs.r10])
+                    }
+                };
+                match result {
                     Ok(ret) => {
                         self.set_rax(ret as u64);
                         true
@@ -332,7 +571,7 @@ impl Vcpu {
             sregs: &s.sregs,
         };
         let mem = &self.shared.mem;
-        let reader = |gpa: u64, buf: &mut [u8]| mem.read(gpa, buf).is_ok();
+        let reader = |gpa: u64, buf: &mut [u8]| mem.peek(gpa, buf);
         let decoded = decode::instruction_accesses(&cpu, &reader);
         let mut progress = match &decoded {
             Ok(list) => self.resolve(list)?,
@@ -349,6 +588,9 @@ impl Vcpu {
             return Ok(());
         }
         self.stuck += 1;
+        if self.stuck > 1 {
+            std::thread::yield_now();
+        }
         if self.stuck >= MAX_STUCK {
             let why = match decoded {
                 Ok(list) => format!("its accesses {list:x?} need nothing"),
@@ -461,14 +703,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_vcpu_starts_once() {
-        let c = VcpuControl::new(false);
-        assert!(c.start(1, 2));
+    fn a_vcpu_starts_once_and_pauses_when_asked() {
+        let c = Arc::new(VcpuControl::new(false));
+        assert_eq!(c.request_pause(), PauseRequest::Parked);
+        let starter = {
+            let c = c.clone();
+            std::thread::spawn(move || c.start(1, 2))
+        };
+        assert!(matches!(c.next(), Next::Start(1, 2)));
+        c.started();
+        assert!(starter.join().unwrap());
         assert!(!c.start(1, 2), "started twice");
-        assert_eq!(c.wait_runnable(), Some(Some((1, 2))));
-        assert!(!c.start(1, 2), "started while running");
+        assert!(matches!(c.next(), Next::Run));
+        assert_eq!(c.request_pause(), PauseRequest::Pausing);
+        assert!(c.interrupted());
+        assert!(matches!(c.next(), Next::Pause));
+        c.paused(Err("no vCPU in this test".into()));
+        assert!(matches!(c.wait_paused(), Some(Err(_))));
+        c.resume();
+        assert!(matches!(c.next(), Next::Run));
         c.stop();
-        assert_eq!(c.wait_runnable(), None);
+        assert!(matches!(c.next(), Next::Stop));
+        assert_eq!(c.request_pause(), PauseRequest::Stopped);
     }
 
     #[test]

@@ -10,15 +10,17 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::kvm_fpu;
 use kvm_ioctls::{VcpuFd, VmFd};
-use memory::{Layout, LayoutError, MemError, StatsSnapshot, VmMemory};
+use memory::{Layout, LayoutError, MemError, Pin, PinFlags, StatsSnapshot, VmMemory};
 use thiserror::Error;
 
 use crate::console::{Console, ConsoleWriter, Sink};
 use crate::elf::{ElfError, Program};
 use crate::kvm::{Hypervisor, KvmError, create_vcpu, ioctl};
+use crate::machine::Machine;
 use crate::vcpu::{self, VcpuControl};
 use crate::x86::cpuid::{self, Guest};
 use crate::x86::program::{self, GuestFault};
+use devices::pin_test::PinTest;
 use devices::serial::{Irq, Serial};
 
 /// Guest RAM below the 32-bit MMIO hole.
@@ -72,6 +74,16 @@ pub enum Exit {
 }
 
 impl Exit {
+    /// What WAIT returns for a child that ended this way: its EXIT code,
+    /// 256 + vector for an exception, 512 for any other end.
+    pub fn wait_status(&self) -> i64 {
+        match self {
+            Exit::Code(c) => *c as i64,
+            Exit::Fault(f) => 256 + i64::from(f.vector),
+            Exit::Reset | Exit::Shutdown(_) | Exit::Error(_) => 512,
+        }
+    }
+
     /// The process exit status this ending maps to: the guest's code for
     /// EXIT (low 8 bits, as for any process), 0 for a reset, 3 for a guest
     /// fault or shutdown, 1 for a VMM error.
@@ -160,11 +172,17 @@ pub enum Mode {
 /// What a VM's vCPU threads share.
 #[derive(Debug)]
 pub(crate) struct VmShared {
+    /// 0 for the root VM, the clone id otherwise.
+    pub(crate) id: u32,
+    pub(crate) machine: Arc<Machine>,
     pub(crate) mem: Arc<VmMemory>,
     /// Keeps the KVM VM alive as long as its vCPU threads run.
     _kvm: VmFd,
     pub(crate) console: Arc<Console>,
     pub(crate) serial: Mutex<Serial<ConsoleWriter>>,
+    pub(crate) pins: Mutex<PinTest>,
+    /// The VMM's own pins (program mode: the ring-0 stacks).
+    _vmm_pins: VmmPins,
     pub(crate) mode: Mode,
     pub(crate) controls: Vec<Arc<VcpuControl>>,
     exit: Mutex<Option<Exit>>,
@@ -179,13 +197,15 @@ impl VmShared {
             if slot.is_some() {
                 return;
             }
-            log::debug!("VM ends: {exit:?}");
-            *slot = Some(exit);
+            log::debug!("VM {} ends: {exit:?}", self.id);
+            *slot = Some(exit.clone());
         }
         self.ended.notify_all();
         for c in &self.controls {
             c.stop();
         }
+        self.console.flush();
+        self.machine.record_exit(self.id, &exit);
     }
 
     fn wait(&self) -> Exit {
@@ -202,7 +222,7 @@ impl VmShared {
     }
 }
 
-/// A VM.
+/// A VM: the root VM made by [`Vm::new`], or a clone made by [`Vm::fork`].
 #[derive(Debug)]
 pub struct Vm {
     shared: Arc<VmShared>,
@@ -268,9 +288,12 @@ impl Vm {
             .map(|i| Arc::new(VcpuControl::new(mode == Mode::Linux || i == 0)))
             .collect();
 
+        let machine = Machine::new(hv.clone(), ctx.clone(), cfg.sink.clone());
+        let mut vmm_pins = VmmPins::none(&machine);
         match (&cfg.boot, program) {
             (Boot::Program(_), Some(program)) => {
                 program::build(&mem, cfg.vcpus)?;
+                vmm_pins = VmmPins::ring0_stacks(&machine, &mem, cfg.vcpus)?;
                 program.load(&mem)?;
                 let top = mem.layout().ranges()[0].len & !0xf;
                 for (index, vcpu) in vcpus.iter().enumerate() {
@@ -287,10 +310,14 @@ impl Vm {
 
         Ok(Self {
             shared: Arc::new(VmShared {
+                id: 0,
+                machine,
                 mem,
                 _kvm: kvm,
                 console,
                 serial,
+                pins: Mutex::new(PinTest::new()),
+                _vmm_pins: vmm_pins,
                 mode,
                 controls,
                 exit: Mutex::new(None),
@@ -301,6 +328,11 @@ impl Vm {
         })
     }
 
+    /// The VM's id: 0 for the root VM, the clone id otherwise.
+    pub fn id(&self) -> u32 {
+        self.shared.id
+    }
+
     /// The VM's memory.
     pub fn memory(&self) -> &Arc<VmMemory> {
         &self.shared.mem
@@ -308,17 +340,43 @@ impl Vm {
 
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), VmmError> {
-        vcpu::install_kick_handler();
-        for (index, fd) in self.idle.drain(..).enumerate() {
-            let shared = self.shared.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || vcpu::run(shared, fd, index as u32))
-                .map_err(VmmError::Thread)?;
-            self.shared.controls[index].set_thread(&handle);
-            self.threads.push(handle);
-        }
+        let fds = std::mem::take(&mut self.idle);
+        self.threads = spawn_vcpus(&self.shared, fds)?;
         Ok(())
+    }
+
+    /// Forks the running VM: the clone continues from this instant with
+    /// the same vCPU state and its memory copy-on-write; it runs on its own
+    /// threads until it ends. The VM's vCPUs are paused meanwhile.
+    pub fn fork(&self) -> Result<Vm, VmmError> {
+        let id = crate::fork::fork(&self.shared, None)?;
+        let shared =
+            self.shared.machine.clone_shared(id).ok_or_else(|| {
+                VmmError::Config(format!("clone {id} ended before it was returned"))
+            })?;
+        Ok(Vm {
+            shared,
+            idle: Vec::new(),
+            threads: Vec::new(),
+        })
+    }
+
+    /// A handle that can end the VM from any thread, while another waits
+    /// for it.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.shared.clone())
+    }
+
+    /// How long the last fork of this VM or of its family kept the forked
+    /// VM's vCPUs paused.
+    pub fn last_fork_pause(&self) -> std::time::Duration {
+        self.shared.machine.last_pause()
+    }
+
+    /// The vCPUs of a VM that was not started, for code that runs them
+    /// itself (benchmarks of the bare exit loop).
+    pub(crate) fn take_idle(&mut self) -> Vec<VcpuFd> {
+        std::mem::take(&mut self.idle)
     }
 
     /// Ends the VM from outside with `exit` (if it has not ended yet).
@@ -326,18 +384,29 @@ impl Vm {
         self.shared.finish(exit);
     }
 
-    /// Waits for the VM to end and for its vCPU threads to stop.
+    /// Waits for the VM to end and for its vCPU threads to stop. For the
+    /// root VM this also stops every clone still running.
     pub fn wait(mut self) -> Outcome {
-        let exit = self.shared.wait();
-        for t in self.threads.drain(..) {
-            if t.join().is_err() {
-                log::error!("a vCPU thread panicked");
+        let machine = self.shared.machine.clone();
+        let exit = if self.shared.id == 0 {
+            let exit = self.shared.wait();
+            for t in self.threads.drain(..) {
+                if t.join().is_err() {
+                    log::error!("a vCPU thread panicked");
+                }
             }
-        }
-        self.shared.console.flush();
+            machine.stop_clones();
+            exit
+        } else {
+            let id = self.shared.id;
+            drop(self.shared);
+            machine
+                .wait_clone(id)
+                .unwrap_or_else(|| Exit::Error(format!("clone {id} was already waited for")))
+        };
         Outcome {
             exit,
-            stats: self.shared.mem.context().stats(),
+            stats: machine.stats(),
         }
     }
 
@@ -348,7 +417,126 @@ impl Vm {
     }
 }
 
-fn setup_program_vcpu(vcpu: &VcpuFd, index: u32, hv: &Hypervisor) -> Result<(), VmmError> {
+/// Ends a VM from any thread (see [`Vm::stop_handle`]).
+#[derive(Clone, Debug)]
+pub struct StopHandle(Arc<VmShared>);
+
+impl StopHandle {
+    /// Ends the VM with `exit` unless it already ended.
+    pub fn stop(&self, exit: Exit) {
+        self.0.finish(exit);
+    }
+}
+
+/// Starts one thread per vCPU of `shared`.
+pub(crate) fn spawn_vcpus(
+    shared: &Arc<VmShared>,
+    fds: Vec<VcpuFd>,
+) -> Result<Vec<JoinHandle<()>>, VmmError> {
+    vcpu::install_kick_handler();
+    let mut threads = Vec::with_capacity(fds.len());
+    for (index, fd) in fds.into_iter().enumerate() {
+        let vm = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("vm{}-vcpu{index}", shared.id))
+            .spawn(move || vcpu::run(vm, fd, index as u32))
+            .map_err(VmmError::Thread)?;
+        shared.controls[index].set_thread(&handle);
+        threads.push(handle);
+    }
+    Ok(threads)
+}
+
+impl VmShared {
+    /// The state a clone starts from, minus vCPU state: a new KVM VM over
+    /// `mem`, a console prefixed with the clone's id, the UART's state, and
+    /// a pin-test device without pins.
+    pub(crate) fn clone_devices(
+        &self,
+        id: u32,
+        mem: Arc<VmMemory>,
+        kvm: VmFd,
+        controls: Vec<Arc<VcpuControl>>,
+    ) -> Result<VmShared, VmmError> {
+        let vmm_pins = match self.mode {
+            Mode::Program => VmmPins::ring0_stacks(&self.machine, &mem, controls.len() as u32)?,
+            Mode::Linux => VmmPins::none(&self.machine),
+        };
+        let console = Arc::new(Console::new(self.machine.sink.clone(), Some(id)));
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone_to(Irq::None, ConsoleWriter(console.clone()));
+        Ok(VmShared {
+            id,
+            machine: self.machine.clone(),
+            mem,
+            _kvm: kvm,
+            console,
+            serial: Mutex::new(serial),
+            pins: Mutex::new(PinTest::new()),
+            _vmm_pins: vmm_pins,
+            mode: self.mode,
+            controls,
+            exit: Mutex::new(None),
+            ended: Condvar::new(),
+        })
+    }
+}
+
+/// The VMM's own long-term pins in one VM. They are not device pins, so
+/// the counters users see leave them out.
+#[derive(Debug)]
+struct VmmPins {
+    pins: Vec<Pin>,
+    pages: u64,
+    machine: Arc<Machine>,
+}
+
+impl VmmPins {
+    fn none(machine: &Arc<Machine>) -> Self {
+        Self {
+            pins: Vec::new(),
+            pages: 0,
+            machine: machine.clone(),
+        }
+    }
+
+    /// Program mode: the ring-0 stacks (see [`program::ring0_stacks`]).
+    fn ring0_stacks(machine: &Arc<Machine>, mem: &VmMemory, vcpus: u32) -> Result<Self, VmmError> {
+        let (gpa, len) = program::ring0_stacks(vcpus);
+        let flags = PinFlags {
+            write: true,
+            longterm: true,
+        };
+        let pin = mem.pin(gpa, len, flags)?;
+        let pages = (gpa + len).div_ceil(memory::PAGE_SIZE) - gpa / memory::PAGE_SIZE;
+        machine
+            .vmm_pinned
+            .fetch_add(pages, std::sync::atomic::Ordering::Relaxed);
+        Ok(Self {
+            pins: vec![pin],
+            pages,
+            machine: machine.clone(),
+        })
+    }
+}
+
+impl Drop for VmmPins {
+    fn drop(&mut self) {
+        self.pins.clear();
+        self.machine
+            .vmm_pinned
+            .fetch_sub(self.pages, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+pub(crate) fn setup_program_vcpu(
+    vcpu: &VcpuFd,
+    index: u32,
+    hv: &Hypervisor,
+) -> Result<(), VmmError> {
     let base = ioctl("read system registers", vcpu.get_sregs())?;
     let avx = cpuid::has_avx(hv.supported_cpuid());
     ioctl(

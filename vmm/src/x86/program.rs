@@ -24,7 +24,7 @@
 //! bitmap, so both are set.
 
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
-use memory::{Access, MemError, VmMemory};
+use memory::{MemError, VmMemory};
 
 /// Port the exception stubs report on.
 pub const FAULT_PORT: u16 = 0x511;
@@ -70,10 +70,13 @@ const _: () = {
 /// Vectors for which the CPU pushes an error code.
 const ERROR_CODE_VECTORS: [u8; 10] = [8, 10, 11, 12, 13, 14, 17, 21, 29, 30];
 
-/// The page-table pages and other VMM-owned structures, as guest-physical
-/// ranges, so the caller can keep them resident and exclusive.
-pub fn vmm_ranges() -> [(u64, u64); 1] {
-    [(0x1000, LOW_END - 0x1000)]
+/// The ring-0 stacks of `vcpus` vCPUs, which the CPU writes while it
+/// delivers an exception, when a fault can no longer be reported: the VMM
+/// keeps them pinned for writing in every VM, so they are always present,
+/// writable and exclusive (fork copies them instead of sharing them).
+/// Everything else the CPU reads in the first MiB may be shared read-only.
+pub fn ring0_stacks(vcpus: u32) -> (u64, u64) {
+    (STACKS, u64::from(vcpus) * STACK_SIZE)
 }
 
 fn tss_addr(vcpu: u32) -> u64 {
@@ -169,11 +172,6 @@ pub fn build(mem: &VmMemory, vcpus: u32) -> Result<(), MemError> {
         }
     }
     map_2m(MMIO_BASE, 0x18)?; // cache disabled, write-through
-
-    // The CPU writes exception frames on the ring-0 stacks while delivering
-    // an exception, when a fault could no longer be reported: they must be
-    // present and writable before the program runs.
-    mem.populate(STACKS, u64::from(vcpus) * STACK_SIZE, Access::Write)?;
     Ok(())
 }
 

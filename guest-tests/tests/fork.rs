@@ -1,0 +1,98 @@
+//! VM fork end to end: the FORK and WAIT hypercalls, fork with several
+//! vCPUs, fork through the library while the guest runs, and a stress run
+//! of 8 VMs forking and writing at once.
+
+use std::time::{Duration, Instant};
+
+use guest_tests::{MIB, guest, hypervisor, run_program};
+use vmm::{Exit, Sink, Vm, VmConfig};
+
+fn expect_ok(program: &str, vcpus: u32, marker: &str) -> String {
+    let (outcome, console) = run_program(guest(program), 64 * MIB, vcpus);
+    assert_eq!(outcome.exit, Exit::Code(0), "{program}: {console}");
+    assert!(
+        console.contains(marker),
+        "{program}: no {marker} in: {console}"
+    );
+    console
+}
+
+#[test]
+fn fork_and_wait_semantics() {
+    let console = expect_ok("fork_wait", 1, "FORK-WAIT-OK");
+    assert!(
+        console.contains("[1] hello from the clone\n"),
+        "clone output not prefixed with its id: {console}"
+    );
+}
+
+#[test]
+fn fork_copies_every_running_vcpu() {
+    expect_ok("fork_vcpus", 2, "FORK-VCPUS-OK");
+}
+
+#[test]
+fn eight_vms_fork_and_write_at_once_and_nothing_leaks() {
+    let started = Instant::now();
+    expect_ok("fork_stress", 1, "FORK-STRESS-OK");
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+fn counter(mem: &memory::VmMemory) -> u64 {
+    let mut b = [0u8; 8];
+    mem.read(0x20_0000, &mut b).unwrap();
+    u64::from_le_bytes(b)
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn library_fork_of_a_running_guest() {
+    let hv = hypervisor();
+    let ctx = memory::Context::new(memory::Config::default());
+    let (sink, _) = Sink::capture();
+    let mut vm = Vm::new(
+        &hv,
+        &ctx,
+        VmConfig {
+            mem: 32 * MIB,
+            sink,
+            ..VmConfig::program(guest("spin_counter"))
+        },
+    )
+    .unwrap();
+    vm.start().unwrap();
+    let parent = vm.memory().clone();
+    wait_until("the guest counts", || counter(&parent) > 10_000);
+    let child = vm.fork().expect("fork");
+    assert_ne!(child.id(), 0);
+    let cmem = child.memory().clone();
+    let at_fork = counter(&cmem);
+    // Both run on from the fork, each in its own memory.
+    wait_until("the clone counts", || counter(&cmem) > at_fork + 10_000);
+    let p = counter(&parent);
+    wait_until("the parent counts", || counter(&parent) > p + 10_000);
+    parent.write(0x20_1000, &[0xaa]).unwrap();
+    let mut b = [0u8];
+    cmem.read(0x20_1000, &mut b).unwrap();
+    assert_eq!(b[0], 0, "the parent's write reached the clone");
+    assert!(vm.last_fork_pause() > Duration::ZERO);
+    child.stop(Exit::Code(3));
+    assert_eq!(child.wait().exit, Exit::Code(3));
+    vm.stop(Exit::Code(0));
+    let outcome = vm.wait();
+    assert_eq!(outcome.exit, Exit::Code(0));
+    drop((parent, cmem));
+    let s = ctx.stats();
+    assert_eq!(
+        (s.resident, s.stores),
+        (0, 0),
+        "frames or stores left: {s:?}"
+    );
+}

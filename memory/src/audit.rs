@@ -1,0 +1,102 @@
+//! A full check of the memory model's invariants, for tests and debugging.
+//!
+//! Call it only when nothing else runs on the VMs involved: counts are
+//! exact only at rest (a fault or pin in flight holds a transient
+//! reference).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::Context;
+use crate::entry::Entry;
+use crate::layout::PAGES_PER_LEAF;
+use crate::vm::VmMemory;
+
+/// Checks, over every live store of `ctx` and the tables of `vms` (which
+/// must be every live VM of `ctx`):
+/// - R1: a present, writable entry maps an exclusive frame;
+/// - R4: a pinned frame is exclusive;
+/// - each frame's mapcount equals the entries mapping it, and its
+///   refcount equals mapcount + pincount;
+/// - the context's counters (resident, shared, pins) match the frames.
+///
+/// Returns a description of the first violation found.
+pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
+    // (store address, page) -> entries mapping it.
+    let mut mapped: HashMap<(usize, u64), u32> = HashMap::new();
+    for vm in vms {
+        let stores = vm.stores.read();
+        let mut uses: HashMap<u32, u64> = HashMap::new();
+        for (first, leaf) in vm.table.leaves() {
+            for p in first..(first + PAGES_PER_LEAF).min(vm.table.pages()) {
+                let Entry::Present {
+                    store, writable, ..
+                } = leaf.get(p)
+                else {
+                    continue;
+                };
+                let s = stores.get(store).ok_or_else(|| {
+                    format!(
+                        "vm {}: page {p:#x} names slot {store}, which is empty",
+                        vm.id()
+                    )
+                })?;
+                *uses.entry(store).or_default() += 1;
+                let meta = s.meta(p);
+                if writable && !meta.exclusive() {
+                    return Err(format!(
+                        "R1: vm {} page {p:#x} writable but not exclusive",
+                        vm.id()
+                    ));
+                }
+                *mapped.entry((Arc::as_ptr(s) as usize, p)).or_default() += 1;
+            }
+        }
+        for (idx, _) in stores.stores() {
+            let (counted, entries) = (stores.uses(idx), uses.get(&idx).copied().unwrap_or(0));
+            if counted != entries {
+                return Err(format!(
+                    "vm {}: slot {idx} counts {counted} uses, {entries} entries name it",
+                    vm.id()
+                ));
+            }
+        }
+    }
+    let (mut resident, mut shared, mut pins) = (0u64, 0u64, 0u64);
+    for store in ctx.live_stores() {
+        for (p, meta) in store.frames() {
+            let key = (Arc::as_ptr(&store) as usize, p);
+            let entries = mapped.remove(&key).unwrap_or(0);
+            let (r, m, n) = (meta.refcount(), meta.mapcount(), meta.pincount());
+            if m != entries {
+                return Err(format!(
+                    "frame {p:#x}: mapcount {m}, but {entries} entries map it"
+                ));
+            }
+            if r != m + n {
+                return Err(format!(
+                    "frame {p:#x}: refcount {r} != mapcount {m} + pincount {n}"
+                ));
+            }
+            if n > 0 && !meta.exclusive() {
+                return Err(format!("R4: frame {p:#x} pinned but not exclusive"));
+            }
+            resident += 1;
+            shared += u64::from(m >= 2);
+            pins += u64::from(n);
+        }
+    }
+    if let Some(((_, p), n)) = mapped.into_iter().next() {
+        return Err(format!(
+            "{n} entries map page {p:#x} of a free frame or a dead store"
+        ));
+    }
+    let s = ctx.stats();
+    if (s.resident, s.shared, s.pins) != (resident, shared, pins) {
+        return Err(format!(
+            "counters resident {}, shared {}, pins {}; frames say {resident}, {shared}, {pins}",
+            s.resident, s.shared, s.pins
+        ));
+    }
+    Ok(())
+}

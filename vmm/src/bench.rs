@@ -1,0 +1,494 @@
+//! `vmm bench`: the performance figures the project is held to, each
+//! measured in one run next to the baseline it is compared with.
+//!
+//! Guest-side timings use the TSC (read natively in ring 3 here) and are
+//! converted with a rate calibrated against the host clock in the same run.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuExit;
+use memory::{PAGE_SIZE, PinFlags, VmMemory};
+
+use crate::console::Sink;
+use crate::kvm::Hypervisor;
+use crate::vm::{Exit, Vm, VmConfig, VmmError};
+
+/// The benchmark guest (resources/guests/bench.c).
+const GUEST: &[u8] = crate::guests::BENCH;
+const MAILBOX: u64 = 0x20_0000;
+
+/// Knobs for a run.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchOptions {
+    /// Smaller sizes and fewer repetitions (a smoke run, not a measurement).
+    pub quick: bool,
+}
+
+/// One measured figure.
+#[derive(Clone, Debug)]
+pub struct Figure {
+    /// What was measured.
+    pub name: String,
+    /// The value, formatted with its unit.
+    pub value: String,
+    /// How it compares with its goal or baseline.
+    pub verdict: String,
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC reads the time-stamp counter; it has no preconditions
+    // and touches no memory.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// TSC ticks per second, against the host's monotonic clock.
+fn tsc_rate() -> f64 {
+    let (t0, c0) = (Instant::now(), rdtsc());
+    std::thread::sleep(Duration::from_millis(100));
+    let (t1, c1) = (Instant::now(), rdtsc());
+    (c1 - c0) as f64 / (t1 - t0).as_secs_f64()
+}
+
+struct Bench {
+    hv: Hypervisor,
+    quick: bool,
+    figures: Vec<Figure>,
+    console: Option<Arc<Mutex<Vec<u8>>>>,
+}
+
+impl Bench {
+    fn vm(&mut self, mem: u64, mode: u64, count: u64, tsc: f64) -> Result<Vm, VmmError> {
+        let ctx = memory::Context::new(memory::Config::default());
+        let (sink, console) = Sink::capture();
+        self.console = Some(console);
+        let vm = Vm::new(
+            &self.hv,
+            &ctx,
+            VmConfig {
+                mem,
+                sink,
+                ..VmConfig::program(GUEST.to_vec())
+            },
+        )?;
+        let mut mailbox = Vec::new();
+        for w in [mode, count, 0, 0, tsc as u64] {
+            mailbox.extend_from_slice(&w.to_le_bytes());
+        }
+        vm.memory().write(MAILBOX, &mailbox)?;
+        Ok(vm)
+    }
+
+    fn console_text(&self) -> String {
+        self.console.as_ref().map_or(String::new(), |c| {
+            String::from_utf8_lossy(&c.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+        })
+    }
+
+    fn mailbox(mem: &VmMemory, index: u64) -> u64 {
+        let mut b = [0u8; 8];
+        mem.read(MAILBOX + index * 8, &mut b)
+            .map_or(0, |()| u64::from_le_bytes(b))
+    }
+
+    fn record(&mut self, name: &str, value: String, verdict: String) {
+        println!("{name:<58} {value:>14}   {verdict}");
+        self.figures.push(Figure {
+            name: name.into(),
+            value,
+            verdict,
+        });
+    }
+
+    /// `vmm run --program hello` as a whole process.
+    fn process_wall_time(&mut self) -> Result<(), VmmError> {
+        let exe = std::env::current_exe().map_err(VmmError::Thread)?;
+        let dir = std::env::temp_dir().join(format!("vmm-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(VmmError::Thread)?;
+        let hello = dir.join("hello.elf");
+        std::fs::write(&hello, crate::guests::HELLO).map_err(VmmError::Thread)?;
+        let runs = if self.quick { 5 } else { 30 };
+        let mut times = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let t = Instant::now();
+            let out = std::process::Command::new(&exe)
+                .args(["run", "--program"])
+                .arg(&hello)
+                .output()
+                .map_err(VmmError::Thread)?;
+            times.push(t.elapsed());
+            if !out.status.success() {
+                return Err(VmmError::Config(format!(
+                    "hello run failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let m = median(times);
+        self.record(
+            "process wall time, `vmm run --program hello` (median)",
+            format!("{:.2} ms", m.as_secs_f64() * 1e3),
+            goal(m.as_secs_f64() * 1e3 <= 20.0, "goal <= 20 ms"),
+        );
+        Ok(())
+    }
+
+    /// From `Vm::new` to the exit of the guest's first instruction.
+    fn first_instruction(&mut self, tsc: f64) -> Result<(), VmmError> {
+        let runs = if self.quick { 5 } else { 30 };
+        let mut times = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let t = Instant::now();
+            let mut vm = self.vm(64 << 20, 5, 0, tsc)?;
+            let mut fd = vm.take_idle().remove(0);
+            loop {
+                match fd.run() {
+                    // The first instruction ran: it called out, or it
+                    // touched a page not yet present (a fault exit).
+                    Ok(VcpuExit::IoOut(..)) => break,
+                    Err(e) if e.errno() == libc::EFAULT => break,
+                    Ok(VcpuExit::IoIn(_, data)) => data.fill(0xff),
+                    Ok(other) => return Err(VmmError::Config(format!("first exit was {other:?}"))),
+                    Err(e) => return Err(VmmError::Config(format!("KVM_RUN: {e}"))),
+                }
+            }
+            times.push(t.elapsed());
+        }
+        let m = median(times);
+        self.record(
+            "VM creation to first guest instruction (median)",
+            format!("{:.2} ms", m.as_secs_f64() * 1e3),
+            goal(m.as_secs_f64() * 1e3 <= 5.0, "goal <= 5 ms"),
+        );
+        Ok(())
+    }
+
+    /// A hypercall through the VMM next to a bare KVM_RUN loop.
+    fn hypercall_round_trip(&mut self, tsc: f64) -> Result<(), VmmError> {
+        let n: u64 = if self.quick { 2_000 } else { 20_000 };
+        // The bare loop: same guest, same VM setup, exits counted only.
+        // Its memory is made present first, since the bare loop resolves
+        // no faults.
+        let mut vm = self.vm(64 << 20, 1, n, tsc)?;
+        let mem = vm.memory().clone();
+        mem.populate(0x10_0000, 0x80_0000, memory::Access::Write)?;
+        mem.populate((64 << 20) - 0x1_0000, 0x1_0000, memory::Access::Write)?;
+        let mut fd = vm.take_idle().remove(0);
+        let t = Instant::now();
+        let mut exits = 0u64;
+        loop {
+            match fd.run() {
+                Ok(VcpuExit::IoOut(0x510, data)) => {
+                    exits += 1;
+                    if data.first() == Some(&0) {
+                        break;
+                    }
+                }
+                Ok(VcpuExit::IoOut(..)) => {}
+                Ok(other) => return Err(VmmError::Config(format!("bare loop: {other:?}"))),
+                Err(e) if e.errno() == libc::EFAULT => {
+                    return Err(VmmError::Config("bare loop: a memory fault".into()));
+                }
+                Err(e) => return Err(VmmError::Config(format!("KVM_RUN: {e}"))),
+            }
+        }
+        let raw = t.elapsed().as_secs_f64() / exits as f64;
+        // The VMM: decode, dispatch and answer every call.
+        let vm = self.vm(64 << 20, 1, n, tsc)?;
+        let t = Instant::now();
+        let outcome = vm.run()?;
+        let full = t.elapsed().as_secs_f64() / (n + 1) as f64;
+        if outcome.exit != Exit::Code(0) {
+            return Err(VmmError::Config(format!(
+                "hypercall loop ended {:?}",
+                outcome.exit
+            )));
+        }
+        self.record(
+            "bare KVM_RUN -> exit -> KVM_RUN round trip",
+            format!("{:.2} us", raw * 1e6),
+            "baseline".into(),
+        );
+        let ratio = full / raw;
+        self.record(
+            "hypercall round trip through the VMM",
+            format!("{:.2} us", full * 1e6),
+            goal(
+                ratio <= 1.2,
+                &format!("{ratio:.2}x the bare loop, goal <= 1.2x"),
+            ),
+        );
+        Ok(())
+    }
+
+    /// Linux fork() of a process with `bytes` of touched anonymous memory.
+    fn linux_fork(bytes: usize) -> Result<Duration, VmmError> {
+        let area = LinuxArea::new(bytes)?;
+        let mut times = Vec::new();
+        for _ in 0..3 {
+            times.push(area.fork_once()?);
+        }
+        Ok(median(times))
+    }
+
+    /// Fork latency of a VM with `bytes` touched, next to Linux fork().
+    fn fork_latency(&mut self, bytes: u64, tsc: f64) -> Result<(), VmmError> {
+        let linux = Self::linux_fork(bytes as usize)?;
+        let pages = bytes / PAGE_SIZE;
+        let mut vm = self.vm(bytes + (64 << 20), 4, pages, tsc)?;
+        let mem = vm.memory().clone();
+        vm.start()?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while mem.context().stats().resident < pages {
+            if Instant::now() > deadline {
+                vm.stop(Exit::Error("touching memory took too long".into()));
+                return Err(VmmError::Config(
+                    "the guest did not touch its memory in time".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let mut totals = Vec::new();
+        let mut pauses = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            let child = vm.fork()?;
+            totals.push(t.elapsed());
+            pauses.push(vm.last_fork_pause());
+            child.stop(Exit::Code(0));
+            let _ = child.wait();
+        }
+        vm.stop(Exit::Code(0));
+        let _ = vm.wait();
+        let (total, pause) = (median(totals), median(pauses));
+        let mib = bytes >> 20;
+        self.record(
+            &format!("Linux fork(), {mib} MiB touched anonymous memory"),
+            format!("{:.2} ms", linux.as_secs_f64() * 1e3),
+            "baseline".into(),
+        );
+        let ratio = total.as_secs_f64() / linux.as_secs_f64();
+        self.record(
+            &format!("VM fork, {mib} MiB touched (clone running)"),
+            format!("{:.2} ms", total.as_secs_f64() * 1e3),
+            goal(ratio <= 1.0, &format!("{ratio:.2}x Linux, goal <= 1.0x")),
+        );
+        let pause_goal = if mib >= 1024 { Some(2.0) } else { None };
+        self.record(
+            &format!("  of which the guest was paused, {mib} MiB"),
+            format!("{:.2} ms", pause.as_secs_f64() * 1e3),
+            match pause_goal {
+                Some(g) => goal(pause.as_secs_f64() * 1e3 <= g, "goal <= 2 ms at 1 GiB"),
+                None => "reported".into(),
+            },
+        );
+        Ok(())
+    }
+
+    /// One copy-on-write fault next to one exit plus a 4 KiB copy.
+    fn cow_fault(&mut self, tsc: f64) -> Result<(), VmmError> {
+        let n: u64 = if self.quick { 200 } else { 2_000 };
+        let vm = self.vm(64 << 20, 2, n, tsc)?;
+        let mem = vm.memory().clone();
+        let outcome = vm.run()?;
+        if outcome.exit != Exit::Code(0) {
+            return Err(VmmError::Config(format!(
+                "COW guest ended {:?}",
+                outcome.exit
+            )));
+        }
+        let cow = Self::mailbox(&mem, 2) as f64 / tsc;
+        let exit = Self::mailbox(&mem, 3) as f64 / tsc;
+        let copy = copy_4k_cost();
+        self.record(
+            "exit round trip (port write the VMM ignores)",
+            format!("{:.2} us", exit * 1e6),
+            "baseline".into(),
+        );
+        self.record(
+            "4 KiB copy",
+            format!("{:.3} us", copy * 1e6),
+            "baseline".into(),
+        );
+        let ratio = cow / (exit + copy);
+        self.record(
+            "copy-on-write write fault, as the guest sees it",
+            format!("{:.2} us", cow * 1e6),
+            goal(
+                ratio <= 1.5,
+                &format!("{ratio:.2}x exit + copy, goal <= 1.5x"),
+            ),
+        );
+        Ok(())
+    }
+
+    /// Pin and unpin of one exclusive page.
+    fn pin_unpin(&mut self) -> Result<(), VmmError> {
+        let ctx = memory::Context::new(memory::Config::default());
+        let mem = VmMemory::new(&ctx, crate::vm::ram_layout(16 << 20)?)?;
+        mem.write(0x10_0000, &[1])?;
+        let n = if self.quick { 20_000 } else { 500_000 };
+        let flags = PinFlags {
+            write: true,
+            longterm: false,
+        };
+        let t = Instant::now();
+        for _ in 0..n {
+            drop(mem.pin(0x10_0000, PAGE_SIZE, flags)?);
+        }
+        let fast = t.elapsed().as_secs_f64() / f64::from(n);
+        let t = Instant::now();
+        for _ in 0..n / 10 {
+            drop(mem.pin_locked_for_bench(0x10_0000, PAGE_SIZE, flags)?);
+        }
+        let locked = t.elapsed().as_secs_f64() / f64::from(n / 10);
+        self.record(
+            "pin + unpin, one exclusive 4 KiB page, lockless path",
+            format!("{:.0} ns", fast * 1e9),
+            goal(fast * 1e9 <= 200.0, "goal <= 200 ns"),
+        );
+        self.record(
+            "pin + unpin, locked path",
+            format!("{:.0} ns", locked * 1e9),
+            "reported".into(),
+        );
+        Ok(())
+    }
+
+    /// Forks per second of a 16 MiB VM that forks, writes a page, exits.
+    fn fork_rate(&mut self, tsc: f64) -> Result<(), VmmError> {
+        let n: u64 = if self.quick { 20 } else { 300 };
+        let vm = self.vm(16 << 20, 3, n, tsc)?;
+        let t = Instant::now();
+        let outcome = vm.run()?;
+        let per = t.elapsed().as_secs_f64() / n as f64;
+        if outcome.exit != Exit::Code(0) {
+            return Err(VmmError::Config(format!(
+                "fork loop ended {:?}: {}",
+                outcome.exit,
+                self.console_text()
+            )));
+        }
+        self.record(
+            "forks per second, 16 MiB VM (fork, child writes a page, exits, wait)",
+            format!("{:.0} /s", 1.0 / per),
+            format!("{:.2} ms per cycle", per * 1e3),
+        );
+        Ok(())
+    }
+}
+
+fn goal(met: bool, what: &str) -> String {
+    format!("{} ({what})", if met { "MET" } else { "NOT MET" })
+}
+
+/// Time to copy 4 KiB between two warm buffers.
+fn copy_4k_cost() -> f64 {
+    let src = vec![1u8; 4096 * 64];
+    let mut dst = vec![0u8; 4096 * 64];
+    let n = 200_000;
+    let t = Instant::now();
+    for i in 0..n {
+        let off = (i % 64) * 4096;
+        dst[off..off + 4096].copy_from_slice(&src[off..off + 4096]);
+        std::hint::black_box(&mut dst);
+    }
+    t.elapsed().as_secs_f64() / n as f64
+}
+
+/// Touched anonymous memory of this process, for the Linux fork baseline.
+struct LinuxArea {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl LinuxArea {
+    fn new(len: usize) -> Result<Self, VmmError> {
+        // SAFETY: a fresh private anonymous mapping at an address of the
+        // kernel's choosing aliases nothing.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(VmmError::Thread(std::io::Error::last_os_error()));
+        }
+        let area = Self { ptr, len };
+        let base = area.ptr.cast::<u8>();
+        for off in (0..len).step_by(PAGE_SIZE as usize) {
+            let byte = base.wrapping_add(off);
+            // SAFETY: `byte` is inside the mapping created above, which
+            // only this function uses.
+            unsafe { byte.write_volatile(1) };
+        }
+        Ok(area)
+    }
+
+    /// Forks once; the child exits at once. Returns the time fork() took in
+    /// the parent.
+    fn fork_once(&self) -> Result<Duration, VmmError> {
+        let t = Instant::now();
+        // SAFETY: the child calls only the async-signal-safe `_exit`.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: exiting the child without running any destructor.
+            unsafe { libc::_exit(0) };
+        }
+        let took = t.elapsed();
+        if pid < 0 {
+            return Err(VmmError::Thread(std::io::Error::last_os_error()));
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just created; `status` is ours.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        Ok(took)
+    }
+}
+
+impl Drop for LinuxArea {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping `new` created; nothing refers to it.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// Runs every benchmark and prints its figures.
+pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
+    let hv = Hypervisor::open()?;
+    let mut b = Bench {
+        hv,
+        quick: opts.quick,
+        figures: Vec::new(),
+        console: None,
+    };
+    let tsc = tsc_rate();
+    println!("{:<58} {:>14}   verdict", "figure", "value");
+    b.process_wall_time()?;
+    b.first_instruction(tsc)?;
+    b.hypercall_round_trip(tsc)?;
+    b.cow_fault(tsc)?;
+    b.pin_unpin()?;
+    b.fork_rate(tsc)?;
+    let sizes: &[u64] = if opts.quick {
+        &[32 << 20]
+    } else {
+        &[256 << 20, 1 << 30]
+    };
+    for &bytes in sizes {
+        b.fork_latency(bytes, tsc)?;
+    }
+    Ok(b.figures)
+}
