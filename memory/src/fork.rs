@@ -1,24 +1,33 @@
 //! VM fork: the child gets the parent's memory copy-on-write (R6, Linux's
 //! `copy_present_ptes` and `__folio_try_dup_anon_rmap`).
 //!
-//! Under the parent's memory-map lock (write) and with its write-protect
-//! sequence count held odd, each leaf is copied under the parent's and the
-//! child's leaf locks:
+//! Everything happens under the parent's memory-map lock (write) with its
+//! write-protect sequence count held odd, in two phases:
 //!
-//! - a frame that may be pinned is **copied** for the child; the parent
-//!   keeps its pinned original, still writable and exclusive, so a device
-//!   keeps seeing what the parent's guest sees;
-//! - every other present frame loses its anon-exclusive bit and is mapped
-//!   read-only in both VMs (the parent's host page loses write access
-//!   before its entry changes);
-//! - write-protect markers and bits are not inherited: a child starts
-//!   without a write listener.
+//! 1. *Protect* (the caller keeps the parent's vCPUs paused): the parent's
+//!    entries are scanned; every writable page that will be shared loses
+//!    write access in the host mapping (one `mprotect` per run of such
+//!    pages, across leaves), and every frame that may be pinned is copied
+//!    for the child now, so the copy is the state at this instant. Frame
+//!    metadata is read only in leaves whose pin hint is set.
+//! 2. *Copy* (the parent's vCPUs may run again: a write to a page that will
+//!    be shared faults, and its resolution waits for the memory-map lock):
+//!    under each leaf's lock and the child's, the parent's entries become
+//!    read-only and lose nothing else, the child's entries are filled, frame
+//!    counts and the anon-exclusive bits are updated, and the child's host
+//!    mapping is built.
+//!
+//! Decisions: a frame that may be pinned is **copied** for the child (the
+//! parent keeps its pinned original, writable and exclusive, so a device
+//! keeps seeing what the parent's guest sees); every other frame loses its
+//! anon-exclusive bit and is mapped read-only in both VMs. Write-protect
+//! markers and bits are not inherited: a child starts without a listener.
 //!
 //! Against the lockless pin path (R8) the ordering is Dekker's: fork makes
-//! the sequence count odd, fences, then reads pin counts; a pinner raises
-//! the pin count, fences, then re-reads the sequence count. Either fork
-//! sees the pin (and copies) or the pinner sees the count move (and backs
-//! off to the locked path, which waits for fork).
+//! the sequence count odd, fences, then reads pin hints and pin counts; a
+//! pinner raises the hint and the pin count, fences, then re-reads the
+//! sequence count. Either fork sees the pin (and copies) or the pinner sees
+//! the count move (and backs off to the locked path, which waits for fork).
 //!
 //! Cost: one visit per installed leaf and per present entry; absent memory
 //! costs nothing, so fork scales with mapped pages, not RAM size.
@@ -33,13 +42,53 @@ use crate::sync::{Ordering, fence};
 use crate::table::Leaf;
 use crate::vm::{MemError, VmMemory};
 
-/// What fork does with one present entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Plan {
-    /// Map the frame read-only in both VMs.
-    Share { store: u32, soft_dirty: bool },
-    /// Give the child a copy (the frame may be pinned).
-    Copy { store: u32, writable: bool },
+/// What phase 1 did to one leaf, for phase 2.
+struct LeafPlan {
+    first: u64,
+    /// Pages whose host mapping phase 1 made read-only (bit per page).
+    demoted: [u64; (PAGES_PER_LEAF as usize).div_ceil(64)],
+    /// Frames copied for the child: (page, child's slot, writable).
+    copies: Vec<(u64, u32, bool)>,
+}
+
+impl LeafPlan {
+    fn demoted(&self, page: u64) -> bool {
+        let i = (page - self.first) as usize;
+        self.demoted[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn set_demoted(&mut self, page: u64) {
+        let i = (page - self.first) as usize;
+        self.demoted[i / 64] |= 1 << (i % 64);
+    }
+}
+
+/// A run of consecutive pages to write-protect.
+#[derive(Default)]
+struct Runs {
+    start: u64,
+    len: u64,
+}
+
+impl Runs {
+    fn add(&mut self, vm: &VmMemory, page: u64) -> Result<(), MemError> {
+        if self.len > 0 && self.start + self.len == page {
+            self.len += 1;
+            return Ok(());
+        }
+        self.flush(vm)?;
+        self.start = page;
+        self.len = 1;
+        Ok(())
+    }
+
+    fn flush(&mut self, vm: &VmMemory) -> Result<(), MemError> {
+        if self.len > 0 {
+            vm.host_protect(self.start, self.len, false)?;
+            self.len = 0;
+        }
+        Ok(())
+    }
 }
 
 impl VmMemory {
@@ -48,6 +97,19 @@ impl VmMemory {
     /// VM's vCPUs from running for the duration, so the child is a
     /// snapshot of one instant.
     pub fn fork(self: &Arc<Self>) -> Result<Arc<VmMemory>, MemError> {
+        self.fork_with(|_| {})
+    }
+
+    /// Like [`VmMemory::fork`], but calls `protected` with the child's
+    /// memory as soon as the snapshot is taken: every page the child will
+    /// share is then write-protected in the parent and every pinned frame
+    /// copied, so the caller may let the VM's vCPUs run again (a guest write
+    /// to a shared page faults and waits for the fork) and prepare the
+    /// child (its host ranges are final) while the tables are copied.
+    pub fn fork_with(
+        self: &Arc<Self>,
+        protected: impl FnOnce(&Arc<VmMemory>),
+    ) -> Result<Arc<VmMemory>, MemError> {
         let child = VmMemory::new(&self.ctx, self.layout.clone())?;
         let _parent_map = self.map_lock.write();
         let _child_map = child.map_lock.write_as(Rank::ChildMapLock);
@@ -66,10 +128,16 @@ impl VmMemory {
         // raw_write_seqcount_begin(&src_mm->write_protect_seq)
         self.wp_seq.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        let result = self
-            .table
-            .leaves()
-            .try_for_each(|(first, leaf)| self.fork_leaf(&child, first, leaf));
+        let plans = self.protect_for_fork(&child);
+        protected(&child);
+        let result = plans.and_then(|plans| {
+            let mut child_runs = MapRuns::default();
+            for plan in &plans {
+                let leaf = self.table.leaf(plan.first).expect("planned leaves exist");
+                self.copy_leaf(&child, leaf, plan, &mut child_runs)?;
+            }
+            child_runs.flush(&child)
+        });
         self.wp_seq.fetch_add(1, Ordering::SeqCst);
         result?;
         drop(_child_map);
@@ -77,100 +145,181 @@ impl VmMemory {
         Ok(child)
     }
 
-    fn fork_leaf(&self, child: &VmMemory, first: u64, leaf: &Leaf) -> Result<(), MemError> {
-        let end = (first + PAGES_PER_LEAF).min(self.table.pages());
-        let _ptl = leaf.lock().lock();
-        let child_leaf = child.table.leaf_or_alloc(first);
-        let _child_ptl = child_leaf.lock().lock_as(Rank::ChildTable);
-
-        // Pass 1: decide, and take write access away from the parent's
-        // host pages that become shared before any entry says so.
-        let mut plans: Vec<(u64, Plan)> = Vec::new();
-        {
-            let stores = self.stores.read();
+    /// Phase 1: write-protect what will be shared, copy what may be pinned.
+    fn protect_for_fork(&self, child: &VmMemory) -> Result<Vec<LeafPlan>, MemError> {
+        let mut plans = Vec::new();
+        let mut runs = Runs::default();
+        let stores = self.stores.read().share();
+        for (first, leaf) in self.table.leaves() {
+            let end = (first + PAGES_PER_LEAF).min(self.table.pages());
+            let pinned_leaf = leaf.maybe_pinned();
+            let mut plan = LeafPlan {
+                first,
+                demoted: [0; (PAGES_PER_LEAF as usize).div_ceil(64)],
+                copies: Vec::new(),
+            };
             for p in first..end {
-                if let Entry::Present {
-                    store,
-                    writable,
-                    soft_dirty,
-                    ..
+                // Entries cannot change: every writer of them takes the
+                // memory-map lock, which fork holds for writing.
+                let Entry::Present {
+                    store, writable, ..
                 } = leaf.get(p)
-                {
+                else {
+                    continue;
+                };
+                let pinned = pinned_leaf && {
                     let meta = stores
                         .get(store)
                         .expect("an entry names a filled slot")
                         .meta(p);
-                    let plan = if meta.exclusive() && meta.maybe_pinned() {
-                        Plan::Copy { store, writable }
-                    } else {
-                        Plan::Share { store, soft_dirty }
-                    };
-                    plans.push((p, plan));
-                }
-            }
-        }
-        let demote: Vec<u64> = plans
-            .iter()
-            .filter(|(p, plan)| {
-                matches!(plan, Plan::Share { .. })
-                    && matches!(leaf.get(*p), Entry::Present { writable: true, .. })
-            })
-            .map(|(p, _)| *p)
-            .collect();
-        for run in demote.chunk_by(|a, b| a + 1 == *b) {
-            self.host_protect(run[0], run.len() as u64, false)?;
-        }
-
-        // Pass 2: apply.
-        let mut child_map: Vec<(u64, u32, bool)> = Vec::with_capacity(plans.len());
-        for (p, plan) in plans {
-            match plan {
-                Plan::Share { store, soft_dirty } => {
-                    let s = self.store(store);
-                    let meta = s.meta(p);
-                    if meta.exclusive() {
-                        meta.clear_exclusive();
-                    }
-                    meta.get();
-                    self.frame_map(&s, p);
-                    child.stores.read().hold(store);
-                    let ro = |wp| Entry::Present {
-                        store,
-                        writable: false,
-                        wp,
-                        soft_dirty,
-                    };
-                    // The parent keeps its write protection; the child
-                    // does not inherit it.
-                    leaf.set(p, ro(leaf.get(p).wp()));
-                    child_leaf.set(p, ro(false));
-                    child_map.push((p, store, false));
-                }
-                Plan::Copy { store, writable } => {
-                    let idx = child.alloc_frame(p, child_map.last().map(|c| c.1))?;
+                    meta.exclusive() && meta.maybe_pinned()
+                };
+                if pinned {
+                    runs.flush(self)?;
+                    let src = stores.get(store).expect("an entry names a filled slot");
+                    let idx = child.alloc_frame(p, plan.copies.last().map(|c| c.1))?;
                     let new = child.store(idx);
-                    if let Err(e) = copy_frame(&new, &self.store(store), p) {
-                        new.put(p, true);
+                    if let Err(e) = copy_frame(&new, src, p) {
+                        child.unclaim(idx, p);
                         return Err(e);
                     }
                     child.frame_map(&new, p);
+                    plan.copies.push((p, idx, writable));
+                    self.ctx.stats.copied.fetch_add(1, Ordering::Relaxed);
+                } else if writable {
+                    runs.add(self, p)?;
+                    plan.set_demoted(p);
+                } else {
+                    runs.flush(self)?;
+                }
+            }
+            plans.push(plan);
+        }
+        runs.flush(self)?;
+        Ok(plans)
+    }
+
+    /// Phase 2 for one leaf: parent entries read-only, child entries
+    /// filled, counts updated. Appends the child's host mapping runs.
+    fn copy_leaf(
+        &self,
+        child: &VmMemory,
+        leaf: &Leaf,
+        plan: &LeafPlan,
+        child_runs: &mut MapRuns,
+    ) -> Result<(), MemError> {
+        let first = plan.first;
+        let end = (first + PAGES_PER_LEAF).min(self.table.pages());
+        let _ptl = leaf.lock().lock();
+        let child_leaf = child.table.leaf_or_alloc(first);
+        let _child_ptl = child_leaf.lock().lock_as(Rank::ChildTable);
+        let mut copies = plan.copies.iter().peekable();
+        // Uses per child slot: (slot, count); leaves use very few slots.
+        let mut holds: Vec<(u32, u64)> = Vec::new();
+        // The child's pages, mapped once the parent's list is released
+        // (mapping reads the child's list: same lock rank).
+        let mut mapped: Vec<(u64, u32, bool)> = Vec::with_capacity(PAGES_PER_LEAF as usize);
+        let mut newly_shared = 0u64;
+        {
+            let stores = self.stores.read();
+            for p in first..end {
+                let Entry::Present {
+                    store,
+                    writable,
+                    wp,
+                    soft_dirty,
+                } = leaf.get(p)
+                else {
+                    continue;
+                };
+                if let Some(&(_, idx, copy_writable)) = copies.next_if(|c| c.0 == p) {
                     child_leaf.set(
                         p,
                         Entry::Present {
                             store: idx,
-                            writable,
+                            writable: copy_writable,
                             wp: false,
                             soft_dirty: true,
                         },
                     );
-                    child_map.push((p, idx, writable));
-                    self.ctx.stats.copied.fetch_add(1, Ordering::Relaxed);
+                    mapped.push((p, idx, copy_writable));
+                    continue;
                 }
+                if writable && !plan.demoted(p) {
+                    // Not copied and not protected: impossible while fork
+                    // holds the map lock, but never share a writable frame.
+                    return Err(MemError::Unsupported {
+                        gpa: self.gpa(p),
+                        state: "writable but neither protected nor copied by fork",
+                    });
+                }
+                let s = stores.get(store).expect("an entry names a filled slot");
+                let meta = s.meta(p);
+                if meta.exclusive() {
+                    meta.clear_exclusive();
+                }
+                meta.get();
+                if meta.map() == 2 {
+                    newly_shared += 1;
+                }
+                let ro = |wp| Entry::Present {
+                    store,
+                    writable: false,
+                    wp,
+                    soft_dirty,
+                };
+                // The parent keeps its write protection; the child does not
+                // inherit it.
+                leaf.set(p, ro(wp));
+                child_leaf.set(p, ro(false));
+                match holds.iter_mut().find(|h| h.0 == store) {
+                    Some(h) => h.1 += 1,
+                    None => holds.push((store, 1)),
+                }
+                mapped.push((p, store, false));
             }
         }
-        for run in child_map.chunk_by(|a, b| a.0 + 1 == b.0 && a.1 == b.1 && a.2 == b.2) {
-            let (p, idx, writable) = run[0];
-            child.host_map(p, run.len() as u64, &child.store(idx), writable)?;
+        self.ctx
+            .stats
+            .shared
+            .fetch_add(newly_shared, Ordering::Relaxed);
+        {
+            let child_stores = child.stores.read();
+            for (idx, n) in holds {
+                child_stores.hold_many(idx, n);
+            }
+        }
+        for (p, slot, writable) in mapped {
+            child_runs.add(child, p, slot, writable)?;
+        }
+        Ok(())
+    }
+}
+
+/// The child's host mapping, built a run at a time: consecutive pages of
+/// one store with the same protection are one `mmap`.
+#[derive(Default)]
+struct MapRuns {
+    /// (first page, pages, slot, writable)
+    run: Option<(u64, u64, u32, bool)>,
+}
+
+impl MapRuns {
+    fn add(&mut self, vm: &VmMemory, page: u64, slot: u32, writable: bool) -> Result<(), MemError> {
+        if let Some((first, n, s, w)) = &mut self.run {
+            if *first + *n == page && *s == slot && *w == writable {
+                *n += 1;
+                return Ok(());
+            }
+        }
+        self.flush(vm)?;
+        self.run = Some((page, 1, slot, writable));
+        Ok(())
+    }
+
+    fn flush(&mut self, vm: &VmMemory) -> Result<(), MemError> {
+        if let Some((first, n, slot, writable)) = self.run.take() {
+            vm.host_map(first, n, &vm.store(slot), writable)?;
         }
         Ok(())
     }

@@ -22,7 +22,7 @@
 //! A pin holds a reference on each frame, so the frames outlive the
 //! guest's mapping (DISCARD) and the VM itself.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use thiserror::Error;
 
@@ -74,6 +74,8 @@ pub struct Pin {
     len: u64,
     flags: PinFlags,
     ctx: Arc<Context>,
+    /// The VM pinned through (its leaves count the pin, see `Leaf::pins`).
+    vm: Weak<VmMemory>,
 }
 
 impl Pin {
@@ -155,10 +157,14 @@ impl Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
+        let vm = self.vm.upgrade();
         for f in self.frames.drain(..) {
             f.store.meta(f.page).unpin();
             f.store.put(f.page, true);
             self.ctx.stats.pins.fetch_sub(1, Ordering::Relaxed);
+            if let Some(leaf) = vm.as_ref().and_then(|vm| vm.table.leaf(f.page)) {
+                leaf.sub_pin();
+            }
         }
     }
 }
@@ -201,6 +207,7 @@ impl VmMemory {
             len,
             flags,
             ctx: self.ctx.clone(),
+            vm: self.me.clone(),
         };
         let runs = self.page_range(gpa, len)?;
         if len > 0 {
@@ -238,10 +245,12 @@ impl VmMemory {
         if !meta.try_get() {
             return None;
         }
+        leaf.add_pin();
         meta.pin();
         fence(Ordering::SeqCst);
         if leaf.raw(page) != raw || self.wp_seq.load(Ordering::SeqCst) != seq || !meta.exclusive() {
             meta.unpin();
+            leaf.sub_pin();
             store.put(page, true);
             return None;
         }
@@ -273,6 +282,7 @@ impl VmMemory {
             "R4: pinning a frame that is not exclusive"
         );
         meta.get();
+        leaf.add_pin();
         meta.pin();
         self.ctx.stats.pins.fetch_add(1, Ordering::Relaxed);
         Ok(PinnedFrame { store, page })

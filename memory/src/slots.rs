@@ -61,9 +61,9 @@ impl StoreList {
         }
     }
 
-    /// Counts one more use of slot `idx` (an entry copied by fork).
-    pub(crate) fn hold(&self, idx: u32) {
-        self.slots[idx as usize].uses.fetch_add(1, Ordering::AcqRel);
+    /// Counts `n` more uses of slot `idx` (entries copied by fork).
+    pub(crate) fn hold_many(&self, idx: u32, n: u64) {
+        self.slots[idx as usize].uses.fetch_add(n, Ordering::AcqRel);
     }
 
     /// Counts one use fewer; true if the slot is now unused.

@@ -19,13 +19,19 @@
 use crate::entry::Entry;
 use crate::layout::PAGES_PER_LEAF;
 use crate::lock::{Rank, RankedMutex};
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// 512 entries and the lock that serialises changes to them.
 #[derive(Debug)]
 pub(crate) struct Leaf {
     lock: RankedMutex<()>,
     entries: Box<[AtomicU64]>,
+    /// Pins taken through this leaf and not yet dropped: a hint that lets
+    /// fork skip the frame metadata of leaves nobody pinned. It may count
+    /// too many (a pinned page since discarded), never too few: a pinner
+    /// raises it before its pin count and fork reads it after making the
+    /// write-protect sequence count odd (the Dekker pairing of R8).
+    pins: AtomicU32,
 }
 
 impl Leaf {
@@ -33,7 +39,24 @@ impl Leaf {
         Self {
             lock: RankedMutex::new(Rank::Table, ()),
             entries: (0..PAGES_PER_LEAF).map(|_| AtomicU64::new(0)).collect(),
+            pins: AtomicU32::new(0),
         }
+    }
+
+    /// Whether a pin may have been taken through this leaf.
+    pub(crate) fn maybe_pinned(&self) -> bool {
+        self.pins.load(Ordering::SeqCst) != 0
+    }
+
+    /// Counts a pin taken through this leaf (before the frame's pin count).
+    pub(crate) fn add_pin(&self) {
+        self.pins.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Counts a pin dropped or abandoned.
+    pub(crate) fn sub_pin(&self) {
+        let old = self.pins.fetch_sub(1, Ordering::SeqCst);
+        debug_assert!(old > 0, "leaf pin hint underflow");
     }
 
     /// The leaf's lock (the page-table lock).

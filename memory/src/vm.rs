@@ -139,6 +139,8 @@ pub struct FrameInfo {
 #[derive(Debug)]
 pub struct VmMemory {
     id: u64,
+    /// This VM's own handle, for pins that must find it again later.
+    pub(crate) me: std::sync::Weak<VmMemory>,
     pub(crate) ctx: Arc<Context>,
     pub(crate) layout: Layout,
     pub(crate) table: Table,
@@ -162,7 +164,8 @@ impl VmMemory {
         let len = layout.size();
         let host =
             Mapping::reserve(len as usize).map_err(|source| MemError::Reserve { len, source })?;
-        let vm = Arc::new(Self {
+        let vm = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             id: ctx.new_vm_id(),
             ctx: ctx.clone(),
             table: Table::new(layout.pages()),

@@ -3,8 +3,10 @@
 //! 1. Every other vCPU of the parent is asked to pause; each completes the
 //!    access KVM may be emulating and saves its own state (the forking vCPU
 //!    saved its own already).
-//! 2. `memory` forks the guest memory (copy-on-write, pinned frames copied).
-//! 3. The parent's vCPUs resume: the parent is paused only for 1 and 2.
+//! 2. `memory` write-protects what the clone will share and copies pinned
+//!    frames: the snapshot.
+//! 3. The parent's vCPUs resume, while `memory` copies the tables (a write
+//!    to a shared page waits for that); the parent is paused for 1 and 2.
 //! 4. The clone gets a new KVM VM over its memory, vCPUs loaded with the
 //!    saved states (vCPUs that never started stay parked), a copy of the
 //!    device state (the UART; a pin-test device without pins), a console
@@ -13,7 +15,10 @@
 use std::sync::Arc;
 
 use crate::abi::errno;
-use crate::kvm::create_vcpu;
+use kvm_ioctls::{VcpuFd, VmFd};
+use memory::VmMemory;
+
+use crate::kvm::{Hypervisor, create_vcpu};
 use crate::vcpu::{PauseRequest, VcpuControl, VcpuState};
 use crate::vm::{Exit, Mode, VmShared, VmmError, setup_program_vcpu, spawn_vcpus};
 use crate::x86::cpuid::{self, Guest};
@@ -66,36 +71,54 @@ pub(crate) fn fork(
             None => failure = Some("the VM is stopping".to_string()),
         }
     }
-    // 2. Fork memory, unless a vCPU could not pause.
-    let child_mem = match &failure {
-        None => Some(parent.mem.fork()),
-        Some(_) => None,
+    // 2. Fork memory, unless a vCPU could not pause. 3. As soon as memory
+    // is write-protected, resume the vCPUs and start building the clone's
+    // KVM VM and vCPUs on another thread, while memory copies the tables (a
+    // guest write to a shared page waits for that).
+    let resumed = std::cell::Cell::new(false);
+    let resume = || {
+        if !resumed.replace(true) {
+            for &i in &paused {
+                parent.controls[i].resume();
+            }
+            machine.set_last_pause(pause_start.elapsed());
+        }
     };
-    // 3. Resume.
-    for &i in &paused {
-        parent.controls[i].resume();
-    }
-    machine.set_last_pause(pause_start.elapsed());
     if let Some(why) = failure {
+        resume();
         return Err(VmmError::Config(format!("cannot fork: {why}")));
     }
-    let child_mem = child_mem.expect("forked above")?;
+    let mut builder = None;
+    let child_mem = parent.mem.fork_with(|child| {
+        resume();
+        let (hv, child) = (machine.hv.clone(), child.clone());
+        let states = std::mem::take(&mut states);
+        builder = Some(
+            std::thread::Builder::new()
+                .name("clone-setup".into())
+                .spawn(move || build_vcpus(&hv, &child, &states)),
+        );
+    });
+    resume();
+    let built = match builder {
+        Some(Ok(handle)) => handle.join().unwrap_or_else(|_| {
+            Err(VmmError::Config(
+                "building the clone's vCPUs panicked".into(),
+            ))
+        }),
+        Some(Err(e)) => Err(VmmError::Thread(e)),
+        None => Err(VmmError::Config(
+            "memory fork ended before its snapshot".into(),
+        )),
+    };
+    let child_mem = child_mem?;
+    let (kvm, fds, running) = built?;
+    let controls = running
+        .into_iter()
+        .map(|r| Arc::new(VcpuControl::new(r)))
+        .collect();
 
     // 4. The clone.
-    let hv = &machine.hv;
-    let kvm = hv.create_vm(&child_mem)?;
-    let mut fds = Vec::with_capacity(n);
-    let mut controls = Vec::with_capacity(n);
-    for (i, state) in states.iter().enumerate() {
-        let cpuid = cpuid::shape(hv.supported_cpuid(), i as u32, Guest::Program);
-        let fd = create_vcpu(&kvm, i as u32, &cpuid)?;
-        match state {
-            Some(state) => state.restore(&fd)?,
-            None => setup_program_vcpu(&fd, i as u32, hv)?,
-        }
-        controls.push(Arc::new(VcpuControl::new(state.is_some())));
-        fds.push(fd);
-    }
     let id = machine.next_id();
     let shared = Arc::new(parent.clone_devices(id, child_mem, kvm, controls)?);
     // Recorded before it runs: a clone may end (and record its exit) at
@@ -112,4 +135,25 @@ pub(crate) fn fork(
         }
     }
     Ok(id)
+}
+
+/// A KVM VM over `mem` with vCPUs in `states` (None: a vCPU that never
+/// started, parked again); returns them and which ones run.
+fn build_vcpus(
+    hv: &Hypervisor,
+    mem: &VmMemory,
+    states: &[Option<VcpuState>],
+) -> Result<(VmFd, Vec<VcpuFd>, Vec<bool>), VmmError> {
+    let kvm = hv.create_vm(mem)?;
+    let mut fds = Vec::with_capacity(states.len());
+    for (i, state) in states.iter().enumerate() {
+        let cpuid = cpuid::shape(hv.supported_cpuid(), i as u32, Guest::Program);
+        let fd = create_vcpu(&kvm, i as u32, &cpuid)?;
+        match state {
+            Some(state) => state.restore(&fd)?,
+            None => setup_program_vcpu(&fd, i as u32, hv)?,
+        }
+        fds.push(fd);
+    }
+    Ok((kvm, fds, states.iter().map(Option::is_some).collect()))
 }
