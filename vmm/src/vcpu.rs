@@ -489,11 +489,18 @@ impl Vcpu {
                     Event::Stop(Exit::Error(format!("system event {kind}")))
                 }
             }
-            Ok(VcpuExit::InternalError) => Event::Stop(Exit::Error(format!(
-                "KVM internal error on vCPU {} (emulation failure?) at rip {:#x}",
-                self.index,
-                self.regs().regs.rip
-            ))),
+            Ok(VcpuExit::InternalError) => {
+                if self.shared.mode == Mode::Linux
+                    && crate::linux::emulation_failure(&mut self.fd, &self.shared.mem)
+                {
+                    return true;
+                }
+                Event::Stop(Exit::Error(format!(
+                    "KVM internal error on vCPU {} (emulation failure?) at rip {:#x}",
+                    self.index,
+                    self.regs().regs.rip
+                )))
+            }
             Ok(VcpuExit::FailEntry(reason, cpu)) => Event::Stop(Exit::Error(format!(
                 "KVM could not enter the guest (reason {reason:#x}, cpu {cpu})"
             ))),

@@ -72,9 +72,12 @@ impl CpuState<'_> {
         }
     }
 
-    fn reg(&self, r: Register) -> Option<u64> {
+    /// A register's value for address computation; for a segment
+    /// register, its base (zero for CS, DS, ES and SS in 64-bit mode).
+    pub(crate) fn reg(&self, r: Register) -> Option<u64> {
         let g = self.regs;
         let s = self.sregs;
+        let flat = self.bitness() == 64;
         let full = r.full_register();
         let v = match full {
             Register::RAX => g.rax,
@@ -94,6 +97,7 @@ impl CpuState<'_> {
             Register::R14 => g.r14,
             Register::R15 => g.r15,
             Register::RIP => g.rip,
+            Register::ES | Register::CS | Register::SS | Register::DS if flat => 0,
             Register::ES => s.es.base,
             Register::CS => s.cs.base,
             Register::SS => s.ss.base,
