@@ -29,7 +29,7 @@ use crate::abi::{HYPERCALL_PORT, Hypercall, errno};
 use crate::kvm::{KvmError, ioctl};
 use crate::machine::WaitError;
 use crate::vm::{Exit, Mode, VmShared};
-use crate::x86::decode::{self, CpuState, PageAccess};
+use crate::x86::decode::{self, CpuState, FaultDecoder, PageAccess};
 use crate::x86::program::{self, FAULT_PORT, GuestFault};
 
 /// Consecutive faults that needed nothing before the VM is stopped. One
@@ -263,6 +263,7 @@ pub(crate) fn run(shared: Arc<VmShared>, mut fd: VcpuFd, index: u32) {
         fd,
         index,
         stuck: 0,
+        decoder: FaultDecoder::default(),
     };
     // A bug that panics here must end the VM, not leave it waiting for a
     // vCPU that is gone.
@@ -310,6 +311,7 @@ struct Vcpu {
     fd: VcpuFd,
     index: u32,
     stuck: u32,
+    decoder: FaultDecoder,
 }
 
 /// The architectural state of one program-mode vCPU: enough to continue it
@@ -579,14 +581,23 @@ impl Vcpu {
         };
         let mem = &self.shared.mem;
         let reader = |gpa: u64, buf: &mut [u8]| mem.peek(gpa, buf);
-        let decoded = decode::instruction_accesses(&cpu, &reader);
+        let mut decoded = self.decoder.instruction_accesses(&cpu, &reader);
         let mut progress = match &decoded {
             Ok(list) => self.resolve(list)?,
-            Err(e) => {
-                log::debug!("vCPU {}: {e}", self.index);
-                false
-            }
+            Err(_) => false,
         };
+        if !progress {
+            // Perhaps a remembered translation went stale: walk afresh.
+            self.decoder.flush();
+            decoded = self.decoder.instruction_accesses(&cpu, &reader);
+            progress = match &decoded {
+                Ok(list) => self.resolve(list)?,
+                Err(e) => {
+                    log::debug!("vCPU {}: {e}", self.index);
+                    false
+                }
+            };
+        }
         if !progress {
             progress = self.resolve(&decode::implicit_accesses(&cpu, &reader))?;
         }

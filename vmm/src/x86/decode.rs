@@ -133,35 +133,179 @@ fn read_u64(mem: &impl PhysReader, gpa: u64) -> Option<u64> {
     mem.read_phys(gpa, &mut b).then(|| u64::from_le_bytes(b))
 }
 
-/// Adds the accesses for `[va, va + len)` (translated page by page) and for
-/// the page-table entries walked on the way.
-fn add_linear(
-    cpu: &CpuState<'_>,
-    mem: &impl PhysReader,
-    va: u64,
-    len: u64,
-    write: bool,
-    out: &mut Vec<PageAccess>,
-) -> Result<(), WalkError> {
-    let paging = cpu.paging();
-    let last = va.wrapping_add(len.max(1) - 1);
-    let mut page = va & !(PAGE - 1);
-    loop {
-        let t = translate(&paging, page.max(va), write, |a| read_u64(mem, a))?;
-        push(out, PageAccess { gpa: t.gpa, write });
-        for TableRef { gpa, needs_update } in t.tables {
+/// Translations remembered between faults: a tiny software TLB, keyed by
+/// CR3 and linear page. An entry can go stale when the guest edits its
+/// page tables; a stale translation only makes the VMM resolve the wrong
+/// page, the instruction faults again, and the caller flushes and decodes
+/// afresh.
+#[derive(Debug, Default)]
+struct Tlb {
+    entries: [(u64, u64, u64); 8],
+    next: usize,
+}
+
+impl Tlb {
+    fn lookup(&self, cr3: u64, va_page: u64) -> Option<u64> {
+        self.entries
+            .iter()
+            .find(|e| e.0 == cr3 && e.1 == va_page && e.2 != u64::MAX)
+            .map(|e| e.2)
+    }
+
+    fn insert(&mut self, cr3: u64, va_page: u64, gpa_page: u64) {
+        self.entries[self.next] = (cr3, va_page, gpa_page);
+        self.next = (self.next + 1) % self.entries.len();
+    }
+
+    fn flush(&mut self) {
+        self.entries = [(0, 0, u64::MAX); 8];
+    }
+}
+
+/// Per-vCPU state of the fault decoder, kept between faults.
+pub struct FaultDecoder {
+    tlb: Tlb,
+    info: InstructionInfoFactory,
+}
+
+impl Default for FaultDecoder {
+    fn default() -> Self {
+        let mut tlb = Tlb::default();
+        tlb.flush();
+        Self {
+            tlb,
+            info: InstructionInfoFactory::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for FaultDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultDecoder")
+            .field("tlb", &self.tlb)
+            .finish()
+    }
+}
+
+impl FaultDecoder {
+    /// Forgets every remembered translation.
+    pub fn flush(&mut self) {
+        self.tlb.flush();
+    }
+
+    /// Translates `va` (remembered or walked); a walk adds the page-table
+    /// entries it read to `out`.
+    fn translate(
+        &mut self,
+        cpu: &CpuState<'_>,
+        mem: &impl PhysReader,
+        va: u64,
+        write: bool,
+        out: &mut Vec<PageAccess>,
+    ) -> Result<u64, WalkError> {
+        let paging = cpu.paging();
+        let va_page = va & !(PAGE - 1);
+        if let Some(gpa_page) = self.tlb.lookup(paging.cr3, va_page) {
+            return Ok(gpa_page | (va & (PAGE - 1)));
+        }
+        let t = translate(&paging, va, write, |a| read_u64(mem, a))?;
+        for TableRef { gpa, needs_update } in &t.tables {
             push(
                 out,
                 PageAccess {
-                    gpa,
-                    write: needs_update,
+                    gpa: *gpa,
+                    write: *needs_update,
                 },
             );
         }
-        if page >= (last & !(PAGE - 1)) {
-            return Ok(());
+        self.tlb.insert(paging.cr3, va_page, t.gpa & !(PAGE - 1));
+        Ok(t.gpa)
+    }
+
+    /// Adds the accesses for `[va, va + len)`, translated page by page.
+    fn add_linear(
+        &mut self,
+        cpu: &CpuState<'_>,
+        mem: &impl PhysReader,
+        va: u64,
+        len: u64,
+        write: bool,
+        out: &mut Vec<PageAccess>,
+    ) -> Result<(), WalkError> {
+        let last = va.wrapping_add(len.max(1) - 1);
+        let mut page = va & !(PAGE - 1);
+        loop {
+            let gpa = self.translate(cpu, mem, page.max(va), write, out)?;
+            push(out, PageAccess { gpa, write });
+            if page >= (last & !(PAGE - 1)) {
+                return Ok(());
+            }
+            page += PAGE;
         }
-        page += PAGE;
+    }
+
+    /// The pages the instruction at RIP fetches, reads and writes, including
+    /// the page-table pages walked (for translations not remembered).
+    /// Operands whose linear address the guest does not map are left out
+    /// (the CPU raises #PF for those itself).
+    pub fn instruction_accesses(
+        &mut self,
+        cpu: &CpuState<'_>,
+        mem: &impl PhysReader,
+    ) -> Result<Vec<PageAccess>, DecodeError> {
+        let mut out = Vec::new();
+        let rip = cpu.regs.rip;
+        let linear_ip = if cpu.bitness() == 64 {
+            rip
+        } else {
+            cpu.sregs.cs.base.wrapping_add(rip)
+        };
+        // Fetch up to 15 bytes, stopping at the first page that cannot be
+        // read.
+        let mut bytes = [0u8; 15];
+        let mut got = 0usize;
+        while got < bytes.len() {
+            let va = linear_ip.wrapping_add(got as u64);
+            let n = ((PAGE - va % PAGE) as usize).min(bytes.len() - got);
+            let gpa = match self.translate(cpu, mem, va, false, &mut out) {
+                Ok(gpa) => gpa,
+                Err(source) if got == 0 => return Err(DecodeError::Fetch { rip, source }),
+                Err(_) => break,
+            };
+            push(&mut out, PageAccess { gpa, write: false });
+            if !mem.read_phys(gpa, &mut bytes[got..got + n]) {
+                break;
+            }
+            got += n;
+        }
+        let mut decoder = Decoder::with_ip(cpu.bitness(), &bytes[..got], rip, DecoderOptions::NONE);
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            return Err(DecodeError::Invalid(rip));
+        }
+        let used: Vec<_> = self.info.info(&insn).used_memory().to_vec();
+        for used in used {
+            let write = match used.access() {
+                OpAccess::Read | OpAccess::CondRead => false,
+                OpAccess::Write
+                | OpAccess::CondWrite
+                | OpAccess::ReadWrite
+                | OpAccess::ReadCondWrite => true,
+                _ => continue,
+            };
+            let Some(va) = used.virtual_address(0, |r, _, _| cpu.reg(r)) else {
+                continue;
+            };
+            let len = match used.memory_size().size() {
+                0 => PAGE,
+                n => n as u64,
+            };
+            match self.add_linear(cpu, mem, va, len, write, &mut out) {
+                Ok(()) | Err(WalkError::NotPresent(_)) => {}
+                Err(e) => log::debug!("operand at {va:#x}: {e}"),
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -177,75 +321,12 @@ fn push(out: &mut Vec<PageAccess>, a: PageAccess) {
     }
 }
 
-/// The pages the instruction at RIP fetches, reads and writes, including
-/// the page-table pages on the way. Operands whose linear address the guest
-/// does not map are left out (the CPU raises #PF for those itself).
-pub fn instruction_accesses(
-    cpu: &CpuState<'_>,
-    mem: &impl PhysReader,
-) -> Result<Vec<PageAccess>, DecodeError> {
-    let mut out = Vec::new();
-    let rip = cpu.regs.rip;
-    let linear_ip = if cpu.bitness() == 64 {
-        rip
-    } else {
-        cpu.sregs.cs.base.wrapping_add(rip)
-    };
-    // Fetch up to 15 bytes, stopping at the first page that cannot be read.
-    let mut bytes = [0u8; 15];
-    let mut got = 0usize;
-    while got < bytes.len() {
-        let va = linear_ip.wrapping_add(got as u64);
-        let in_page = (PAGE - va % PAGE) as usize;
-        let n = in_page.min(bytes.len() - got);
-        let t = match translate(&cpu.paging(), va, false, |a| read_u64(mem, a)) {
-            Ok(t) => t,
-            Err(source) if got == 0 => return Err(DecodeError::Fetch { rip, source }),
-            Err(_) => break,
-        };
-        add_linear(cpu, mem, va, 1, false, &mut out)
-            .map_err(|source| DecodeError::Fetch { rip, source })?;
-        if !mem.read_phys(t.gpa, &mut bytes[got..got + n]) {
-            break;
-        }
-        got += n;
-    }
-    let mut decoder = Decoder::with_ip(cpu.bitness(), &bytes[..got], rip, DecoderOptions::NONE);
-    let insn = decoder.decode();
-    if insn.is_invalid() {
-        return Err(DecodeError::Invalid(rip));
-    }
-    let mut factory = InstructionInfoFactory::new();
-    let info = factory.info(&insn);
-    for used in info.used_memory() {
-        let write = match used.access() {
-            OpAccess::Read | OpAccess::CondRead => false,
-            OpAccess::Write
-            | OpAccess::CondWrite
-            | OpAccess::ReadWrite
-            | OpAccess::ReadCondWrite => true,
-            _ => continue,
-        };
-        let Some(va) = used.virtual_address(0, |r, _, _| cpu.reg(r)) else {
-            continue;
-        };
-        let len = match used.memory_size().size() {
-            0 => PAGE,
-            n => n as u64,
-        };
-        match add_linear(cpu, mem, va, len, write, &mut out) {
-            Ok(()) | Err(WalkError::NotPresent(_)) => {}
-            Err(e) => log::debug!("operand at {va:#x}: {e}"),
-        }
-    }
-    Ok(out)
-}
-
 /// Pages the CPU may touch on its own for the instruction at RIP besides
 /// its operands: the descriptor tables, the TSS and the stack an exception
 /// would switch to. Used when decoding explained nothing.
 pub fn implicit_accesses(cpu: &CpuState<'_>, mem: &impl PhysReader) -> Vec<PageAccess> {
     let s = cpu.sregs;
+    let mut walk = FaultDecoder::default();
     let mut out = Vec::new();
     let tss_rsp0 = {
         let mut b = [0u8; 8];
@@ -261,12 +342,12 @@ pub fn implicit_accesses(cpu: &CpuState<'_>, mem: &impl PhysReader) -> Vec<PageA
         (s.tr.base, u64::from(s.tr.limit) + 1, false),
     ];
     for (va, len, write) in regions {
-        let _ = add_linear(cpu, mem, va, len.min(16 * PAGE), write, &mut out);
+        let _ = walk.add_linear(cpu, mem, va, len.min(16 * PAGE), write, &mut out);
     }
     if let Some(rsp0) = tss_rsp0 {
-        let _ = add_linear(cpu, mem, rsp0.wrapping_sub(64), 64, true, &mut out);
+        let _ = walk.add_linear(cpu, mem, rsp0.wrapping_sub(64), 64, true, &mut out);
     }
-    let _ = add_linear(cpu, mem, cpu.regs.rsp.wrapping_sub(64), 64, true, &mut out);
+    let _ = walk.add_linear(cpu, mem, cpu.regs.rsp.wrapping_sub(64), 64, true, &mut out);
     out
 }
 
@@ -330,7 +411,9 @@ mod tests {
                 regs: &self.regs,
                 sregs: &self.sregs,
             };
-            instruction_accesses(&cpu, &mem).unwrap()
+            FaultDecoder::default()
+                .instruction_accesses(&cpu, &mem)
+                .unwrap()
         }
     }
 
@@ -353,6 +436,43 @@ mod tests {
         );
         assert!(has(&a, 0x80_1000, true), "{a:x?}");
         assert!(has(&a, 0x3000, false), "{a:x?}");
+    }
+
+    #[test]
+    fn remembered_translations_skip_the_walk_until_flushed() {
+        // mov %rax, (%rbx) with rbx in the second 2 MiB page.
+        let mut g = Guest::new(&[0x48, 0x89, 0x03]);
+        g.regs.rbx = 0x20_0010;
+        let mem = |gpa: u64, buf: &mut [u8]| {
+            let m = g.mem.borrow();
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = *m.get(&(gpa + i as u64)).unwrap_or(&0);
+            }
+            true
+        };
+        let cpu = CpuState {
+            regs: &g.regs,
+            sregs: &g.sregs,
+        };
+        let mut d = FaultDecoder::default();
+        let first = d.instruction_accesses(&cpu, &mem).unwrap();
+        assert!(
+            has(&first, 0x20_0000, true) && has(&first, 0x3000, false),
+            "{first:x?}"
+        );
+        // A second decode uses the remembered translations: no table pages.
+        let again = d.instruction_accesses(&cpu, &mem).unwrap();
+        assert!(
+            has(&again, 0x20_0000, true) && !has(&again, 0x3000, false),
+            "{again:x?}"
+        );
+        // The guest remaps the page: stale until flushed.
+        g.mem.borrow_mut().insert(0x3008 + 2, 0x60); // PD[1] now maps 0x60_0000
+        let stale = d.instruction_accesses(&cpu, &mem).unwrap();
+        assert!(has(&stale, 0x20_0000, true), "{stale:x?}");
+        d.flush();
+        let fresh = d.instruction_accesses(&cpu, &mem).unwrap();
+        assert!(has(&fresh, 0x60_0000, true), "{fresh:x?}");
     }
 
     #[test]
@@ -413,7 +533,7 @@ mod tests {
             sregs: &g.sregs,
         };
         assert!(matches!(
-            instruction_accesses(&cpu, &mem),
+            FaultDecoder::default().instruction_accesses(&cpu, &mem),
             Err(DecodeError::Invalid(0x40_0ffe))
         ));
     }
