@@ -399,14 +399,18 @@ mod tests {
             }
         }
 
+        /// Reads sparse guest memory (absent bytes read 0); RAM is the
+        /// first GiB.
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+            let m = self.mem.borrow();
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = *m.get(&(gpa + i as u64)).unwrap_or(&0);
+            }
+            gpa < 1 << 30
+        }
+
         fn accesses(&self) -> Vec<PageAccess> {
-            let mem = |gpa: u64, buf: &mut [u8]| {
-                let m = self.mem.borrow();
-                for (i, b) in buf.iter_mut().enumerate() {
-                    *b = *m.get(&(gpa + i as u64)).unwrap_or(&0);
-                }
-                gpa < 1 << 30
-            };
+            let mem = |gpa: u64, buf: &mut [u8]| self.read(gpa, buf);
             let cpu = CpuState {
                 regs: &self.regs,
                 sregs: &self.sregs,
@@ -443,13 +447,7 @@ mod tests {
         // mov %rax, (%rbx) with rbx in the second 2 MiB page.
         let mut g = Guest::new(&[0x48, 0x89, 0x03]);
         g.regs.rbx = 0x20_0010;
-        let mem = |gpa: u64, buf: &mut [u8]| {
-            let m = g.mem.borrow();
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = *m.get(&(gpa + i as u64)).unwrap_or(&0);
-            }
-            true
-        };
+        let mem = |gpa: u64, buf: &mut [u8]| g.read(gpa, buf);
         let cpu = CpuState {
             regs: &g.regs,
             sregs: &g.sregs,
@@ -521,13 +519,7 @@ mod tests {
     #[test]
     fn invalid_bytes_are_reported() {
         let g = Guest::new(&[0x06]); // push %es: invalid in 64-bit mode
-        let mem = |gpa: u64, buf: &mut [u8]| {
-            let m = g.mem.borrow();
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = *m.get(&(gpa + i as u64)).unwrap_or(&0);
-            }
-            true
-        };
+        let mem = |gpa: u64, buf: &mut [u8]| g.read(gpa, buf);
         let cpu = CpuState {
             regs: &g.regs,
             sregs: &g.sregs,
