@@ -25,6 +25,7 @@
 use std::sync::{Arc, Weak};
 
 use thiserror::Error;
+use vm_memory::VolatileSlice;
 
 use crate::Context;
 use crate::entry::Entry;
@@ -127,6 +128,25 @@ impl Pin {
             done += n;
             at += n;
         }
+    }
+
+    /// The pinned bytes as host memory, in order: one slice per run of
+    /// frames that sit next to each other in one store. For zero-copy I/O
+    /// (`readv`/`writev`, io_uring) straight into guest memory. The slices
+    /// live as long as the pin; a device writes through them only if the
+    /// pin is a write pin (see [`Pin::flags`]).
+    pub fn slices(&self) -> Vec<VolatileSlice<'_>> {
+        let mut out: Vec<(*mut u8, usize)> = Vec::new();
+        self.pieces(0, self.len, |ptr, _, n| match out.last_mut() {
+            Some((start, len)) if start.wrapping_add(*len) == ptr => *len += n,
+            _ => out.push((ptr, n)),
+        });
+        out.into_iter()
+            // SAFETY: each run lies in consecutive pinned frames of one
+            // store's direct map; the pin keeps those frames alive and the
+            // store mapped for as long as `self` is borrowed.
+            .map(|(ptr, len)| unsafe { VolatileSlice::new(ptr, len) })
+            .collect()
     }
 
     /// Reads pinned memory as the device sees it.

@@ -254,6 +254,28 @@ fn discard_of_a_pinned_page_keeps_the_frame_for_the_pin() {
 }
 
 #[test]
+fn pinned_memory_as_host_slices() {
+    let (_ctx, p) = setup();
+    p.write(A + 100, &[1; 8192]).unwrap();
+    let pin = p.pin(A + 100, 8192, RW).unwrap();
+    let slices = pin.slices();
+    assert_eq!(slices.iter().map(|s| s.len()).sum::<usize>(), 8192);
+    assert_eq!(
+        slices.len(),
+        1,
+        "frames of one store at consecutive pages are one run"
+    );
+    use vm_memory::Bytes;
+    slices[0].write_slice(&[9; 4], 8188).unwrap();
+    let mut b = [0u8; 4];
+    p.read(A + 100 + 8188, &mut b).unwrap();
+    assert_eq!(
+        b, [9; 4],
+        "a write through the slice is not in guest memory"
+    );
+}
+
+#[test]
 fn pin_misuse_is_an_error() {
     let (_ctx, p) = setup();
     let pin = p.pin(A, 10, RO).unwrap();
