@@ -20,6 +20,17 @@ use crate::sync::Ordering;
 use crate::table::Leaf;
 use crate::vm::{Access, MemError, VmMemory};
 
+/// What one attempt at a fault came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Resolved (true if an entry changed).
+    Done(bool),
+    /// The write listener must be told first (outside the locks).
+    TellListener,
+    /// The page is being migrated: wait for it, then try again.
+    WaitMigration,
+}
+
 impl VmMemory {
     /// Resolves a guest fault: makes the page holding `gpa` allow `access`.
     /// Called for vCPU exits. Returns whether anything changed: false when
@@ -37,43 +48,90 @@ impl VmMemory {
         Ok(changed)
     }
 
-    /// Resolves `access` to page number `page`.
+    /// Resolves `access` to page number `page`; returns whether anything
+    /// changed.
     pub(crate) fn fault_page(&self, page: u64, access: Access) -> Result<bool, MemError> {
-        let _map = self.map_lock.read();
-        let leaf = self.table.leaf_or_alloc(page);
-        let _ptl = leaf.lock().lock();
-        self.fault_locked(leaf, page, access)
+        let mut changed = false;
+        self.under_resolved(page, access, |_, c| changed = c)?;
+        Ok(changed)
+    }
+
+    /// Resolves `access` to `page`, then runs `f` under the map lock and the
+    /// page's leaf lock with its entry in a state that allows the access (`f`
+    /// also learns whether resolving changed anything). Whatever a fault must
+    /// do outside the locks (tell a write listener, wait for a migration) is
+    /// done here, between attempts.
+    pub(crate) fn under_resolved<R>(
+        &self,
+        page: u64,
+        access: Access,
+        f: impl FnOnce(&Leaf, bool) -> R,
+    ) -> Result<R, MemError> {
+        let mut listener_told = false;
+        let mut changed = false;
+        loop {
+            let step = {
+                let _map = self.map_lock.read();
+                let leaf = self.table.leaf_or_alloc(page);
+                let _ptl = leaf.lock().lock();
+                let step = self.fault_locked(leaf, page, access, listener_told)?;
+                if step == Step::Done(true) {
+                    changed = true;
+                }
+                if access.allowed_by(leaf.get(page), |s| self.frame_exclusive(s, page)) {
+                    return Ok(f(leaf, changed));
+                }
+                step
+            };
+            match step {
+                Step::TellListener => {
+                    self.tell_listener(self.gpa(page));
+                    listener_told = true;
+                }
+                Step::WaitMigration => std::thread::yield_now(),
+                // Progress (a marker became a read-only frame, say): go on.
+                Step::Done(_) => {}
+            }
+        }
     }
 
     /// The body of a fault; the caller holds the map lock and `leaf`'s lock.
-    /// Returns whether the entry changed.
+    /// `listener_told`: the write listener was already told of this fault.
     pub(crate) fn fault_locked(
         &self,
         leaf: &Leaf,
         page: u64,
         access: Access,
-    ) -> Result<bool, MemError> {
+        listener_told: bool,
+    ) -> Result<Step, MemError> {
         crate::lock::assert_held(crate::lock::Rank::MapLock);
         crate::lock::assert_held(crate::lock::Rank::Table);
         let e = leaf.get(page);
         if access.allowed_by(e, |s| self.frame_exclusive(s, page)) {
-            return Ok(false);
+            return Ok(Step::Done(false));
         }
-        let resolved = match e {
-            Entry::None => self.first_touch(leaf, page),
-            Entry::Marker { wp } => self.touch_marker(leaf, page, wp),
-            Entry::Present { store, wp, .. } => {
+        match e {
+            Entry::None => self.first_touch(leaf, page)?,
+            Entry::Marker { wp } => self.touch_marker(leaf, page, wp)?,
+            Entry::Present {
+                store,
+                wp,
+                soft_dirty,
+                writable,
+            } => {
                 if wp && access == Access::Write {
-                    return Err(MemError::Unsupported {
-                        gpa: self.gpa(page),
-                        state: "write-protected for a listener",
-                    });
+                    // R11: a write listener hears of the write first.
+                    if self.has_listener() && !listener_told {
+                        return Ok(Step::TellListener);
+                    }
+                    self.lift_protection(leaf, page, store, writable, soft_dirty);
                 }
-                self.cow_fault(leaf, page, store, access == Access::Write)
+                self.cow_fault(leaf, page, store, access == Access::Write)?
             }
-            Entry::Swap { .. } | Entry::Migration { .. } => Err(self.unresolvable(page, e)),
-        };
-        resolved.map(|()| true)
+            Entry::Swap { .. } => return Err(self.unresolvable(page, e)),
+            Entry::Migration { .. } => return Ok(Step::WaitMigration),
+        }
+        Ok(Step::Done(true))
     }
 
     /// Makes the empty pages of the fault-around block of `page` present.

@@ -5,7 +5,7 @@
 //!   entry that maps it, one per pin, one per transient holder (a copy in
 //!   progress, a lockless pin attempt).
 //! - `mapcount`: stage-2 entries (of any VM) mapping it.
-//! - `pincount`: device pins.
+//! - `pincount`: device pins; `write_pins`: those of them that may write.
 //!
 //! A frame is *free* when `refcount` is 0: its store slot is a hole that
 //! reads zeros. Releasing the last reference passes through `FREEING` while
@@ -22,6 +22,7 @@ pub(crate) struct FrameMeta {
     refcount: AtomicU32,
     mapcount: AtomicU32,
     pincount: AtomicU32,
+    write_pins: AtomicU32,
     flags: AtomicU32,
 }
 
@@ -37,6 +38,7 @@ impl FrameMeta {
         }
         self.mapcount.store(0, Ordering::Relaxed);
         self.pincount.store(0, Ordering::Relaxed);
+        self.write_pins.store(0, Ordering::Relaxed);
         self.flags.store(ANON_EXCLUSIVE, Ordering::Release);
         true
     }
@@ -121,15 +123,29 @@ impl FrameMeta {
         self.pincount.load(Ordering::Acquire)
     }
 
-    /// Counts one pin; the caller holds a reference for it.
-    pub(crate) fn pin(&self) {
+    /// Counts one pin (`write`: the device may write through it); the
+    /// caller holds a reference for it.
+    pub(crate) fn pin(&self, write: bool) {
+        if write {
+            self.write_pins.fetch_add(1, Ordering::SeqCst);
+        }
         self.pincount.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Counts one pin fewer.
-    pub(crate) fn unpin(&self) {
+    pub(crate) fn unpin(&self, write: bool) {
         let old = self.pincount.fetch_sub(1, Ordering::AcqRel);
         debug_assert!(old > 0, "pincount underflow");
+        if write {
+            let old = self.write_pins.fetch_sub(1, Ordering::AcqRel);
+            debug_assert!(old > 0, "write pin count underflow");
+        }
+    }
+
+    /// Whether a device may write the frame through a pin, without any
+    /// fault the VM would see.
+    pub(crate) fn maybe_write_pinned(&self) -> bool {
+        self.write_pins.load(Ordering::SeqCst) > 0
     }
 
     /// Whether the frame may be pinned. The count is exact, so "may be"
@@ -180,10 +196,13 @@ mod tests {
         assert!(f.try_get());
         f.get();
         assert_eq!(f.refcount(), 3);
-        f.pin();
-        assert!(f.maybe_pinned());
-        f.unpin();
-        assert!(!f.maybe_pinned());
+        f.pin(false);
+        assert!(f.maybe_pinned() && !f.maybe_write_pinned());
+        f.pin(true);
+        assert!(f.maybe_write_pinned());
+        f.unpin(true);
+        f.unpin(false);
+        assert!(!f.maybe_pinned() && !f.maybe_write_pinned());
         assert!(!f.put() && !f.put());
         f.clear_exclusive();
         assert!(!f.exclusive());

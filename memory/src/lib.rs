@@ -44,6 +44,7 @@ mod sys;
 mod table;
 mod view;
 mod vm;
+mod wp;
 
 pub use audit::audit;
 pub use context::{Config, Context, StatsSnapshot};
@@ -52,3 +53,4 @@ pub use layout::{Layout, LayoutError, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_LEAF, Ram
 pub use pin::{Pin, PinError, PinFlags};
 pub use view::GuestView;
 pub use vm::{Access, FrameInfo, MemError, VmMemory, max_map_count};
+pub use wp::WriteListener;

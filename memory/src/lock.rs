@@ -28,6 +28,8 @@ pub(crate) enum Rank {
     Rmap,
     /// The context's registry of live VMs.
     Registry,
+    /// A VM's record of writes to protected pages.
+    WpEvents,
 }
 
 #[cfg(debug_assertions)]

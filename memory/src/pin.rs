@@ -179,7 +179,7 @@ impl Drop for Pin {
     fn drop(&mut self) {
         let vm = self.vm.upgrade();
         for f in self.frames.drain(..) {
-            f.store.meta(f.page).unpin();
+            f.store.meta(f.page).unpin(self.flags.write);
             f.store.put(f.page, true);
             self.ctx.stats.pins.fetch_sub(1, Ordering::Relaxed);
             if let Some(leaf) = vm.as_ref().and_then(|vm| vm.table.leaf(f.page)) {
@@ -266,10 +266,10 @@ impl VmMemory {
             return None;
         }
         leaf.add_pin();
-        meta.pin();
+        meta.pin(write);
         fence(Ordering::SeqCst);
         if leaf.raw(page) != raw || self.wp_seq.load(Ordering::SeqCst) != seq || !meta.exclusive() {
-            meta.unpin();
+            meta.unpin(write);
             leaf.sub_pin();
             store.put(page, true);
             return None;
@@ -282,29 +282,27 @@ impl VmMemory {
     /// The locked path: resolve the fault the pin needs, then pin under the
     /// table lock.
     fn pin_locked(&self, page: u64, write: bool) -> Result<PinnedFrame, MemError> {
-        let _map = self.map_lock.read();
-        let leaf = self.table.leaf_or_alloc(page);
-        let _ptl = leaf.lock().lock();
         let access = if write {
             Access::Write
         } else {
             Access::Unshare
         };
-        self.fault_locked(leaf, page, access)?;
-        let e = leaf.get(page);
-        let idx = e
-            .present_store()
-            .expect("a resolved fault leaves the entry present");
-        let store = self.store(idx);
-        let meta = store.meta(page);
-        assert!(
-            meta.exclusive(),
-            "R4: pinning a frame that is not exclusive"
-        );
-        meta.get();
-        leaf.add_pin();
-        meta.pin();
-        self.ctx.stats.pins.fetch_add(1, Ordering::Relaxed);
-        Ok(PinnedFrame { store, page })
+        self.under_resolved(page, access, |leaf, _| {
+            let idx = leaf
+                .get(page)
+                .present_store()
+                .expect("a resolved fault leaves the entry present");
+            let store = self.store(idx);
+            let meta = store.meta(page);
+            assert!(
+                meta.exclusive(),
+                "R4: pinning a frame that is not exclusive"
+            );
+            meta.get();
+            leaf.add_pin();
+            meta.pin(write);
+            self.ctx.stats.pins.fetch_add(1, Ordering::Relaxed);
+            PinnedFrame { store, page }
+        })
     }
 }

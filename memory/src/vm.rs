@@ -27,6 +27,7 @@ use crate::layout::{Layout, PAGE_SIZE};
 use crate::lock::{Rank, RankedRwLock};
 use crate::slots::StoreList;
 use crate::store::Store;
+use crate::wp::WpState;
 use std::sync::Arc;
 
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
@@ -156,6 +157,8 @@ pub struct VmMemory {
     /// Linux's `write_protect_seq`: odd while fork write-protects the VM;
     /// the lockless pin path gives up when it sees it odd or changed.
     pub(crate) wp_seq: AtomicU64,
+    /// Write protection for a listener (see `wp.rs`).
+    pub(crate) wp: WpState,
 }
 
 impl VmMemory {
@@ -175,6 +178,7 @@ impl VmMemory {
             host,
             map_lock: RankedRwLock::new(Rank::MapLock, ()),
             wp_seq: AtomicU64::new(0),
+            wp: WpState::new(),
         });
         ctx.register(&vm);
         Ok(vm)
@@ -403,7 +407,8 @@ impl VmMemory {
     /// Runs `f` on each leaf that covers part of `[first, first + pages)`,
     /// with the page range inside that leaf, holding the memory-map lock for
     /// reading and the leaf's lock.
-    pub(crate) fn for_each_leaf<F>(&self, first: u64, pages: u64, mut f: F) -> Result<(), MemError>
+    /// `create` installs missing leaves instead of skipping them.
+    fn walk_leaves<F>(&self, first: u64, pages: u64, create: bool, mut f: F) -> Result<(), MemError>
     where
         F: FnMut(&Leaf, u64, u64) -> Result<(), MemError>,
     {
@@ -413,7 +418,12 @@ impl VmMemory {
         while at < end {
             let leaf_end = (at / crate::layout::PAGES_PER_LEAF + 1) * crate::layout::PAGES_PER_LEAF;
             let run_end = end.min(leaf_end);
-            if let Some(leaf) = self.table.leaf(at) {
+            let leaf = if create {
+                Some(self.table.leaf_or_alloc(at))
+            } else {
+                self.table.leaf(at)
+            };
+            if let Some(leaf) = leaf {
                 let _ptl = leaf.lock().lock();
                 f(leaf, at, run_end - at)?;
             }
@@ -422,15 +432,30 @@ impl VmMemory {
         Ok(())
     }
 
-    /// Like [`VmMemory::for_each_leaf`], over the pages of a guest-physical
+    /// Like [`VmMemory::walk_leaves`], over the pages of a guest-physical
     /// range (whole pages, across RAM ranges).
-    pub(crate) fn for_each_leaf_in<F>(&self, gpa: u64, len: u64, mut f: F) -> Result<(), MemError>
+    pub(crate) fn for_each_leaf_in<F>(&self, gpa: u64, len: u64, f: F) -> Result<(), MemError>
+    where
+        F: FnMut(&Leaf, u64, u64) -> Result<(), MemError>,
+    {
+        self.walk_leaves_in(gpa, len, false, f)
+    }
+
+    /// Like [`VmMemory::for_each_leaf_in`]; `create` installs missing
+    /// leaves instead of skipping them.
+    pub(crate) fn walk_leaves_in<F>(
+        &self,
+        gpa: u64,
+        len: u64,
+        create: bool,
+        mut f: F,
+    ) -> Result<(), MemError>
     where
         F: FnMut(&Leaf, u64, u64) -> Result<(), MemError>,
     {
         for (first, off, run) in self.page_range(gpa, len)? {
             let pages = (off + run).div_ceil(PAGE_SIZE);
-            self.for_each_leaf(first, pages, &mut f)?;
+            self.walk_leaves(first, pages, create, &mut f)?;
         }
         Ok(())
     }
@@ -583,19 +608,13 @@ impl VmMemory {
         access: Access,
         f: impl FnOnce(*mut u8) -> R,
     ) -> Result<R, MemError> {
-        loop {
-            {
-                let _map = self.map_lock.read();
-                let leaf = self.table.leaf_or_alloc(page);
-                let _ptl = leaf.lock().lock();
-                let e = leaf.get(page);
-                if access.allowed_by(e, |s| self.frame_exclusive(s, page)) {
-                    let store = self.store(e.present_store().expect("allowed implies present"));
-                    return Ok(f(store.frame_ptr(page)));
-                }
-            }
-            self.fault_page(page, access)?;
-        }
+        self.under_resolved(page, access, |leaf, _| {
+            let store = leaf
+                .get(page)
+                .present_store()
+                .expect("an entry that allows an access is present");
+            f(self.store(store).frame_ptr(page))
+        })
     }
 
     /// Discards `[gpa, gpa + len)`: the VM's mappings are dropped and the next

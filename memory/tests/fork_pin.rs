@@ -2,36 +2,9 @@
 //! scenarios 1-9 and seed 003's two failure stories, with VMM reads and
 //! writes standing in for the guest's (they take the same faults).
 
-use std::sync::Arc;
+mod common;
 
-use memory::{Config, Context, FrameInfo, Layout, PinFlags, VmMemory};
-
-const A: u64 = 0x10_0000;
-
-fn setup() -> (Arc<Context>, Arc<VmMemory>) {
-    let ctx = Context::new(Config { fault_around: 1 });
-    let vm = VmMemory::new(&ctx, Layout::new(&[(0, 8 << 20)]).unwrap()).unwrap();
-    (ctx, vm)
-}
-
-fn byte(vm: &VmMemory, gpa: u64) -> u8 {
-    let mut b = [0u8];
-    vm.read(gpa, &mut b).unwrap();
-    b[0]
-}
-
-fn info(vm: &VmMemory, gpa: u64) -> FrameInfo {
-    vm.frame_info(gpa).expect("page present")
-}
-
-const RW: PinFlags = PinFlags {
-    write: true,
-    longterm: true,
-};
-const RO: PinFlags = PinFlags {
-    write: false,
-    longterm: true,
-};
+use common::{A, RO, RW, byte, info, setup};
 
 #[test]
 fn s1_basic_cow_after_fork() {

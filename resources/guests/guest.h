@@ -12,7 +12,10 @@ enum {
     HC_DONE = 11, HC_SWAP_OUT = 12, HC_MIGRATE = 13, HC_WP = 14, HC_WP_EVENTS = 15,
     HC_COLLAPSE = 16, HC_STATS = 17, HC_COVERAGE_MAP = 18,
 };
-enum { ST_RESIDENT, ST_SHARED, ST_COPIED, ST_PINS };
+enum {
+    ST_RESIDENT, ST_SHARED, ST_COPIED, ST_PINS, ST_SWAPPED, ST_SWAP_INS, ST_MIGRATED,
+    ST_WP_EVENTS,
+};
 #define PAGE 4096ul
 
 static inline i64 hc(u64 nr, u64 a, u64 b, u64 c) {

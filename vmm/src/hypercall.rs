@@ -30,6 +30,8 @@ pub(crate) fn dispatch(shared: &VmShared, nr: u64, args: [u64; 3]) -> Result<i64
         Hypercall::PinWrite => pin_test(shared, |dev, mem| dev.write(mem, a, b).map(|n| n as i64)),
         Hypercall::Unpin => pin_test(shared, |dev, _| dev.unpin(a).map(|()| 0)),
         Hypercall::Stats => stats(shared, a, b),
+        Hypercall::Wp => write_protect(shared, a, b, c),
+        Hypercall::WpEvents => wp_events(shared, a, b),
         _ => -errno::EOPNOTSUPP,
     })
 }
@@ -74,29 +76,90 @@ fn write(shared: &VmShared, ptr: u64, len: u64) -> i64 {
     len as i64
 }
 
-/// DISCARD(addr, len): drops the VM's mapping of whole pages.
-fn discard(shared: &VmShared, addr: u64, len: u64) -> i64 {
+/// Checks the page range of DISCARD, WP, SWAP_OUT and MIGRATE: `addr`
+/// page-aligned, the range (rounded up to whole pages) in RAM and clear of
+/// the VMM's own first MiB in program mode. Returns the rounded length (0
+/// for an empty range) or the error for RAX.
+fn page_range(shared: &VmShared, addr: u64, len: u64) -> Result<u64, i64> {
     if addr % PAGE_SIZE != 0 {
-        return -errno::EINVAL;
+        return Err(-errno::EINVAL);
     }
     if len == 0 {
-        return 0;
+        return Ok(0);
     }
     let Some(len) = len.checked_next_multiple_of(PAGE_SIZE) else {
-        return -errno::EFAULT;
+        return Err(-errno::EFAULT);
     };
     if !shared.mem.layout().contains(addr, len) {
-        return -errno::EFAULT;
+        return Err(-errno::EFAULT);
     }
     if shared.mode == Mode::Program && addr < LOW_END {
         // The VMM's descriptor tables, stubs and page tables live there.
+        return Err(-errno::EINVAL);
+    }
+    Ok(len)
+}
+
+/// Runs a memory operation over a checked page range; its errors are
+/// logged and reported as EIO.
+fn over_pages(
+    shared: &VmShared,
+    what: &str,
+    addr: u64,
+    len: u64,
+    op: impl FnOnce(&VmMemory, u64) -> Result<i64, MemError>,
+) -> i64 {
+    let len = match page_range(shared, addr, len) {
+        Ok(0) => return 0,
+        Ok(len) => len,
+        Err(e) => return e,
+    };
+    op(&shared.mem, len).unwrap_or_else(|e| {
+        log::warn!("{what} {addr:#x}+{len:#x}: {}", crate::vcpu::chain(&e));
+        -errno::EIO
+    })
+}
+
+/// DISCARD(addr, len): drops the VM's mapping of whole pages.
+fn discard(shared: &VmShared, addr: u64, len: u64) -> i64 {
+    over_pages(shared, "DISCARD", addr, len, |mem, len| {
+        mem.discard(addr, len).map(|_| 0)
+    })
+}
+
+/// WP(addr, len, on): arms or lifts write protection for the VM's
+/// listener (the built-in one records writes for WP_EVENTS).
+fn write_protect(shared: &VmShared, addr: u64, len: u64, on: u64) -> i64 {
+    if on > 1 {
         return -errno::EINVAL;
     }
-    match shared.mem.discard(addr, len) {
-        Ok(_) => 0,
+    over_pages(shared, "WP", addr, len, |mem, len| {
+        mem.protect_for_listener(addr, len, on == 1).map(|_| 0)
+    })
+}
+
+/// WP_EVENTS(buf, cap): drains the pages written since they were
+/// protected into buf, one u64 guest-physical address each.
+fn wp_events(shared: &VmShared, buf: u64, cap: u64) -> i64 {
+    let max = cap / 8;
+    if max == 0 {
+        return 0;
+    }
+    if !shared.mem.layout().contains(buf, max * 8) {
+        return -errno::EFAULT;
+    }
+    let events = shared.mem.take_write_events(max as usize);
+    let bytes: Vec<u8> = events.iter().flat_map(|e| e.to_le_bytes()).collect();
+    match shared.mem.write(buf, &bytes) {
+        Ok(()) => events.len() as i64,
         Err(e) => {
-            log::warn!("DISCARD {addr:#x}+{len:#x}: {}", crate::vcpu::chain(&e));
-            -errno::EIO
+            // The events are gone from the record: say so loudly.
+            log::error!(
+                "WP_EVENTS lost {} events writing them to {buf:#x}: {}",
+                events.len(),
+                crate::vcpu::chain(&e)
+            );
+            -errno::EFAULT
         }
     }
 }

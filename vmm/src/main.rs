@@ -201,7 +201,8 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         let s = outcome.stats;
         eprintln!(
             "memory: frames resident {}, shared {}, copied {}, pinned {}, first-touch faults {}, \
-             frames reused on write {}, faults resolved {}, stores {}",
+             frames reused on write {}, faults resolved {}, stores {}, pages in swap {}, \
+             swap-ins {}, pages migrated {}, write-protect events {}",
             s.resident,
             s.shared,
             s.copied,
@@ -209,7 +210,11 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             s.first_touch,
             s.reused,
             s.host_faults,
-            s.stores
+            s.stores,
+            s.swapped,
+            s.swap_ins,
+            s.migrated,
+            s.wp_events
         );
     }
     Ok(ExitCode::from(outcome.exit.status() as u8))

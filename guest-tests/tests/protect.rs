@@ -1,0 +1,12 @@
+//! Write protection for a listener through the guest ABI (WP, WP_EVENTS).
+
+use guest_tests::{MIB, guest, run_program};
+use vmm::Exit;
+
+#[test]
+fn wp_events_report_each_written_page_once() {
+    let (outcome, console) = run_program(guest("wp"), 64 * MIB, 1);
+    assert_eq!(outcome.exit, Exit::Code(0), "{console}");
+    assert!(console.contains("WP-OK"), "{console}");
+    assert_eq!(outcome.stats.wp_events, 15, "{console}");
+}

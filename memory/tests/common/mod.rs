@@ -1,0 +1,41 @@
+//! Helpers shared by the memory crate's integration tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use memory::{Config, Context, FrameInfo, Layout, PinFlags, VmMemory};
+
+/// A page-aligned address well inside the test VM's RAM.
+pub const A: u64 = 0x10_0000;
+/// Bytes in a page.
+pub const PAGE: u64 = 4096;
+
+/// A long-term write pin.
+pub const RW: PinFlags = PinFlags {
+    write: true,
+    longterm: true,
+};
+/// A long-term read-only pin.
+pub const RO: PinFlags = PinFlags {
+    write: false,
+    longterm: true,
+};
+
+/// A context without fault-around and one 8 MiB VM.
+pub fn setup() -> (Arc<Context>, Arc<VmMemory>) {
+    let ctx = Context::new(Config { fault_around: 1 });
+    let vm = VmMemory::new(&ctx, Layout::new(&[(0, 8 << 20)]).unwrap()).unwrap();
+    (ctx, vm)
+}
+
+/// The byte at `gpa` as the VMM reads it.
+pub fn byte(vm: &VmMemory, gpa: u64) -> u8 {
+    let mut b = [0u8];
+    vm.read(gpa, &mut b).unwrap();
+    b[0]
+}
+
+/// The frame behind `gpa`, which must be present.
+pub fn info(vm: &VmMemory, gpa: u64) -> FrameInfo {
+    vm.frame_info(gpa).expect("page present")
+}
