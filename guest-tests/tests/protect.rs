@@ -10,3 +10,11 @@ fn wp_events_report_each_written_page_once() {
     assert!(console.contains("WP-OK"), "{console}");
     assert_eq!(outcome.stats.wp_events, 15, "{console}");
 }
+
+#[test]
+fn swapped_pages_come_back_intact() {
+    let (outcome, console) = run_program(guest("swap"), 64 * MIB, 1);
+    assert_eq!(outcome.exit, Exit::Code(0), "{console}");
+    assert!(console.contains("SWAP-OK"), "{console}");
+    assert!(outcome.stats.swap_ins >= 64, "{:?}", outcome.stats);
+}

@@ -18,22 +18,30 @@ use crate::vm::VmMemory;
 /// - R4: a pinned frame is exclusive;
 /// - each frame's mapcount equals the entries mapping it, and its
 ///   refcount equals mapcount + pincount;
-/// - the context's counters (resident, shared, pins) match the frames.
+/// - each used swap slot's reference count equals the entries naming it,
+///   and no entry names a free slot;
+/// - the context's counters (resident, shared, pins, swapped) match.
 ///
 /// Returns a description of the first violation found.
 pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
     // (store address, page) -> entries mapping it.
     let mut mapped: HashMap<(usize, u64), u32> = HashMap::new();
+    // swap slot -> entries naming it.
+    let mut slots: HashMap<u32, u32> = HashMap::new();
     for vm in vms {
         let stores = vm.stores.read();
         let mut uses: HashMap<u32, u64> = HashMap::new();
         for (first, leaf) in vm.table.leaves() {
             for p in first..(first + PAGES_PER_LEAF).min(vm.table.pages()) {
-                let Entry::Present {
-                    store, writable, ..
-                } = leaf.get(p)
-                else {
-                    continue;
+                let (store, writable) = match leaf.get(p) {
+                    Entry::Present {
+                        store, writable, ..
+                    } => (store, writable),
+                    Entry::Swap { slot, .. } => {
+                        *slots.entry(slot).or_default() += 1;
+                        continue;
+                    }
+                    _ => continue,
                 };
                 let s = stores.get(store).ok_or_else(|| {
                     format!(
@@ -91,7 +99,26 @@ pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
             "{n} entries map page {p:#x} of a free frame or a dead store"
         ));
     }
+    let used = ctx.swap().map(|s| s.used_slots()).unwrap_or_default();
+    for &(slot, refs) in &used {
+        let entries = slots.remove(&slot).unwrap_or(0);
+        if refs != entries {
+            return Err(format!(
+                "swap slot {slot}: {refs} references, {entries} entries name it"
+            ));
+        }
+    }
+    if let Some((slot, n)) = slots.into_iter().next() {
+        return Err(format!("{n} entries name free swap slot {slot}"));
+    }
     let s = ctx.stats();
+    if s.swapped != used.len() as u64 {
+        return Err(format!(
+            "counter swapped {}, but {} slots are used",
+            s.swapped,
+            used.len()
+        ));
+    }
     if (s.resident, s.shared, s.pins) != (resident, shared, pins) {
         return Err(format!(
             "counters resident {}, shared {}, pins {}; frames say {resident}, {shared}, {pins}",

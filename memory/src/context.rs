@@ -1,17 +1,19 @@
 //! What all VMs of one process share: configuration and counters.
 
 use std::collections::HashMap;
-use std::sync::Weak;
+use std::path::PathBuf;
+use std::sync::{OnceLock, Weak};
 
 use crate::lock::{Rank, RankedMutex};
 use std::sync::Arc;
 
 use crate::store::Store;
+use crate::swap::{Swap, SwapError};
 use crate::sync::{AtomicU64, Ordering};
 use crate::vm::VmMemory;
 
 /// Tunables of the memory system.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Pages made present together on a first touch (a power of two, 1 to
     /// 512), within the aligned block around the touched page. Linux
@@ -19,11 +21,17 @@ pub struct Config {
     /// guest pages saves exits. Frames stay holes in their store until
     /// written, so an untouched page of a block costs no host memory.
     pub fault_around: u64,
+    /// The swap file: a new or empty file, or (`None`) an unlinked file in
+    /// the temporary directory. Opened on the first swap-out.
+    pub swap_file: Option<PathBuf>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { fault_around: 16 }
+        Self {
+            fault_around: 16,
+            swap_file: None,
+        }
     }
 }
 
@@ -34,7 +42,6 @@ pub(crate) struct Stats {
     pub(crate) shared: AtomicU64,
     pub(crate) copied: AtomicU64,
     pub(crate) pins: AtomicU64,
-    pub(crate) swapped: AtomicU64,
     pub(crate) swap_ins: AtomicU64,
     pub(crate) migrated: AtomicU64,
     pub(crate) wp_events: AtomicU64,
@@ -104,6 +111,7 @@ pub struct Context {
     next_vm_id: AtomicU64,
     vms: RankedMutex<HashMap<u64, Weak<VmMemory>>>,
     stores: RankedMutex<Vec<Weak<Store>>>,
+    swap: OnceLock<Swap>,
 }
 
 impl Context {
@@ -117,7 +125,32 @@ impl Context {
             next_vm_id: AtomicU64::new(1),
             vms: RankedMutex::new(Rank::Registry, HashMap::new()),
             stores: RankedMutex::new(Rank::Registry, Vec::new()),
+            swap: OnceLock::new(),
         })
+    }
+
+    /// The swap file, if anything was swapped out yet.
+    pub(crate) fn swap(&self) -> Option<&Swap> {
+        self.swap.get()
+    }
+
+    /// The swap file, opened now if it is not open yet.
+    pub(crate) fn swap_or_open(&self) -> Result<&Swap, SwapError> {
+        if let Some(s) = self.swap.get() {
+            return Ok(s);
+        }
+        let opened = Swap::open(self.config.swap_file.as_deref())?;
+        // Another thread may have won the race; its file is used and this
+        // one closed.
+        let _ = self.swap.set(opened);
+        Ok(self.swap.get().expect("set above"))
+    }
+
+    /// The swap file, which must be open because an entry names a slot.
+    pub(crate) fn swap_in_use(&self) -> &Swap {
+        self.swap
+            .get()
+            .expect("a swap entry exists, so the swap file is open")
     }
 
     /// Remembers a new store (for scans over every frame: audits now,
@@ -156,8 +189,8 @@ impl Context {
     }
 
     /// The configuration in force.
-    pub fn config(&self) -> Config {
-        self.config
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The counters now.
@@ -169,7 +202,7 @@ impl Context {
             shared: l(&s.shared),
             copied: l(&s.copied),
             pins: l(&s.pins),
-            swapped: l(&s.swapped),
+            swapped: self.swap().map_or(0, Swap::used),
             swap_ins: l(&s.swap_ins),
             migrated: l(&s.migrated),
             wp_events: l(&s.wp_events),

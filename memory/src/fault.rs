@@ -128,7 +128,7 @@ impl VmMemory {
                 }
                 self.cow_fault(leaf, page, store, access == Access::Write)?
             }
-            Entry::Swap { .. } => return Err(self.unresolvable(page, e)),
+            Entry::Swap { slot, wp, .. } => self.swap_in(leaf, page, slot, wp)?,
             Entry::Migration { .. } => return Ok(Step::WaitMigration),
         }
         Ok(Step::Done(true))
@@ -199,9 +199,37 @@ impl VmMemory {
     /// First touch of a page whose empty entry keeps a write-protect: one
     /// fresh frame, mapped read-only while the protection is armed.
     fn touch_marker(&self, leaf: &Leaf, page: u64, wp: bool) -> Result<(), MemError> {
-        let idx = self.alloc_frame(page, None)?;
+        self.install_fresh(leaf, page, None, wp, None)?;
+        self.ctx.stats.first_touch.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Maps a fresh exclusive frame at `page` (R2), filled with `contents`
+    /// (zeros without), writable unless `wp` protects it; the caller holds
+    /// the leaf lock. `hint`: a store to try first.
+    pub(crate) fn install_fresh(
+        &self,
+        leaf: &Leaf,
+        page: u64,
+        hint: Option<u32>,
+        wp: bool,
+        contents: Option<&crate::swap::PageBuf>,
+    ) -> Result<(), MemError> {
+        let idx = self.alloc_frame(page, hint)?;
         let store = self.store(idx);
-        if let Err(e) = self.host_map(page, 1, &store, !wp) {
+        let filled = match contents {
+            // SAFETY: `buf` is a live page-sized buffer for the whole call.
+            Some(buf) => unsafe {
+                crate::sys::write_file_page(
+                    store.fd(),
+                    page * crate::layout::PAGE_SIZE,
+                    buf.as_ptr(),
+                )
+            }
+            .map_err(MemError::Copy),
+            None => Ok(()),
+        };
+        if let Err(e) = filled.and_then(|()| self.host_map(page, 1, &store, !wp)) {
             self.unclaim(idx, page);
             return Err(e);
         }
@@ -215,7 +243,6 @@ impl VmMemory {
                 soft_dirty: true,
             },
         );
-        self.ctx.stats.first_touch.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

@@ -20,8 +20,10 @@
 //! Decisions: a frame that may be pinned is **copied** for the child (the
 //! parent keeps its pinned original, writable and exclusive, so a device
 //! keeps seeing what the parent's guest sees); every other frame loses its
-//! anon-exclusive bit and is mapped read-only in both VMs. Write-protect
-//! markers and bits are not inherited: a child starts without a listener.
+//! anon-exclusive bit and is mapped read-only in both VMs. A swap entry is
+//! copied, naming the same slot, and both copies lose their exclusive bit.
+//! Write-protect markers and bits are not inherited: a child starts
+//! without a listener.
 //!
 //! Against the lockless pin path (R8) the ordering is Dekker's: fork makes
 //! the sequence count odd, fences, then reads pin hints and pin counts; a
@@ -223,14 +225,27 @@ impl VmMemory {
         {
             let stores = self.stores.read();
             for p in first..end {
-                let Entry::Present {
-                    store,
-                    writable,
-                    wp,
-                    soft_dirty,
-                } = leaf.get(p)
-                else {
-                    continue;
+                let (store, writable, wp, soft_dirty) = match leaf.get(p) {
+                    Entry::Present {
+                        store,
+                        writable,
+                        wp,
+                        soft_dirty,
+                    } => (store, writable, wp, soft_dirty),
+                    Entry::Swap { slot, wp, .. } => {
+                        // R6: both entries name the slot; neither is
+                        // exclusive any more.
+                        self.ctx.swap_in_use().dup(slot);
+                        let shared = |wp| Entry::Swap {
+                            slot,
+                            exclusive: false,
+                            wp,
+                        };
+                        leaf.set(p, shared(wp));
+                        child_leaf.set(p, shared(false));
+                        continue;
+                    }
+                    Entry::None | Entry::Marker { .. } | Entry::Migration { .. } => continue,
                 };
                 if let Some(&(_, idx, copy_writable)) = copies.next_if(|c| c.0 == p) {
                     child_leaf.set(

@@ -16,7 +16,9 @@
 //! 4. the forked child's leaf-table lock;
 //! 5. a VM's store list;
 //! 6. a store's reverse map;
-//! 7. the context's registry of live VMs.
+//! 7. the context's registry of live VMs;
+//! 8. a VM's record of write-protect events;
+//! 9. the swap file's slot allocator.
 //!
 //! Frame counts and the anon-exclusive bit are atomics, changed under the
 //! table lock of an entry that maps the frame, or by the holder of a
@@ -37,8 +39,10 @@ mod frame;
 mod layout;
 mod lock;
 mod pin;
+mod reclaim;
 mod slots;
 mod store;
+mod swap;
 mod sync;
 mod sys;
 mod table;
@@ -51,6 +55,8 @@ pub use context::{Config, Context, StatsSnapshot};
 pub use entry::{Entry, MigrationKind};
 pub use layout::{Layout, LayoutError, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_LEAF, RamRange};
 pub use pin::{Pin, PinError, PinFlags};
+pub use reclaim::SwapOutReport;
+pub use swap::{MAX_SLOTS as MAX_SWAP_SLOTS, SwapError};
 pub use view::GuestView;
 pub use vm::{Access, FrameInfo, MemError, VmMemory, max_map_count};
 pub use wp::WriteListener;

@@ -30,6 +30,8 @@ pub(crate) enum Rank {
     Registry,
     /// A VM's record of writes to protected pages.
     WpEvents,
+    /// The swap file's slot allocator.
+    SwapSlots,
 }
 
 #[cfg(debug_assertions)]

@@ -80,6 +80,15 @@ pub enum MemError {
         /// The current limit.
         limit: u64,
     },
+    /// A page could not go to swap or come back from it.
+    #[error("guest page {gpa:#x} cannot go to swap or come back")]
+    Swap {
+        /// Guest-physical address of the page.
+        gpa: u64,
+        /// What went wrong.
+        #[source]
+        source: crate::swap::SwapError,
+    },
     /// The page is in a state this build cannot resolve.
     #[error("guest page {gpa:#x} is {state}, which cannot be resolved")]
     Unsupported {
@@ -495,28 +504,33 @@ impl VmMemory {
     }
 
     fn read_page(&self, page: u64, off: u64, out: &mut [u8]) -> Result<(), MemError> {
-        let _map = self.map_lock.read();
-        let Some(leaf) = self.table.leaf(page) else {
-            out.fill(0);
-            return Ok(());
+        let mut copy = |ptr: *mut u8| {
+            // SAFETY: `ptr` is the start of the page's frame, held by its
+            // entry under the leaf lock for the duration; `off + len` ≤ 4K
+            // (callers split at page boundaries).
+            unsafe { crate::sys::read_frame(ptr.wrapping_add(off as usize), out) }
         };
-        let _ptl = leaf.lock().lock();
-        match leaf.get(page) {
-            Entry::Present { store, .. } => {
-                let s = self.store(store);
-                let src = s.frame_ptr(page).wrapping_add(off as usize);
-                // SAFETY: `src..src+out.len()` lies in one frame (callers
-                // split at page boundaries) of a store we hold; the leaf
-                // lock keeps the frame mapped by this entry meanwhile.
-                unsafe { crate::sys::read_frame(src, out) };
-                Ok(())
-            }
-            Entry::None | Entry::Marker { .. } => {
+        {
+            let _map = self.map_lock.read();
+            let Some(leaf) = self.table.leaf(page) else {
                 out.fill(0);
-                Ok(())
+                return Ok(());
+            };
+            let _ptl = leaf.lock().lock();
+            match leaf.get(page) {
+                Entry::Present { store, .. } => {
+                    copy(self.store(store).frame_ptr(page));
+                    return Ok(());
+                }
+                Entry::None | Entry::Marker { .. } => {
+                    out.fill(0);
+                    return Ok(());
+                }
+                // Read back from swap, or wait for the move, first.
+                Entry::Swap { .. } | Entry::Migration { .. } => {}
             }
-            e @ (Entry::Swap { .. } | Entry::Migration { .. }) => Err(self.unresolvable(page, e)),
         }
+        self.with_page(page, Access::Read, copy)
     }
 
     /// Reads guest memory without any lock, for heuristics that tolerate a
@@ -638,10 +652,19 @@ impl VmMemory {
                         self.unmap_entry(store, p);
                         dropped += 1;
                     }
-                    Entry::None | Entry::Marker { .. } => {}
-                    e @ (Entry::Swap { .. } | Entry::Migration { .. }) => {
-                        return Err(self.unresolvable(p, e));
+                    Entry::Swap { slot, wp, .. } => {
+                        leaf.set(
+                            p,
+                            if wp {
+                                Entry::Marker { wp }
+                            } else {
+                                Entry::None
+                            },
+                        );
+                        self.ctx.swap_in_use().put(slot);
                     }
+                    Entry::None | Entry::Marker { .. } => {}
+                    e @ Entry::Migration { .. } => return Err(self.unresolvable(p, e)),
                 }
             }
             Ok(())
@@ -744,15 +767,19 @@ impl Drop for VmMemory {
             .collect();
         for (first, leaf) in self.table.leaves() {
             for p in first..(first + crate::layout::PAGES_PER_LEAF).min(self.table.pages()) {
-                if let Entry::Present { store, .. } = leaf.get(p) {
-                    let Some(s) = &stores[store as usize] else {
-                        log::error!("page {p:#x} names an empty store slot");
-                        continue;
-                    };
-                    if s.meta(p).unmap() == 1 {
-                        self.ctx.stats.shared.fetch_sub(1, Ordering::Relaxed);
+                match leaf.get(p) {
+                    Entry::Present { store, .. } => {
+                        let Some(s) = &stores[store as usize] else {
+                            log::error!("page {p:#x} names an empty store slot");
+                            continue;
+                        };
+                        if s.meta(p).unmap() == 1 {
+                            self.ctx.stats.shared.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        s.put(p, !sole[store as usize]);
                     }
-                    s.put(p, !sole[store as usize]);
+                    Entry::Swap { slot, .. } => self.ctx.swap_in_use().put(slot),
+                    _ => {}
                 }
             }
         }

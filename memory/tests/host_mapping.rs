@@ -22,7 +22,10 @@ fn host_prot(addr: u64) -> String {
 }
 
 fn vm(fault_around: u64) -> (std::sync::Arc<Context>, std::sync::Arc<VmMemory>, u64) {
-    let ctx = Context::new(Config { fault_around });
+    let ctx = Context::new(Config {
+        fault_around,
+        ..Config::default()
+    });
     let vm = VmMemory::new(&ctx, Layout::new(&[(0, 4 << 20)]).unwrap()).unwrap();
     let host = vm.host_ranges()[0].2;
     (ctx, vm, host)

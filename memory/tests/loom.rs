@@ -24,7 +24,10 @@ fn lockless_pin_races_fork() {
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = Some(3);
     builder.check(|| {
-        let ctx = Context::new(Config { fault_around: 1 });
+        let ctx = Context::new(Config {
+            fault_around: 1,
+            ..Config::default()
+        });
         // 8 pages: two leaves of 4 under loom.
         let vm = VmMemory::new(&ctx, Layout::new(&[(0, 0x8000)]).unwrap()).unwrap();
         vm.write(PAGE, &[1]).unwrap();
@@ -68,7 +71,10 @@ fn read_only_pin_races_fork() {
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = Some(3);
     builder.check(|| {
-        let ctx = Context::new(Config { fault_around: 1 });
+        let ctx = Context::new(Config {
+            fault_around: 1,
+            ..Config::default()
+        });
         let vm = VmMemory::new(&ctx, Layout::new(&[(0, 0x8000)]).unwrap()).unwrap();
         vm.write(PAGE, &[1]).unwrap();
 

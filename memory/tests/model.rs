@@ -202,7 +202,7 @@ proptest! {
 
     #[test]
     fn memory_matches_the_model(ops in prop::collection::vec(op(), 1..60), around in prop::sample::select(vec![1u64, 16])) {
-        let ctx = Context::new(Config { fault_around: around });
+        let ctx = Context::new(Config { fault_around: around, ..Config::default() });
         let layout = Layout::new(&[(0, 4 << 20)]).unwrap();
         let mut r = Real { vms: vec![VmMemory::new(&ctx, layout).unwrap()], pins: Vec::new(), ctx: ctx.clone() };
         let mut m = Model { cells: Vec::new(), vms: Vec::new(), pins: Vec::new() };

@@ -30,6 +30,7 @@ pub(crate) fn dispatch(shared: &VmShared, nr: u64, args: [u64; 3]) -> Result<i64
         Hypercall::PinWrite => pin_test(shared, |dev, mem| dev.write(mem, a, b).map(|n| n as i64)),
         Hypercall::Unpin => pin_test(shared, |dev, _| dev.unpin(a).map(|()| 0)),
         Hypercall::Stats => stats(shared, a, b),
+        Hypercall::SwapOut => swap_out(shared, a, b),
         Hypercall::Wp => write_protect(shared, a, b, c),
         Hypercall::WpEvents => wp_events(shared, a, b),
         _ => -errno::EOPNOTSUPP,
@@ -124,6 +125,14 @@ fn over_pages(
 fn discard(shared: &VmShared, addr: u64, len: u64) -> i64 {
     over_pages(shared, "DISCARD", addr, len, |mem, len| {
         mem.discard(addr, len).map(|_| 0)
+    })
+}
+
+/// SWAP_OUT(addr, len): writes the range's present pages to swap now;
+/// returns how many went (pinned pages are skipped).
+fn swap_out(shared: &VmShared, addr: u64, len: u64) -> i64 {
+    over_pages(shared, "SWAP_OUT", addr, len, |mem, len| {
+        mem.swap_out(addr, len).map(|r| r.swapped as i64)
     })
 }
 

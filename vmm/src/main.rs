@@ -93,6 +93,11 @@ struct RunArgs {
     /// Pages made present together on a first touch (1 to 512, a power of two).
     #[arg(long, default_value_t = 16, value_name = "PAGES", value_parser = clap::value_parser!(u64).range(1..=512))]
     fault_around: u64,
+
+    /// Swap file for pages swapped out (SWAP_OUT, --mem-limit): a new or empty file, emptied
+    /// again at exit. Default: an unlinked file in the temporary directory ($TMPDIR or /tmp).
+    #[arg(long, value_name = "FILE")]
+    swap: Option<PathBuf>,
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -170,12 +175,13 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         sink: Sink::Stdout,
         memory: memory::Config {
             fault_around: args.fault_around,
+            swap_file: args.swap.clone(),
         },
     };
     // Sizes are checked before the host's limits are weighed against them.
     vmm::vm::ram_layout(args.mem).map_err(|e| error_chain(&e))?;
     let hv = Hypervisor::open().map_err(|e| error_chain(&e))?;
-    let ctx = memory::Context::new(config.memory);
+    let ctx = memory::Context::new(config.memory.clone());
     if let Some(limit) = memory::max_map_count() {
         // Each island of touched pages may cost a host mapping; refuse
         // sizes the host's mapping limit cannot cover.

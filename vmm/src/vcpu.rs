@@ -580,7 +580,21 @@ impl Vcpu {
             sregs: &s.sregs,
         };
         let mem = &self.shared.mem;
-        let reader = |gpa: u64, buf: &mut [u8]| mem.peek(gpa, buf);
+        // The instruction bytes and the guest's page tables are read the
+        // way the CPU reads them: a page in swap or being moved is brought
+        // back first (that alone may be all the fault needed).
+        let brought_back = std::cell::Cell::new(false);
+        let reader = |gpa: u64, buf: &mut [u8]| {
+            if mem.peek(gpa, buf) {
+                return true;
+            }
+            let len = buf.len() as u64;
+            if !mem.layout().contains(gpa, len) || mem.populate(gpa, len, Access::Read).is_err() {
+                return false;
+            }
+            brought_back.set(true);
+            mem.peek(gpa, buf)
+        };
         let mut decoded = self.decoder.instruction_accesses(&cpu, &reader);
         let mut progress = match &decoded {
             Ok(list) => self.resolve(list)?,
@@ -601,6 +615,7 @@ impl Vcpu {
         if !progress {
             progress = self.resolve(&decode::implicit_accesses(&cpu, &reader))?;
         }
+        progress |= brought_back.get();
         if progress {
             self.stuck = 0;
             return Ok(());

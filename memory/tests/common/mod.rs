@@ -23,7 +23,10 @@ pub const RO: PinFlags = PinFlags {
 
 /// A context without fault-around and one 8 MiB VM.
 pub fn setup() -> (Arc<Context>, Arc<VmMemory>) {
-    let ctx = Context::new(Config { fault_around: 1 });
+    let ctx = Context::new(Config {
+        fault_around: 1,
+        ..Config::default()
+    });
     let vm = VmMemory::new(&ctx, Layout::new(&[(0, 8 << 20)]).unwrap()).unwrap();
     (ctx, vm)
 }

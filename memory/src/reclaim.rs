@@ -1,0 +1,254 @@
+//! Swap-out and swap-in of guest pages (MEMORY-MODEL.md R5, R7, R13, R14).
+//!
+//! Swap-out of a page takes one of two paths, by its frame:
+//!
+//! - *exclusive* (mapped by this entry alone, possibly writable, possibly
+//!   pinned), all under the entry's leaf lock, as Linux's
+//!   `try_to_unmap_one` with `__folio_try_share_anon_rmap` (R7):
+//!   the host page loses access, the entry becomes a swap entry (so a
+//!   lockless pinner re-reading it backs off), a fence, then the pin check:
+//!   a pinned frame is restored and skipped. Otherwise the contents go to a
+//!   slot, the frame loses its anon-exclusive bit and its mapping, and the
+//!   swap entry records that it was exclusive (R13).
+//! - *shared* (not exclusive: no writable mapping and no pin anywhere, R1
+//!   and R4): the contents cannot change, so they are written to a slot
+//!   once, without locks, while a reference held on the frame keeps a
+//!   write fault from reusing it; then every VM that maps it (found through
+//!   the store's reverse map) gets a swap entry naming that slot, one VM at
+//!   a time under its own locks. A VM that maps it later (a fork that ran
+//!   meanwhile) keeps the frame; nothing is lost, less is reclaimed.
+//!
+//! Swap-in (R14) reads the slot into a fresh frame of the faulting VM,
+//! checking the slot's checksum. The fresh frame is this VM's alone, so it
+//! is exclusive whatever the entry said, and writable unless a write
+//! listener protects the page. Other VMs naming the same slot read their
+//! own copies when they touch it.
+
+use std::sync::Arc;
+
+use crate::entry::Entry;
+use crate::layout::PAGE_SIZE;
+use crate::store::Store;
+use crate::swap::PageBuf;
+use crate::sync::{Ordering, fence};
+use crate::table::Leaf;
+use crate::vm::{MemError, VmMemory};
+
+/// What a swap-out request did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SwapOutReport {
+    /// Pages of this VM now in swap.
+    pub swapped: u64,
+    /// Pages skipped because a device holds a pin on their frame.
+    pub pinned: u64,
+}
+
+/// What happened to one page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PageOut {
+    Swapped,
+    Pinned,
+    /// Nothing to do: no frame (absent, already in swap, being migrated).
+    Skipped,
+}
+
+impl VmMemory {
+    /// Writes the present pages of `[gpa, gpa + len)` to swap now and
+    /// unmaps them; the next access reads them back. Pages a device holds
+    /// pinned are skipped (reported, not an error).
+    pub fn swap_out(&self, gpa: u64, len: u64) -> Result<SwapOutReport, MemError> {
+        let mut report = SwapOutReport::default();
+        for (first, off, run) in self.page_range(gpa, len)? {
+            for page in first..first + (off + run).div_ceil(PAGE_SIZE) {
+                match self.swap_out_page(page)? {
+                    PageOut::Swapped => report.swapped += 1,
+                    PageOut::Pinned => report.pinned += 1,
+                    PageOut::Skipped => {}
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Swaps out one page.
+    pub(crate) fn swap_out_page(&self, page: u64) -> Result<PageOut, MemError> {
+        let shared = {
+            let _map = self.map_lock.read();
+            let Some(leaf) = self.table.leaf(page) else {
+                return Ok(PageOut::Skipped);
+            };
+            let _ptl = leaf.lock().lock();
+            let Entry::Present { store: idx, .. } = leaf.get(page) else {
+                return Ok(PageOut::Skipped);
+            };
+            let store = self.store(idx);
+            let meta = store.meta(page);
+            if meta.exclusive() {
+                return self.swap_out_exclusive(leaf, page, idx, &store);
+            }
+            // Keeps the frame alive and not reusable by a write fault
+            // (which needs the sole reference) until every mapping is done.
+            meta.get();
+            store
+        };
+        let result = self.swap_out_shared(page, &shared);
+        shared.put(page, true);
+        result
+    }
+
+    /// The exclusive path; the caller holds the leaf lock.
+    fn swap_out_exclusive(
+        &self,
+        leaf: &Leaf,
+        page: u64,
+        idx: u32,
+        store: &Arc<Store>,
+    ) -> Result<PageOut, MemError> {
+        let old = leaf.get(page);
+        let Entry::Present { writable, wp, .. } = old else {
+            unreachable!("the caller saw a present entry under the same lock");
+        };
+        let meta = store.meta(page);
+        debug_assert_eq!(meta.mapcount(), 1, "an exclusive frame mapped twice");
+        if meta.maybe_pinned() {
+            return Ok(PageOut::Pinned);
+        }
+        let swap = self
+            .ctx
+            .swap_or_open()
+            .map_err(|source| self.swap_error(page, source))?;
+        // R7: invalidate, fence, check pins.
+        self.host_unmap(page, 1)?;
+        leaf.set(
+            page,
+            Entry::Swap {
+                slot: u32::MAX,
+                exclusive: true,
+                wp,
+            },
+        );
+        fence(Ordering::SeqCst);
+        let restore = |me: &Self| -> Result<(), MemError> {
+            me.host_map(page, 1, store, writable)?;
+            leaf.set(page, old);
+            Ok(())
+        };
+        if meta.maybe_pinned() {
+            restore(self)?;
+            return Ok(PageOut::Pinned);
+        }
+        let mut buf: PageBuf = [0; PAGE_SIZE as usize];
+        // SAFETY: the frame is a whole page of a store we hold; no guest
+        // mapping or pin can write it now (unmapped above, no pins).
+        unsafe { crate::sys::read_frame(store.frame_ptr(page), &mut buf) };
+        let slot = match swap.store(&buf) {
+            Ok(slot) => slot,
+            Err(source) => {
+                restore(self)?;
+                return Err(self.swap_error(page, source));
+            }
+        };
+        leaf.set(
+            page,
+            Entry::Swap {
+                slot,
+                exclusive: true,
+                wp,
+            },
+        );
+        meta.clear_exclusive();
+        self.unmap_entry(idx, page);
+        Ok(PageOut::Swapped)
+    }
+
+    /// The shared path: the caller holds a reference on the frame and no
+    /// lock.
+    fn swap_out_shared(&self, page: u64, store: &Arc<Store>) -> Result<PageOut, MemError> {
+        let mut buf: PageBuf = [0; PAGE_SIZE as usize];
+        // SAFETY: the frame is held by the caller's reference; it is not
+        // exclusive, so nothing writes it (R1, R4) and our reference keeps
+        // a write fault from reusing it.
+        unsafe { crate::sys::read_frame(store.frame_ptr(page), &mut buf) };
+        let swap = self
+            .ctx
+            .swap_or_open()
+            .map_err(|source| self.swap_error(page, source))?;
+        let slot = swap
+            .store(&buf)
+            .map_err(|source| self.swap_error(page, source))?;
+        let mut mine = false;
+        for id in store.mappers() {
+            let Some(vm) = self.ctx.vm(id) else { continue };
+            let done = vm.swap_out_mapping(page, store, slot)?;
+            mine |= done && vm.id() == self.id();
+        }
+        // The slot's first reference was ours; the entries hold the rest.
+        swap.put(slot);
+        Ok(if mine {
+            PageOut::Swapped
+        } else {
+            PageOut::Skipped
+        })
+    }
+
+    /// Replaces this VM's mapping of `store`'s frame at `page`, if it has
+    /// one, by a swap entry naming `slot`. Returns whether it did.
+    fn swap_out_mapping(&self, page: u64, store: &Arc<Store>, slot: u32) -> Result<bool, MemError> {
+        let _map = self.map_lock.read();
+        let Some(leaf) = self.table.leaf(page) else {
+            return Ok(false);
+        };
+        let _ptl = leaf.lock().lock();
+        let Entry::Present { store: idx, wp, .. } = leaf.get(page) else {
+            return Ok(false);
+        };
+        if !Arc::ptr_eq(&self.store(idx), store) {
+            return Ok(false);
+        }
+        debug_assert!(
+            !store.meta(page).exclusive(),
+            "shared path on an exclusive frame"
+        );
+        self.host_unmap(page, 1)?;
+        self.ctx.swap_in_use().dup(slot);
+        leaf.set(
+            page,
+            Entry::Swap {
+                slot,
+                exclusive: false,
+                wp,
+            },
+        );
+        self.unmap_entry(idx, page);
+        Ok(true)
+    }
+
+    /// Reads a swapped-out page back into a fresh frame (R14); the caller
+    /// holds the leaf lock.
+    pub(crate) fn swap_in(
+        &self,
+        leaf: &Leaf,
+        page: u64,
+        slot: u32,
+        wp: bool,
+    ) -> Result<(), MemError> {
+        let swap = self.ctx.swap_in_use();
+        let mut buf: PageBuf = [0; PAGE_SIZE as usize];
+        swap.load(slot, &mut buf)
+            .map_err(|source| self.swap_error(page, source))?;
+        let hint = page
+            .checked_sub(1)
+            .and_then(|p| self.table.get(p).present_store());
+        self.install_fresh(leaf, page, hint, wp, Some(&buf))?;
+        swap.put(slot);
+        self.ctx.stats.swap_ins.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn swap_error(&self, page: u64, source: crate::swap::SwapError) -> MemError {
+        MemError::Swap {
+            gpa: self.gpa(page),
+            source,
+        }
+    }
+}
