@@ -94,6 +94,33 @@ pub fn run_program_full(program: Vec<u8>, mem: u64, vcpus: u32) -> Run {
     }
 }
 
+/// How to run a test program.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Guest RAM in bytes.
+    pub mem: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// `--mem-limit`: most RAM kept resident, in bytes.
+    pub mem_limit: Option<u64>,
+}
+
+impl Options {
+    /// `mem` bytes of RAM, `vcpus` vCPUs, no limit.
+    pub fn new(mem: u64, vcpus: u32) -> Self {
+        Self {
+            mem,
+            vcpus,
+            mem_limit: None,
+        }
+    }
+}
+
+/// Like [`run_program`], with every option.
+pub fn run_program_opts(program: Vec<u8>, opts: &Options) -> (Outcome, String) {
+    Running::start_opts(program, opts).finish()
+}
+
 /// A program running in a VM that the test drives from the host (reading
 /// and writing its memory) while it runs.
 pub struct Running {
@@ -107,13 +134,19 @@ pub struct Running {
 impl Running {
     /// Starts `program` with `mem` bytes of RAM and `vcpus` vCPUs.
     pub fn start(program: Vec<u8>, mem: u64, vcpus: u32) -> Self {
+        Self::start_opts(program, &Options::new(mem, vcpus))
+    }
+
+    /// Starts `program` as `opts` say.
+    pub fn start_opts(program: Vec<u8>, opts: &Options) -> Self {
         let hv = hypervisor();
         let ctx = memory::Context::new(memory::Config::default());
         let (sink, console) = Sink::capture();
         let cfg = VmConfig {
-            mem,
-            vcpus,
+            mem: opts.mem,
+            vcpus: opts.vcpus,
             sink,
+            mem_limit: opts.mem_limit,
             ..VmConfig::program(program)
         };
         let mut vm = Vm::new(&hv, &ctx, cfg)

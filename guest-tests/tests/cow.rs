@@ -3,11 +3,15 @@
 //! checks what it and the pin-test device see, and exits 0 only if every
 //! check held.
 
-use guest_tests::{MIB, Running, guest, run_program};
+use guest_tests::{MIB, Options, Running, guest, run_program_opts};
 use vmm::Exit;
 
 fn expect_ok(program: &str, marker: &str) -> memory::StatsSnapshot {
-    let (outcome, console) = run_program(guest(program), 64 * MIB, 1);
+    expect_ok_with(program, marker, &Options::new(64 * MIB, 1))
+}
+
+fn expect_ok_with(program: &str, marker: &str, opts: &Options) -> memory::StatsSnapshot {
+    let (outcome, console) = run_program_opts(guest(program), opts);
     assert_eq!(outcome.exit, Exit::Code(0), "{program}: {console}");
     assert!(
         console.contains(marker),
@@ -48,7 +52,16 @@ const BUF: u64 = 0x23_0000;
 /// Runs `program`, and once it reports ready runs `host` on its memory,
 /// then lets it go on; checks it passed.
 fn host_driven(program: &str, marker: &str, host: impl FnOnce(&memory::VmMemory)) {
-    let vm = Running::start(guest(program), 64 * MIB, 1);
+    host_driven_with(program, marker, &Options::new(64 * MIB, 1), host);
+}
+
+fn host_driven_with(
+    program: &str,
+    marker: &str,
+    opts: &Options,
+    host: impl FnOnce(&memory::VmMemory),
+) {
+    let vm = Running::start_opts(guest(program), opts);
     vm.wait_until("the guest is ready", |vm| vm.read_u64(MAILBOX) == 1);
     host(&vm.memory);
     vm.write_u64(MAILBOX + 16, 1);
@@ -82,4 +95,33 @@ fn s5_and_io_uring_story_rw_pin_survives_a_read_only_mapping() {
             "the pinned page was not writable"
         );
     });
+}
+
+/// Every scenario again with the VM held to 64 KiB of resident memory, far
+/// below what the guests touch: pages go to swap and come back all the
+/// time, around every fork, pin and write.
+#[test]
+fn every_scenario_under_a_64k_memory_limit() {
+    let opts = Options {
+        mem_limit: Some(64 << 10),
+        ..Options::new(64 * MIB, 1)
+    };
+    let mut swap_ins = 0;
+    for (program, marker) in [
+        ("cow_basic", "COW-BASIC-OK"),
+        ("cow_child_pin", "COW-CHILD-PIN-OK"),
+        ("cow_parent_pin", "COW-PARENT-PIN-OK"),
+        ("cow_pin_fork", "COW-PIN-FORK-OK"),
+        ("cow_ro_pin", "COW-RO-PIN-OK"),
+    ] {
+        swap_ins += expect_ok_with(program, marker, &opts).swap_ins;
+    }
+    host_driven_with("cow_mprotect", "COW-MPROTECT-OK", &opts, |mem| {
+        mem.write_protect(BUF, 4096).unwrap();
+        mem.unprotect(BUF, 4096).unwrap();
+    });
+    host_driven_with("cow_pin_wp", "COW-PIN-WP-OK", &opts, |mem| {
+        mem.write_protect(BUF, 4096).unwrap();
+    });
+    assert!(swap_ins > 20, "the limit caused {swap_ins} swap-ins only");
 }

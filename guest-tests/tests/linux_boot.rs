@@ -48,6 +48,7 @@ fn config(
         }),
         sink,
         memory: memory::Config::default(),
+        mem_limit: None,
     };
     (cfg, console)
 }

@@ -129,6 +129,12 @@ impl Context {
         })
     }
 
+    /// Opens the swap file now rather than at the first swap-out, so a bad
+    /// one is reported before any VM runs.
+    pub fn open_swap(&self) -> Result<(), SwapError> {
+        self.swap_or_open().map(|_| ())
+    }
+
     /// The swap file, if anything was swapped out yet.
     pub(crate) fn swap(&self) -> Option<&Swap> {
         self.swap.get()

@@ -159,6 +159,11 @@ impl Entry {
         }
     }
 
+    /// Whether a packed entry is present, without unpacking it.
+    pub(crate) fn raw_is_present(raw: u64) -> bool {
+        raw & KIND_MASK == KIND_PRESENT
+    }
+
     /// A present, writable, unprotected entry for a frame of `store`.
     pub fn writable(store: u32) -> Self {
         Entry::Present {

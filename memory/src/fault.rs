@@ -69,6 +69,7 @@ impl VmMemory {
     ) -> Result<R, MemError> {
         let mut listener_told = false;
         let mut changed = false;
+        let mut f = Some(f);
         loop {
             let step = {
                 let _map = self.map_lock.read();
@@ -79,9 +80,21 @@ impl VmMemory {
                     changed = true;
                 }
                 if access.allowed_by(leaf.get(page), |s| self.frame_exclusive(s, page)) {
-                    return Ok(f(leaf, changed));
+                    let f = f.take().expect("runs once");
+                    Ok(f(leaf, changed))
+                } else {
+                    Err(step)
                 }
-                step
+            };
+            let step = match step {
+                Ok(result) => {
+                    if changed {
+                        self.note_fault(page);
+                        self.reclaim_if_over();
+                    }
+                    return Ok(result);
+                }
+                Err(step) => step,
             };
             match step {
                 Step::TellListener => {
@@ -136,7 +149,12 @@ impl VmMemory {
 
     /// Makes the empty pages of the fault-around block of `page` present.
     fn first_touch(&self, leaf: &Leaf, page: u64) -> Result<(), MemError> {
-        let around = self.ctx.config.fault_around;
+        // Under a memory limit, pages are made present one at a time.
+        let around = if self.limit.pages().is_some() {
+            1
+        } else {
+            self.ctx.config.fault_around
+        };
         let start = page & !(around - 1);
         let end = (start + around).min(self.table.pages());
         let mut hint = start

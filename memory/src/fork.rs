@@ -112,7 +112,7 @@ impl VmMemory {
         self: &Arc<Self>,
         protected: impl FnOnce(&Arc<VmMemory>),
     ) -> Result<Arc<VmMemory>, MemError> {
-        let child = VmMemory::new(&self.ctx, self.layout.clone())?;
+        let child = VmMemory::with_limit(&self.ctx, self.layout.clone(), self.limit.inherit())?;
         let _parent_map = self.map_lock.write();
         let _child_map = child.map_lock.write_as(Rank::ChildMapLock);
 

@@ -55,7 +55,7 @@ pub use context::{Config, Context, StatsSnapshot};
 pub use entry::{Entry, MigrationKind};
 pub use layout::{Layout, LayoutError, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_LEAF, RamRange};
 pub use pin::{Pin, PinError, PinFlags};
-pub use reclaim::SwapOutReport;
+pub use reclaim::{RECENT as RECENT_FAULTS, SwapOutReport};
 pub use swap::{MAX_SLOTS as MAX_SWAP_SLOTS, SwapError};
 pub use view::GuestView;
 pub use vm::{Access, FrameInfo, MemError, VmMemory, max_map_count};

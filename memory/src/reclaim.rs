@@ -30,7 +30,7 @@ use crate::entry::Entry;
 use crate::layout::PAGE_SIZE;
 use crate::store::Store;
 use crate::swap::PageBuf;
-use crate::sync::{Ordering, fence};
+use crate::sync::{AtomicU64, Ordering, fence};
 use crate::table::Leaf;
 use crate::vm::{MemError, VmMemory};
 
@@ -55,7 +55,8 @@ pub(crate) enum PageOut {
 impl VmMemory {
     /// Writes the present pages of `[gpa, gpa + len)` to swap now and
     /// unmaps them; the next access reads them back. Pages a device holds
-    /// pinned are skipped (reported, not an error).
+    /// pinned are skipped (reported, not an error), and so are unevictable
+    /// ones.
     pub fn swap_out(&self, gpa: u64, len: u64) -> Result<SwapOutReport, MemError> {
         let mut report = SwapOutReport::default();
         for (first, off, run) in self.page_range(gpa, len)? {
@@ -72,6 +73,9 @@ impl VmMemory {
 
     /// Swaps out one page.
     pub(crate) fn swap_out_page(&self, page: u64) -> Result<PageOut, MemError> {
+        if self.is_unevictable(page) {
+            return Ok(PageOut::Skipped);
+        }
         let shared = {
             let _map = self.map_lock.read();
             let Some(leaf) = self.table.leaf(page) else {
@@ -250,5 +254,189 @@ impl VmMemory {
             gpa: self.gpa(page),
             source,
         }
+    }
+}
+
+// ---- keeping a VM under its memory limit ------------------------------
+
+/// Pages the last faults made present, which reclaim leaves alone: the
+/// instruction that faulted needs them all at once (code, stack, and up to
+/// two pages per operand), and evicting one would make it fault forever.
+pub const RECENT: usize = 8;
+
+/// The last [`RECENT`] pages a fault made present.
+#[derive(Debug)]
+pub(crate) struct Recent {
+    /// Page number + 1; 0 is an empty slot.
+    pages: [AtomicU64; RECENT],
+    next: AtomicU64,
+}
+
+impl Recent {
+    pub(crate) fn new() -> Self {
+        Self {
+            pages: std::array::from_fn(|_| AtomicU64::new(0)),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn push(&self, page: u64) {
+        if self.contains(page) {
+            return;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % RECENT;
+        self.pages[i].store(page + 1, Ordering::Relaxed);
+    }
+
+    fn contains(&self, page: u64) -> bool {
+        self.pages
+            .iter()
+            .any(|p| p.load(Ordering::Relaxed) == page + 1)
+    }
+}
+
+/// A VM's reclaim state: its limit and where the clock hand points.
+#[derive(Debug)]
+pub(crate) struct Limit {
+    /// Most present pages, 0 for no limit.
+    pages: AtomicU64,
+    hand: AtomicU64,
+    pub(crate) recent: Recent,
+    /// Page ranges reclaim never takes (`mlock`): (first page, pages).
+    unevictable: std::sync::RwLock<Vec<(u64, u64)>>,
+}
+
+impl Limit {
+    pub(crate) fn new() -> Self {
+        Self {
+            pages: AtomicU64::new(0),
+            hand: AtomicU64::new(0),
+            recent: Recent::new(),
+            unevictable: std::sync::RwLock::new(Vec::new()),
+        }
+    }
+
+    /// A child's copy: the same limit and unevictable ranges.
+    pub(crate) fn inherit(&self) -> Self {
+        let child = Self::new();
+        child
+            .pages
+            .store(self.pages.load(Ordering::Relaxed), Ordering::Relaxed);
+        *child.unevictable_mut() = self.unevictable().clone();
+        child
+    }
+
+    pub(crate) fn pages(&self) -> Option<u64> {
+        match self.pages.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    fn unevictable(&self) -> std::sync::RwLockReadGuard<'_, Vec<(u64, u64)>> {
+        self.unevictable
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn unevictable_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<(u64, u64)>> {
+        self.unevictable
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn is_unevictable(&self, page: u64) -> bool {
+        self.unevictable()
+            .iter()
+            .any(|&(first, n)| page >= first && page < first + n)
+    }
+}
+
+impl VmMemory {
+    /// Keeps at most `pages` of this VM's pages present (None: no limit),
+    /// swapping out cold ones after each fault that goes over. Pages a
+    /// device holds pinned, pages marked unevictable and the pages of the
+    /// last few faults are never taken, so the VM can exceed the limit by
+    /// those. A forked child inherits the limit.
+    pub fn set_resident_limit(&self, pages: Option<u64>) {
+        self.limit
+            .pages
+            .store(pages.map_or(0, |p| p.max(1)), Ordering::Relaxed);
+    }
+
+    /// The limit [`VmMemory::set_resident_limit`] set.
+    pub fn resident_limit(&self) -> Option<u64> {
+        self.limit.pages()
+    }
+
+    /// Pages present now (mapped to a frame, shared or not).
+    pub fn resident(&self) -> u64 {
+        self.table.present()
+    }
+
+    /// Marks `[gpa, gpa + len)` unevictable, like `mlock`: reclaim and
+    /// [`VmMemory::swap_out`] leave its pages present. For memory the
+    /// host's CPU reads on the guest's behalf without a fault it could
+    /// report (descriptor tables, exception stubs, page tables).
+    pub fn set_unevictable(&self, gpa: u64, len: u64) -> Result<(), MemError> {
+        let runs = self.page_range(gpa, len)?;
+        let mut ranges = self.limit.unevictable_mut();
+        for (first, off, run) in runs {
+            ranges.push((first, (off + run).div_ceil(PAGE_SIZE)));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_unevictable(&self, page: u64) -> bool {
+        self.limit.is_unevictable(page)
+    }
+
+    /// Notes that a fault made `page` present or writable.
+    pub(crate) fn note_fault(&self, page: u64) {
+        if self.limit.pages().is_some() {
+            self.limit.recent.push(page);
+        }
+    }
+
+    /// If the VM is over its limit, swaps out cold pages until it is not
+    /// (or nothing more can go). Called with no lock held, after a fault.
+    pub(crate) fn reclaim_if_over(&self) {
+        let Some(limit) = self.limit.pages() else {
+            return;
+        };
+        if self.table.present() <= limit {
+            return;
+        }
+        if let Err(e) = self.reclaim_to(limit) {
+            log::warn!("reclaim for VM {}: {e}", self.id());
+        }
+    }
+
+    /// The clock: walks the table from the hand; a young page loses its
+    /// young bit and stays (second chance), an old one goes to swap. At
+    /// most two turns, so a VM whose pages cannot go stays over.
+    fn reclaim_to(&self, limit: u64) -> Result<(), MemError> {
+        let pages = self.table.pages();
+        let mut scanned = 0u64;
+        while self.table.present() > limit && scanned < 2 * pages {
+            let page = self.limit.hand.fetch_add(1, Ordering::Relaxed) % pages;
+            scanned += 1;
+            let Some(leaf) = self.table.leaf(page) else {
+                // Skip the rest of an absent leaf.
+                let skip = crate::layout::PAGES_PER_LEAF - page % crate::layout::PAGES_PER_LEAF - 1;
+                self.limit.hand.fetch_add(skip, Ordering::Relaxed);
+                scanned += skip;
+                continue;
+            };
+            if !matches!(leaf.get(page), Entry::Present { .. })
+                || self.limit.recent.contains(page)
+                || self.is_unevictable(page)
+                || leaf.take_young(page)
+            {
+                continue;
+            }
+            self.swap_out_page(page)?;
+        }
+        Ok(())
     }
 }

@@ -16,10 +16,14 @@
 //! - leaves live until the table is dropped, so a reference obtained from a
 //!   top entry stays valid for the table's lifetime.
 
+use std::sync::Arc;
+
 use crate::entry::Entry;
 use crate::layout::PAGES_PER_LEAF;
 use crate::lock::{Rank, RankedMutex};
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
+
+const YOUNG_WORDS: usize = (PAGES_PER_LEAF as usize).div_ceil(64);
 
 /// 512 entries and the lock that serialises changes to them.
 #[derive(Debug)]
@@ -32,15 +36,34 @@ pub(crate) struct Leaf {
     /// raises it before its pin count and fork reads it after making the
     /// write-protect sequence count odd (the Dekker pairing of R8).
     pins: AtomicU32,
+    /// Pages made present since reclaim last looked at them (the closest
+    /// thing to an accessed bit this host gives: our own faults).
+    young: [AtomicU64; YOUNG_WORDS],
+    /// The table's count of present entries.
+    present: Arc<AtomicU64>,
 }
 
 impl Leaf {
-    fn new() -> Self {
+    fn new(present: Arc<AtomicU64>) -> Self {
         Self {
             lock: RankedMutex::new(Rank::Table, ()),
             entries: (0..PAGES_PER_LEAF).map(|_| AtomicU64::new(0)).collect(),
             pins: AtomicU32::new(0),
+            young: std::array::from_fn(|_| AtomicU64::new(0)),
+            present,
         }
+    }
+
+    /// The word and bit of `page` in `young`.
+    fn young_bit(page: u64) -> (usize, u64) {
+        let i = (page % PAGES_PER_LEAF) as usize;
+        (i / 64, 1 << (i % 64))
+    }
+
+    /// Clears the page's young bit; returns whether it was set.
+    pub(crate) fn take_young(&self, page: u64) -> bool {
+        let (w, bit) = Self::young_bit(page);
+        self.young[w].fetch_and(!bit, Ordering::Relaxed) & bit != 0
     }
 
     /// Whether a pin may have been taken through this leaf.
@@ -75,10 +98,23 @@ impl Leaf {
         self.entries[(page % PAGES_PER_LEAF) as usize].load(Ordering::Acquire)
     }
 
-    /// Writes an entry. The caller holds this leaf's lock.
+    /// Writes an entry. The caller holds this leaf's lock. An entry that
+    /// becomes present is counted and marked young.
     pub(crate) fn set(&self, page: u64, entry: Entry) {
         crate::lock::assert_held_any(&[Rank::Table, Rank::ChildTable]);
-        self.entries[(page % PAGES_PER_LEAF) as usize].store(entry.pack(), Ordering::Release);
+        let new = entry.pack();
+        let old = self.entries[(page % PAGES_PER_LEAF) as usize].swap(new, Ordering::Release);
+        match (Entry::raw_is_present(old), Entry::raw_is_present(new)) {
+            (false, true) => {
+                self.present.fetch_add(1, Ordering::Relaxed);
+                let (w, bit) = Self::young_bit(page);
+                self.young[w].fetch_or(bit, Ordering::Relaxed);
+            }
+            (true, false) => {
+                self.present.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
     }
 }
 
@@ -87,6 +123,7 @@ impl Leaf {
 pub(crate) struct Table {
     top: Box<[AtomicU64]>,
     pages: u64,
+    present: Arc<AtomicU64>,
 }
 
 impl Table {
@@ -97,7 +134,13 @@ impl Table {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             pages,
+            present: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Present entries.
+    pub(crate) fn present(&self) -> u64 {
+        self.present.load(Ordering::Relaxed)
     }
 
     /// Number of pages covered.
@@ -124,7 +167,7 @@ impl Table {
         if let Some(leaf) = self.leaf(page) {
             return leaf;
         }
-        let fresh = Box::into_raw(Box::new(Leaf::new()));
+        let fresh = Box::into_raw(Box::new(Leaf::new(self.present.clone())));
         match self
             .slot(page)
             .compare_exchange(0, fresh as u64, Ordering::AcqRel, Ordering::Acquire)
@@ -184,6 +227,10 @@ mod tests {
         let _g = leaf.lock().lock();
         leaf.set(5, Entry::writable(3));
         assert_eq!(t.get(5), Entry::writable(3));
+        assert_eq!(t.present(), 1);
+        assert!(leaf.take_young(5) && !leaf.take_young(5) && !leaf.take_young(6));
+        leaf.set(5, Entry::Marker { wp: true });
+        assert_eq!(t.present(), 0);
         assert_eq!(t.get(6), Entry::None);
         assert_eq!(t.get(1999), Entry::None);
     }

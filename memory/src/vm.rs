@@ -168,11 +168,22 @@ pub struct VmMemory {
     pub(crate) wp_seq: AtomicU64,
     /// Write protection for a listener (see `wp.rs`).
     pub(crate) wp: WpState,
+    /// The resident limit and reclaim's state (see `reclaim.rs`).
+    pub(crate) limit: crate::reclaim::Limit,
 }
 
 impl VmMemory {
     /// Creates the memory of a new VM: nothing present, no host memory used.
     pub fn new(ctx: &Arc<Context>, layout: Layout) -> Result<Arc<Self>, MemError> {
+        Self::with_limit(ctx, layout, crate::reclaim::Limit::new())
+    }
+
+    /// Like [`VmMemory::new`], with a resident limit's state.
+    pub(crate) fn with_limit(
+        ctx: &Arc<Context>,
+        layout: Layout,
+        limit: crate::reclaim::Limit,
+    ) -> Result<Arc<Self>, MemError> {
         let len = layout.size();
         let host =
             Mapping::reserve(len as usize).map_err(|source| MemError::Reserve { len, source })?;
@@ -188,6 +199,7 @@ impl VmMemory {
             map_lock: RankedRwLock::new(Rank::MapLock, ()),
             wp_seq: AtomicU64::new(0),
             wp: WpState::new(),
+            limit,
         });
         ctx.register(&vm);
         Ok(vm)

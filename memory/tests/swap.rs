@@ -261,3 +261,66 @@ fn concurrent_swap_out_and_writes_lose_nothing() {
     }
     audit(&ctx, &[&vm]).unwrap();
 }
+
+#[test]
+fn a_resident_limit_is_kept_with_nothing_lost() {
+    let (ctx, vm) = setup();
+    vm.set_resident_limit(Some(16));
+    for p in 0..200u64 {
+        vm.write(A + p * PAGE, &p.to_le_bytes()).unwrap();
+        assert!(
+            vm.resident() <= 16,
+            "{} pages present after page {p}",
+            vm.resident()
+        );
+    }
+    assert!(ctx.stats().swapped >= 184);
+    for p in (0..200u64).rev() {
+        let mut b = [0; 8];
+        vm.read(A + p * PAGE, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), p);
+        assert!(vm.resident() <= 16);
+    }
+    // A child inherits the limit.
+    let c = vm.fork().unwrap();
+    assert_eq!(c.resident_limit(), Some(16));
+    for p in 0..64u64 {
+        c.write(A + p * PAGE, &[1]).unwrap();
+    }
+    assert!(c.resident() <= 16);
+    audit(&ctx, &[&vm, &c]).unwrap();
+}
+
+#[test]
+fn pinned_and_unevictable_pages_stay_and_do_not_stop_progress() {
+    let (ctx, vm) = setup();
+    vm.write(A, &[1; 24 * PAGE as usize]).unwrap();
+    let pin = vm.pin(A, 20 * PAGE, RW).unwrap();
+    vm.set_unevictable(A + 20 * PAGE, 4 * PAGE).unwrap();
+    vm.set_resident_limit(Some(16));
+    for p in 24..300u64 {
+        vm.write(A + p * PAGE, &[2]).unwrap();
+    }
+    // The pinned and unevictable pages are all still present; the rest
+    // is held to the few pages the last faults needed.
+    for p in 0..24 {
+        assert!(
+            matches!(vm.entry(A + p * PAGE), Some(Entry::Present { .. })),
+            "page {p}"
+        );
+    }
+    assert!(
+        vm.resident() <= 24 + memory::RECENT_FAULTS as u64,
+        "{}",
+        vm.resident()
+    );
+    assert_eq!(
+        vm.swap_out(A + 20 * PAGE, 4 * PAGE).unwrap(),
+        swapped(0),
+        "unevictable pages went"
+    );
+    pin.write(0, &[3]).unwrap();
+    assert_eq!(byte(&vm, A), 3);
+    drop(pin);
+    audit(&ctx, &[&vm]).unwrap();
+}

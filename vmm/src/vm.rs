@@ -128,6 +128,8 @@ pub struct VmConfig {
     pub sink: Sink,
     /// Memory tunables.
     pub memory: memory::Config,
+    /// Most guest RAM kept resident, in bytes (the rest goes to swap).
+    pub mem_limit: Option<u64>,
 }
 
 impl VmConfig {
@@ -139,6 +141,7 @@ impl VmConfig {
             boot: Boot::Program(bytes),
             sink: Sink::Stdout,
             memory: memory::Config::default(),
+            mem_limit: None,
         }
     }
 }
@@ -293,6 +296,8 @@ impl Vm {
         match (&cfg.boot, program) {
             (Boot::Program(_), Some(program)) => {
                 program::build(&mem, cfg.vcpus)?;
+                // The CPU reads these without a fault it could report.
+                mem.set_unevictable(0, program::LOW_END)?;
                 vmm_pins = VmmPins::ring0_stacks(&machine, &mem, cfg.vcpus)?;
                 program.load(&mem)?;
                 let top = mem.layout().ranges()[0].len & !0xf;
@@ -307,6 +312,8 @@ impl Vm {
             (Boot::Linux(linux), _) => crate::linux::boot(linux, &mem, &kvm, &vcpus)?,
             (Boot::Program(_), None) => unreachable!("programs are parsed above"),
         }
+        // Loading is done: from here on, the limit holds.
+        mem.set_resident_limit(cfg.mem_limit.map(|b| b.div_ceil(memory::PAGE_SIZE)));
 
         Ok(Self {
             shared: Arc::new(VmShared {

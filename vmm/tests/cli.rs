@@ -131,6 +131,44 @@ fn stats_flag_prints_memory_counters() {
     assert!(!out.stderr.contains("memory:"), "without --stats: {out}");
 }
 
+#[test]
+fn a_memory_limit_swaps_and_the_swap_file_is_emptied_after() {
+    let swap = scratch_file("swap", b"");
+    let out = run_guest(
+        "wp",
+        &[
+            "--mem-limit",
+            "64K",
+            "--swap",
+            swap.to_str().unwrap(),
+            "--stats",
+        ],
+    );
+    assert_eq!(out.status, Some(0), "{out}");
+    let swap_ins: u64 = out
+        .stderr
+        .split("swap-ins ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no swap-ins counter: {out}"));
+    assert!(swap_ins > 0, "nothing came back from swap: {out}");
+    assert_eq!(
+        std::fs::metadata(&swap).unwrap().len(),
+        0,
+        "swap file left full"
+    );
+}
+
+#[test]
+fn a_swap_file_holding_data_is_refused_and_kept() {
+    let swap = scratch_file("precious", b"do not overwrite");
+    let out = run_guest("exit_code", &["--swap", swap.to_str().unwrap()]);
+    assert_refused(&out, "a non-empty swap file", "is not empty");
+    assert!(out.stdout.is_empty(), "the guest ran:\n{out}");
+    assert_eq!(std::fs::read(&swap).unwrap(), b"do not overwrite");
+}
+
 // ---- refused before any VM starts ------------------------------------------------
 
 fn assert_refused(out: &VmmOutput, what: &str, message: &str) {
@@ -215,6 +253,8 @@ fn help_mentions_the_commands_and_flags() {
         "--vcpus",
         "--stats",
         "--fault-around",
+        "--swap",
+        "--mem-limit",
     ] {
         assert!(
             out.stdout.contains(flag),
@@ -235,6 +275,8 @@ fn bad_sizes_and_counts_are_refused_with_a_message() {
         ["--vcpus", "100000"],
         ["--vcpus", "-1"],
         ["--fault-around", "0"],
+        ["--mem-limit", "0"],
+        ["--mem-limit", "lots"],
     ] {
         let path = guest_path("exit_code");
         let out = vmm(&["run", "--program", path.to_str().unwrap(), args[0], args[1]]);
