@@ -18,3 +18,15 @@ fn swapped_pages_come_back_intact() {
     assert!(console.contains("SWAP-OK"), "{console}");
     assert!(outcome.stats.swap_ins >= 64, "{:?}", outcome.stats);
 }
+
+#[test]
+fn a_counter_survives_swap_and_migration_under_a_running_vcpu() {
+    let (outcome, console) = run_program(guest("counter_race"), 64 * MIB, 2);
+    assert_eq!(outcome.exit, Exit::Code(0), "{console}");
+    assert!(console.contains("COUNTER-RACE-OK"), "{console}");
+    assert!(
+        outcome.stats.swap_ins >= 200 && outcome.stats.migrated >= 200,
+        "{:?}",
+        outcome.stats
+    );
+}

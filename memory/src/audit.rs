@@ -37,6 +37,8 @@ pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
                     Entry::Present {
                         store, writable, ..
                     } => (store, writable),
+                    // It keeps the old frame mapped until it is restored.
+                    Entry::Migration { store, .. } => (store, false),
                     Entry::Swap { slot, .. } => {
                         *slots.entry(slot).or_default() += 1;
                         continue;

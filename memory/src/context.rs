@@ -45,6 +45,7 @@ pub(crate) struct Stats {
     pub(crate) swap_ins: AtomicU64,
     pub(crate) migrated: AtomicU64,
     pub(crate) wp_events: AtomicU64,
+    pub(crate) migration_wait_max_ns: AtomicU64,
     pub(crate) stores: AtomicU64,
     pub(crate) first_touch: AtomicU64,
     pub(crate) reused: AtomicU64,
@@ -78,6 +79,8 @@ pub struct StatsSnapshot {
     pub reused: u64,
     /// Faults resolved for the guest (any kind).
     pub host_faults: u64,
+    /// The longest any access waited for a page under migration, in ns.
+    pub migration_wait_max_ns: u64,
 }
 
 impl StatsSnapshot {
@@ -112,6 +115,8 @@ pub struct Context {
     vms: RankedMutex<HashMap<u64, Weak<VmMemory>>>,
     stores: RankedMutex<Vec<Weak<Store>>>,
     swap: OnceLock<Swap>,
+    /// Where accesses to pages under migration wait.
+    pub(crate) migration: crate::migrate::Migrations,
 }
 
 impl Context {
@@ -126,6 +131,7 @@ impl Context {
             vms: RankedMutex::new(Rank::Registry, HashMap::new()),
             stores: RankedMutex::new(Rank::Registry, Vec::new()),
             swap: OnceLock::new(),
+            migration: crate::migrate::Migrations::new(),
         })
     }
 
@@ -189,6 +195,11 @@ impl Context {
         self.vms.lock().remove(&id);
     }
 
+    /// Every live VM.
+    pub(crate) fn live_vms(&self) -> Vec<Arc<VmMemory>> {
+        self.vms.lock().values().filter_map(Weak::upgrade).collect()
+    }
+
     /// The live VM with memory id `id`.
     pub(crate) fn vm(&self, id: u64) -> Option<Arc<VmMemory>> {
         self.vms.lock().get(&id).and_then(Weak::upgrade)
@@ -216,6 +227,7 @@ impl Context {
             first_touch: l(&s.first_touch),
             reused: l(&s.reused),
             host_faults: l(&s.host_faults),
+            migration_wait_max_ns: l(&s.migration_wait_max_ns),
         }
     }
 }

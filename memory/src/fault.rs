@@ -27,8 +27,9 @@ pub(crate) enum Step {
     Done(bool),
     /// The write listener must be told first (outside the locks).
     TellListener,
-    /// The page is being migrated: wait for it, then try again.
-    WaitMigration,
+    /// The page is being migrated: wait for a migration to finish after
+    /// this many had (read under the leaf lock), then try again.
+    WaitMigration(u64),
 }
 
 impl VmMemory {
@@ -101,7 +102,7 @@ impl VmMemory {
                     self.tell_listener(self.gpa(page));
                     listener_told = true;
                 }
-                Step::WaitMigration => std::thread::yield_now(),
+                Step::WaitMigration(seen) => self.wait_for_migration(seen),
                 // Progress (a marker became a read-only frame, say): go on.
                 Step::Done(_) => {}
             }
@@ -142,7 +143,9 @@ impl VmMemory {
                 self.cow_fault(leaf, page, store, access == Access::Write)?
             }
             Entry::Swap { slot, wp, .. } => self.swap_in(leaf, page, slot, wp)?,
-            Entry::Migration { .. } => return Ok(Step::WaitMigration),
+            Entry::Migration { .. } => {
+                return Ok(Step::WaitMigration(self.ctx.migration.seen()));
+            }
         }
         Ok(Step::Done(true))
     }
@@ -261,6 +264,32 @@ impl VmMemory {
                 soft_dirty: true,
             },
         );
+        Ok(())
+    }
+
+    /// Makes a read-only, unprotected page whose frame lost its exclusive
+    /// bit to sharing writable again if no other reference remains (R11's
+    /// reuse, without waiting for the write fault); the caller holds the
+    /// leaf lock. Exclusive read-only pages were made so on purpose and
+    /// stay.
+    pub(crate) fn reuse_if_sole(&self, leaf: &Leaf, page: u64) -> Result<(), MemError> {
+        let Entry::Present {
+            store: idx,
+            writable: false,
+            wp: false,
+            ..
+        } = leaf.get(page)
+        else {
+            return Ok(());
+        };
+        let store = self.store(idx);
+        let meta = store.meta(page);
+        if meta.exclusive() || meta.refcount() != 1 {
+            return Ok(());
+        }
+        meta.set_exclusive();
+        self.host_protect(page, 1, true)?;
+        leaf.set(page, Entry::writable(idx));
         Ok(())
     }
 

@@ -22,6 +22,8 @@
 //! keeps seeing what the parent's guest sees); every other frame loses its
 //! anon-exclusive bit and is mapped read-only in both VMs. A swap entry is
 //! copied, naming the same slot, and both copies lose their exclusive bit.
+//! A migration entry is copied too (it keeps the old frame mapped), and
+//! both copies become plain read entries.
 //! Write-protect markers and bits are not inherited: a child starts
 //! without a listener.
 //!
@@ -36,7 +38,7 @@
 
 use std::sync::Arc;
 
-use crate::entry::Entry;
+use crate::entry::{Entry, MigrationKind};
 use crate::layout::PAGES_PER_LEAF;
 use crate::lock::Rank;
 use crate::store::Store;
@@ -245,7 +247,26 @@ impl VmMemory {
                         child_leaf.set(p, shared(false));
                         continue;
                     }
-                    Entry::None | Entry::Marker { .. } | Entry::Migration { .. } => continue,
+                    Entry::Migration { store, wp, .. } => {
+                        // R6: the old frame is shared now; both entries
+                        // restore read-only, and the moved frame shared.
+                        let s = stores.get(store).expect("an entry names a filled slot");
+                        let meta = s.meta(p);
+                        meta.get();
+                        if meta.map() == 2 {
+                            newly_shared += 1;
+                        }
+                        let read = |wp| Entry::Migration {
+                            store,
+                            kind: MigrationKind::Read,
+                            wp,
+                        };
+                        leaf.set(p, read(wp));
+                        child_leaf.set(p, read(false));
+                        hold(&mut holds, store);
+                        continue;
+                    }
+                    Entry::None | Entry::Marker { .. } => continue,
                 };
                 if let Some(&(_, idx, copy_writable)) = copies.next_if(|c| c.0 == p) {
                     child_leaf.set(
@@ -287,10 +308,7 @@ impl VmMemory {
                 // inherit it.
                 leaf.set(p, ro(wp));
                 child_leaf.set(p, ro(false));
-                match holds.iter_mut().find(|h| h.0 == store) {
-                    Some(h) => h.1 += 1,
-                    None => holds.push((store, 1)),
-                }
+                hold(&mut holds, store);
                 mapped.push((p, store, false));
             }
         }
@@ -308,6 +326,14 @@ impl VmMemory {
             child_runs.add(child, p, slot, writable)?;
         }
         Ok(())
+    }
+}
+
+/// Counts one more use of slot `store` in a leaf's tally.
+fn hold(holds: &mut Vec<(u32, u64)>, store: u32) {
+    match holds.iter_mut().find(|h| h.0 == store) {
+        Some(h) => h.1 += 1,
+        None => holds.push((store, 1)),
     }
 }
 

@@ -78,6 +78,13 @@ impl StoreList {
         self.slots[idx as usize].uses.load(Ordering::Acquire)
     }
 
+    /// The slot holding `store`, if one does.
+    pub(crate) fn find(&self, store: &Arc<Store>) -> Option<u32> {
+        self.stores()
+            .find(|(_, s)| Arc::ptr_eq(s, store))
+            .map(|(i, _)| i)
+    }
+
     /// Puts `store` in an empty slot (or a new one); returns its index.
     pub(crate) fn insert(&mut self, store: Arc<Store>) -> u32 {
         let slot = Slot {

@@ -285,6 +285,28 @@ impl VmMemory {
         }
     }
 
+    /// The slot of `store` in this VM's list, added if missing, with one
+    /// more use counted (for an entry about to name it).
+    pub(crate) fn hold_slot_of(&self, store: &Arc<Store>) -> u32 {
+        {
+            let stores = self.stores.read();
+            if let Some(idx) = stores.find(store) {
+                stores.hold_many(idx, 1);
+                return idx;
+            }
+        }
+        let mut stores = self.stores.write();
+        let idx = match stores.find(store) {
+            Some(idx) => idx,
+            None => {
+                store.add_mapper(self.id);
+                stores.insert(store.clone())
+            }
+        };
+        stores.hold_many(idx, 1);
+        idx
+    }
+
     /// Counts one use fewer of slot `idx`, emptying it if it is unused.
     pub(crate) fn slot_release(&self, idx: u32) {
         if !self.stores.read().release(idx) {
@@ -312,18 +334,6 @@ impl VmMemory {
 
     pub(crate) fn gpa(&self, page: u64) -> u64 {
         self.layout.gpa_of(page).unwrap_or(u64::MAX)
-    }
-
-    /// The error for an entry this build cannot resolve.
-    pub(crate) fn unresolvable(&self, page: u64, e: Entry) -> MemError {
-        MemError::Unsupported {
-            gpa: self.gpa(page),
-            state: match e {
-                Entry::Swap { .. } => "swapped out",
-                Entry::Migration { .. } => "under migration",
-                _ => "in an unexpected state",
-            },
-        }
     }
 
     // ---- host mapping -------------------------------------------------
@@ -651,32 +661,29 @@ impl VmMemory {
         self.for_each_leaf_in(gpa, len, |leaf, at, n| {
             self.host_unmap(at, n)?;
             for p in at..at + n {
-                match leaf.get(p) {
-                    Entry::Present { store, wp, .. } => {
-                        leaf.set(
-                            p,
-                            if wp {
-                                Entry::Marker { wp }
-                            } else {
-                                Entry::None
-                            },
-                        );
+                let e = leaf.get(p);
+                if matches!(e, Entry::None | Entry::Marker { .. }) {
+                    continue;
+                }
+                // Protection outlives the page's contents (a marker).
+                let wp = e.wp();
+                leaf.set(
+                    p,
+                    if wp {
+                        Entry::Marker { wp }
+                    } else {
+                        Entry::None
+                    },
+                );
+                match e {
+                    // A migration entry keeps the old frame mapped; the
+                    // mover then finds nothing to restore here.
+                    Entry::Present { store, .. } | Entry::Migration { store, .. } => {
                         self.unmap_entry(store, p);
                         dropped += 1;
                     }
-                    Entry::Swap { slot, wp, .. } => {
-                        leaf.set(
-                            p,
-                            if wp {
-                                Entry::Marker { wp }
-                            } else {
-                                Entry::None
-                            },
-                        );
-                        self.ctx.swap_in_use().put(slot);
-                    }
+                    Entry::Swap { slot, .. } => self.ctx.swap_in_use().put(slot),
                     Entry::None | Entry::Marker { .. } => {}
-                    e @ Entry::Migration { .. } => return Err(self.unresolvable(p, e)),
                 }
             }
             Ok(())
@@ -780,7 +787,7 @@ impl Drop for VmMemory {
         for (first, leaf) in self.table.leaves() {
             for p in first..(first + crate::layout::PAGES_PER_LEAF).min(self.table.pages()) {
                 match leaf.get(p) {
-                    Entry::Present { store, .. } => {
+                    Entry::Present { store, .. } | Entry::Migration { store, .. } => {
                         let Some(s) = &stores[store as usize] else {
                             log::error!("page {p:#x} names an empty store slot");
                             continue;

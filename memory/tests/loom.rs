@@ -7,7 +7,14 @@
 
 #![cfg(loom)]
 
-use memory::{Config, Context, Layout, PinFlags, VmMemory, audit};
+use std::sync::Arc;
+
+use memory::{Config, Context, Layout, Pin, PinFlags, VmMemory, audit};
+
+const RW: PinFlags = PinFlags {
+    write: true,
+    longterm: true,
+};
 
 const PAGE: u64 = 0x5000;
 
@@ -17,21 +24,38 @@ fn read(vm: &VmMemory) -> u8 {
     b[0]
 }
 
-/// A pin taken while the VM forks always ends up on the frame the parent
-/// maps, exclusive, and never shared with the child.
-#[test]
-fn lockless_pin_races_fork() {
+/// Runs `f` under loom with at most `bound` preemptions, on a fresh VM of
+/// 8 pages (two leaves of 4 under loom) whose page at PAGE holds 1.
+fn model(bound: usize, f: impl Fn(Arc<Context>, Arc<VmMemory>) + Sync + Send + 'static) {
     let mut builder = loom::model::Builder::new();
-    builder.preemption_bound = Some(3);
-    builder.check(|| {
+    builder.preemption_bound = Some(bound);
+    builder.check(move || {
         let ctx = Context::new(Config {
             fault_around: 1,
             ..Config::default()
         });
-        // 8 pages: two leaves of 4 under loom.
         let vm = VmMemory::new(&ctx, Layout::new(&[(0, 0x8000)]).unwrap()).unwrap();
         vm.write(PAGE, &[1]).unwrap();
+        f(ctx, vm);
+    });
+}
 
+/// Checks that the device (through `pin`) and `vm` see each other's
+/// writes.
+fn assert_coherent(vm: &VmMemory, pin: &Pin) {
+    pin.write(0, &[7]).unwrap();
+    assert_eq!(read(vm), 7, "the VM does not see the device's write");
+    vm.write(PAGE, &[8]).unwrap();
+    let mut b = [0u8];
+    pin.read(0, &mut b).unwrap();
+    assert_eq!(b[0], 8, "the device does not see the VM's write");
+}
+
+/// A pin taken while the VM forks always ends up on the frame the parent
+/// maps, exclusive, and never shared with the child.
+#[test]
+fn lockless_pin_races_fork() {
+    model(3, |ctx, vm| {
         let forker = {
             let vm = vm.clone();
             loom::thread::spawn(move || vm.fork().unwrap())
@@ -50,12 +74,7 @@ fn lockless_pin_races_fork() {
 
         audit(&ctx, &[&vm, &child]).unwrap();
         // The device and the parent see each other's writes...
-        pin.write(0, &[7]).unwrap();
-        assert_eq!(read(&vm), 7, "the parent does not see the device's write");
-        vm.write(PAGE, &[8]).unwrap();
-        let mut b = [0u8];
-        pin.read(0, &mut b).unwrap();
-        assert_eq!(b[0], 8, "the device does not see the parent's write");
+        assert_coherent(&vm, &pin);
         // ...and the child sees neither.
         assert_eq!(read(&child), 1, "the child sees the pinned frame");
         drop((pin, child, vm));
@@ -68,16 +87,7 @@ fn lockless_pin_races_fork() {
 /// reaches the pin and never the child.
 #[test]
 fn read_only_pin_races_fork() {
-    let mut builder = loom::model::Builder::new();
-    builder.preemption_bound = Some(3);
-    builder.check(|| {
-        let ctx = Context::new(Config {
-            fault_around: 1,
-            ..Config::default()
-        });
-        let vm = VmMemory::new(&ctx, Layout::new(&[(0, 0x8000)]).unwrap()).unwrap();
-        vm.write(PAGE, &[1]).unwrap();
-
+    model(3, |ctx, vm| {
         let forker = {
             let vm = vm.clone();
             loom::thread::spawn(move || vm.fork().unwrap())
@@ -91,6 +101,54 @@ fn read_only_pin_races_fork() {
         pin.read(0, &mut b).unwrap();
         assert_eq!(b[0], 9, "the read-only pin lost the parent's write");
         assert_eq!(read(&child), 1, "the child sees the parent's write");
+        drop((pin, child, vm));
+        assert_eq!(ctx.stats().resident, 0);
+    });
+}
+
+/// Seed 000 section II: migration against the lockless pin path. Either
+/// the migration sees the pin (and leaves the frame where it is) or the
+/// pinner sees the migration entry (and pins the moved frame afterwards):
+/// the pin always ends on the frame the VM maps.
+#[test]
+fn lockless_pin_races_migration() {
+    model(3, |ctx, vm| {
+        let mover = {
+            let vm = vm.clone();
+            loom::thread::spawn(move || vm.migrate(PAGE, 1).unwrap())
+        };
+        let pin = vm.pin(PAGE, 1, RW).unwrap();
+        let report = mover.join().unwrap();
+        assert_eq!(report.moved + report.pinned, 1);
+
+        audit(&ctx, &[&vm]).unwrap();
+        assert_coherent(&vm, &pin);
+        drop((pin, vm));
+        assert_eq!(ctx.stats().resident, 0);
+    });
+}
+
+/// Migration, a lockless pin and a fork all at once: the pin stays
+/// coherent with the parent, the child never sees the parent's later
+/// writes, and every count adds up.
+#[test]
+fn migration_pin_and_fork_race() {
+    model(2, |ctx, vm| {
+        let mover = {
+            let vm = vm.clone();
+            loom::thread::spawn(move || vm.migrate(PAGE, 1).unwrap())
+        };
+        let forker = {
+            let vm = vm.clone();
+            loom::thread::spawn(move || vm.fork().unwrap())
+        };
+        let pin = vm.pin(PAGE, 1, RW).unwrap();
+        mover.join().unwrap();
+        let child = forker.join().unwrap();
+
+        audit(&ctx, &[&vm, &child]).unwrap();
+        assert_coherent(&vm, &pin);
+        assert_eq!(read(&child), 1, "the child sees the parent's writes");
         drop((pin, child, vm));
         assert_eq!(ctx.stats().resident, 0);
     });

@@ -250,8 +250,10 @@ fn concurrent_swap_out_and_writes_lose_nothing() {
             }
         })
     };
-    while !writer.is_finished() {
+    let mut rounds = 0;
+    while rounds < 50 || !writer.is_finished() {
         vm.swap_out(A, pages * PAGE).unwrap();
+        rounds += 1;
     }
     writer.join().unwrap();
     for p in 0..pages {

@@ -31,6 +31,7 @@ pub(crate) fn dispatch(shared: &VmShared, nr: u64, args: [u64; 3]) -> Result<i64
         Hypercall::Unpin => pin_test(shared, |dev, _| dev.unpin(a).map(|()| 0)),
         Hypercall::Stats => stats(shared, a, b),
         Hypercall::SwapOut => swap_out(shared, a, b),
+        Hypercall::Migrate => migrate(shared, a, b),
         Hypercall::Wp => write_protect(shared, a, b, c),
         Hypercall::WpEvents => wp_events(shared, a, b),
         _ => -errno::EOPNOTSUPP,
@@ -133,6 +134,14 @@ fn discard(shared: &VmShared, addr: u64, len: u64) -> i64 {
 fn swap_out(shared: &VmShared, addr: u64, len: u64) -> i64 {
     over_pages(shared, "SWAP_OUT", addr, len, |mem, len| {
         mem.swap_out(addr, len).map(|r| r.swapped as i64)
+    })
+}
+
+/// MIGRATE(addr, len): moves the range's present pages to new frames now,
+/// while other vCPUs run; returns how many moved (pinned pages are skipped).
+fn migrate(shared: &VmShared, addr: u64, len: u64) -> i64 {
+    over_pages(shared, "MIGRATE", addr, len, |mem, len| {
+        mem.migrate(addr, len).map(|r| r.moved as i64)
     })
 }
 

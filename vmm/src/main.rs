@@ -104,6 +104,11 @@ struct RunArgs {
     /// instruction needs are never taken, so a VM can exceed a tiny limit by those.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     mem_limit: Option<u64>,
+
+    /// Move guest frames in the background (every 100 ms, up to 256 pages per VM) so that
+    /// pages scattered by copy-on-write merge back into fewer host mappings.
+    #[arg(long)]
+    compact: bool,
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -206,6 +211,11 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         ctx.open_swap().map_err(|e| error_chain(&e))?;
     }
     let vm = Vm::new(&hv, &ctx, config).map_err(|e| error_chain(&e))?;
+    let _compactor = args
+        .compact
+        .then(|| memory::Compactor::start(&ctx, std::time::Duration::from_millis(100), 256))
+        .transpose()
+        .map_err(|e| format!("cannot start the compactor: {e}"))?;
     let outcome = vm.run().map_err(|e| error_chain(&e))?;
     match &outcome.exit {
         Exit::Fault(f) => eprintln!("{f}"),

@@ -161,6 +161,23 @@ fn a_memory_limit_swaps_and_the_swap_file_is_emptied_after() {
 }
 
 #[test]
+fn the_background_compactor_moves_scattered_frames() {
+    let moved = |out: &VmmOutput| -> u64 {
+        out.stdout
+            .split("moved ")
+            .nth(1)
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no count: {out}"))
+    };
+    let out = run_guest("scatter", &["--compact"]);
+    assert_eq!(out.status, Some(0), "{out}");
+    assert!(moved(&out) >= 32, "{out}");
+    let out = run_guest("scatter", &[]);
+    assert_eq!(out.status, Some(0), "{out}");
+    assert_eq!(moved(&out), 0, "frames moved without --compact: {out}");
+}
+
+#[test]
 fn a_swap_file_holding_data_is_refused_and_kept() {
     let swap = scratch_file("precious", b"do not overwrite");
     let out = run_guest("exit_code", &["--swap", swap.to_str().unwrap()]);
@@ -255,6 +272,7 @@ fn help_mentions_the_commands_and_flags() {
         "--fault-around",
         "--swap",
         "--mem-limit",
+        "--compact",
     ] {
         assert!(
             out.stdout.contains(flag),
