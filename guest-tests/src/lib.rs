@@ -99,6 +99,8 @@ pub fn run_program_full(program: Vec<u8>, mem: u64, vcpus: u32) -> Run {
 pub struct Running {
     /// The VM's memory.
     pub memory: Arc<VmMemory>,
+    /// The VM's virtio devices, by slot.
+    pub devices: Vec<devices::virtio::mmio::Shared>,
     console: Arc<std::sync::Mutex<Vec<u8>>>,
     stop: StopHandle,
     ended: mpsc::Receiver<Outcome>,
@@ -107,6 +109,16 @@ pub struct Running {
 impl Running {
     /// Starts `program` with `mem` bytes of RAM and `vcpus` vCPUs.
     pub fn start(program: Vec<u8>, mem: u64, vcpus: u32) -> Self {
+        Self::start_with(program, mem, vcpus, Vec::new())
+    }
+
+    /// Like [`Running::start`], with virtio devices in slot order.
+    pub fn start_with(
+        program: Vec<u8>,
+        mem: u64,
+        vcpus: u32,
+        devices: Vec<vmm::virtio::DeviceConfig>,
+    ) -> Self {
         let hv = hypervisor();
         let ctx = memory::Context::new(memory::Config::default());
         let (sink, console) = Sink::capture();
@@ -114,11 +126,15 @@ impl Running {
             mem,
             vcpus,
             sink,
+            devices,
             ..VmConfig::program(program)
         };
         let mut vm = Vm::new(&hv, &ctx, cfg)
             .unwrap_or_else(|e| panic!("cannot create the VM: {}", vmm::error_chain(&e)));
         let memory = vm.memory().clone();
+        let devices = (0..vm.virtio().len())
+            .filter_map(|i| vm.virtio().transport(i).cloned())
+            .collect();
         vm.start()
             .unwrap_or_else(|e| panic!("cannot start the VM: {}", vmm::error_chain(&e)));
         let stop = vm.stop_handle();
@@ -132,6 +148,7 @@ impl Running {
             .expect("cannot spawn a thread");
         Self {
             memory,
+            devices,
             console,
             stop,
             ended,

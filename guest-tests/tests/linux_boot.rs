@@ -48,6 +48,7 @@ fn config(
         }),
         sink,
         memory: memory::Config::default(),
+        devices: Vec::new(),
     };
     (cfg, console)
 }
