@@ -55,7 +55,7 @@ RSP at the top of low RAM and RDI = RAM size. It talks to the VMM through hyperc
 Exit status: the guest's EXIT code (low 8 bits); 3 if the guest faulted or stopped its CPU;
 1 for a VMM error (bad arguments, bad files: nothing is started then).
 
-Virtio devices (--blk, --balloon) are virtio-mmio version 2 devices in the window
+Virtio devices (--blk, --net, --balloon) are virtio-mmio version 2 devices in the window
 [0xd0000000, 0xd0020000): slot i at 0xd0000000 + i * 0x1000, filled in the order the flags appear.
 A kernel gets interrupt 5 + i for slot i and a `virtio_mmio.device=4K@ADDR:IRQ` entry per device
 on its command line; a program drives them by polling the used rings. A fork's clone writes its
@@ -66,7 +66,7 @@ Examples:
   vmm run --program hello.elf --mem 64M
   vmm run --program smp.elf --vcpus 2
   vmm run --program io.elf --blk disk.img --blk seed.img,ro --balloon
-  vmm run --kernel vmlinux --cmdline 'console=ttyS0' --mem 512M --blk rootfs.img";
+  vmm run --kernel vmlinux --cmdline 'console=ttyS0' --mem 512M --net tap=tap0";
 
 #[derive(Args, Debug)]
 struct RunArgs {
@@ -103,6 +103,11 @@ struct RunArgs {
     /// disk's); `,ro` refuses writes. Repeatable.
     #[arg(long, value_name = "PATH[,ro]", value_parser = DeviceConfig::parse_blk)]
     blk: Vec<DeviceConfig>,
+
+    /// A virtio network device on the existing TAP device NAME (the guest's MAC address is
+    /// 52:54:00:12:34:56 unless given). Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = DeviceConfig::parse_net)]
+    net: Vec<DeviceConfig>,
 
     /// A virtio memory balloon: pages the guest gives it are discarded (they read as zeros
     /// when touched again).
@@ -178,6 +183,7 @@ fn devices_in_order(args: &RunArgs, matches: Option<&ArgMatches>) -> Vec<DeviceC
         }
     };
     add("blk", args.blk.clone());
+    add("net", args.net.clone());
     let balloon = args.balloon
         && matches.is_none_or(|m| m.value_source("balloon") == Some(ValueSource::CommandLine));
     if balloon {

@@ -24,6 +24,7 @@ use std::sync::{Arc, MutexGuard, PoisonError};
 use devices::virtio::balloon::Balloon;
 use devices::virtio::blk::{Block, BlockConfig};
 use devices::virtio::mmio::{SLOT_SIZE, reg};
+use devices::virtio::net::Net;
 use devices::virtio::{Interrupt, MmioState, Shared, Transport, VirtioDevice, Worker};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use memory::VmMemory;
@@ -77,8 +78,27 @@ pub enum VirtioError {
 pub enum DeviceConfig {
     /// `--blk PATH[,ro]`.
     Blk(BlockConfig),
+    /// `--net tap=NAME[,mac=MAC]`.
+    Net {
+        /// The TAP device's name.
+        tap: String,
+        /// The guest's MAC address.
+        mac: [u8; 6],
+    },
     /// `--balloon`.
     Balloon,
+}
+
+/// The MAC address a `--net` device gets unless told otherwise.
+pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+fn key_values(s: &str) -> Result<Vec<(&str, &str)>, String> {
+    s.split(',')
+        .map(|kv| {
+            kv.split_once('=')
+                .ok_or_else(|| format!("`{kv}` is not KEY=VALUE"))
+        })
+        .collect()
 }
 
 impl DeviceConfig {
@@ -98,9 +118,28 @@ impl DeviceConfig {
         }))
     }
 
+    /// Parses the value of `--net`: `tap=NAME[,mac=52:54:00:12:34:56]`.
+    pub fn parse_net(s: &str) -> Result<Self, String> {
+        let mut tap = None;
+        let mut mac = DEFAULT_MAC;
+        for (k, v) in key_values(s)? {
+            match k {
+                "tap" if !v.is_empty() && v.len() < 16 => tap = Some(v.to_owned()),
+                "tap" => return Err(format!("`{v}` is not a TAP name (1-15 bytes)")),
+                "mac" => mac = parse_mac(v)?,
+                _ => return Err(format!("--net knows tap= and mac=, not `{k}=`")),
+            }
+        }
+        Ok(Self::Net {
+            tap: tap.ok_or("--net needs tap=NAME")?,
+            mac,
+        })
+    }
+
     fn what(&self) -> &'static str {
         match self {
             Self::Blk(_) => "virtio-blk",
+            Self::Net { .. } => "virtio-net",
             Self::Balloon => "virtio-balloon",
         }
     }
@@ -112,12 +151,26 @@ impl DeviceConfig {
         };
         Ok(match self {
             Self::Blk(config) => Box::new(Block::new(config.clone()).map_err(|e| err(e.into()))?),
+            Self::Net { tap, mac } => Box::new(Net::new(tap, *mac).map_err(|e| err(e.into()))?),
             Self::Balloon => Box::new(Balloon::new(match mode {
                 Mode::Program => LOW_END,
                 Mode::Linux => 0,
             })),
         })
     }
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("`{s}` is not a MAC address like 52:54:00:12:34:56");
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    Ok(mac)
 }
 
 /// Guest-physical address of slot `i`.
@@ -357,6 +410,23 @@ mod tests {
             DeviceConfig::Blk(BlockConfig::new("/tmp/a,b.img".into()))
         );
         assert!(DeviceConfig::parse_blk(",ro").is_err());
+        assert_eq!(
+            DeviceConfig::parse_net("tap=tap0").unwrap(),
+            DeviceConfig::Net {
+                tap: "tap0".into(),
+                mac: DEFAULT_MAC
+            }
+        );
+        assert_eq!(
+            DeviceConfig::parse_net("tap=t1,mac=02:00:00:00:00:0a").unwrap(),
+            DeviceConfig::Net {
+                tap: "t1".into(),
+                mac: [2, 0, 0, 0, 0, 10]
+            }
+        );
+        assert!(DeviceConfig::parse_net("mac=02:00:00:00:00:0a").is_err());
+        assert!(DeviceConfig::parse_net("tap=x,mac=1:2").is_err());
+        assert!(DeviceConfig::parse_net("tap=averyveryverylongname").is_err());
     }
 
     #[test]

@@ -42,7 +42,9 @@ pub mod blk;
 pub mod buffers;
 pub mod device;
 pub mod mmio;
+pub mod net;
 pub mod queue;
+pub mod tap;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
