@@ -33,7 +33,7 @@ struct Cli {
 enum Command {
     /// Run a VM: a static ELF program, a Linux kernel, or (with neither) the built-in demo.
     #[command(after_long_help = RUN_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Measure the figures the VMM is held to (exit costs, fork, copy-on-write, pins), each
     /// next to its baseline, in one run.
     Bench(BenchArgs),
@@ -55,7 +55,7 @@ RSP at the top of low RAM and RDI = RAM size. It talks to the VMM through hyperc
 Exit status: the guest's EXIT code (low 8 bits); 3 if the guest faulted or stopped its CPU;
 1 for a VMM error (bad arguments, bad files: nothing is started then).
 
-Virtio devices (--blk, --net, --balloon) are virtio-mmio version 2 devices in the window
+Virtio devices (--blk, --net, --vsock, --balloon) are virtio-mmio version 2 devices in the window
 [0xd0000000, 0xd0020000): slot i at 0xd0000000 + i * 0x1000, filled in the order the flags appear.
 A kernel gets interrupt 5 + i for slot i and a `virtio_mmio.device=4K@ADDR:IRQ` entry per device
 on its command line; a program drives them by polling the used rings. A fork's clone writes its
@@ -108,6 +108,12 @@ struct RunArgs {
     /// 52:54:00:12:34:56 unless given). Repeatable.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = DeviceConfig::parse_net)]
     net: Vec<DeviceConfig>,
+
+    /// A virtio socket device for guest context id N (3 or more). The host connects to the Unix
+    /// socket PATH and writes `CONNECT <port>\n` to reach guest port <port>; the guest's
+    /// connections to host port <port> reach the Unix socket PATH_<port>.
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = DeviceConfig::parse_vsock)]
+    vsock: Option<DeviceConfig>,
 
     /// A virtio memory balloon: pages the guest gives it are discarded (they read as zeros
     /// when touched again).
@@ -184,6 +190,7 @@ fn devices_in_order(args: &RunArgs, matches: Option<&ArgMatches>) -> Vec<DeviceC
     };
     add("blk", args.blk.clone());
     add("net", args.net.clone());
+    add("vsock", args.vsock.clone().into_iter().collect());
     let balloon = args.balloon
         && matches.is_none_or(|m| m.value_source("balloon") == Some(ValueSource::CommandLine));
     if balloon {
@@ -271,7 +278,7 @@ fn main() -> ExitCode {
     log::set_max_level(cli.log_level);
     let _ = log::set_logger(&StderrLogger);
     match cli.command {
-        Command::Run(args) => match run(args, run_matches) {
+        Command::Run(args) => match run(*args, run_matches) {
             Ok(code) => code,
             Err(msg) => {
                 eprintln!("vmm: error: {msg}");
@@ -303,8 +310,12 @@ mod tests {
                 "--balloon",
                 "--blk",
                 "a.img",
+                "--vsock",
+                "cid=3,uds=/x",
                 "--blk",
                 "b.img,ro",
+                "--net",
+                "tap=t0",
             ])
             .unwrap();
         let Command::Run(args) = Cli::from_arg_matches(&m).unwrap().command else {
@@ -316,7 +327,9 @@ mod tests {
             [
                 DeviceConfig::Balloon,
                 DeviceConfig::parse_blk("a.img").unwrap(),
+                DeviceConfig::parse_vsock("cid=3,uds=/x").unwrap(),
                 DeviceConfig::parse_blk("b.img,ro").unwrap(),
+                DeviceConfig::parse_net("tap=t0").unwrap(),
             ]
         );
         let m = Cli::command()
@@ -328,6 +341,11 @@ mod tests {
         assert_eq!(
             devices_in_order(&args, m.subcommand_matches("run")).len(),
             1
+        );
+        assert!(
+            Cli::command()
+                .try_get_matches_from(["vmm", "run", "--vsock", "cid=1,uds=/x"])
+                .is_err()
         );
     }
 

@@ -19,12 +19,14 @@
 //! fork complete into the parent's memory; the clone serves its own copy
 //! of them again.
 
+use std::path::PathBuf;
 use std::sync::{Arc, MutexGuard, PoisonError};
 
 use devices::virtio::balloon::Balloon;
 use devices::virtio::blk::{Block, BlockConfig};
 use devices::virtio::mmio::{SLOT_SIZE, reg};
 use devices::virtio::net::Net;
+use devices::virtio::vsock::Vsock;
 use devices::virtio::{Interrupt, MmioState, Shared, Transport, VirtioDevice, Worker};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use memory::VmMemory;
@@ -85,6 +87,13 @@ pub enum DeviceConfig {
         /// The guest's MAC address.
         mac: [u8; 6],
     },
+    /// `--vsock cid=N,uds=PATH`.
+    Vsock {
+        /// The guest's context id.
+        cid: u64,
+        /// The host side's Unix socket.
+        uds: PathBuf,
+    },
     /// `--balloon`.
     Balloon,
 }
@@ -136,10 +145,35 @@ impl DeviceConfig {
         })
     }
 
+    /// Parses the value of `--vsock`: `cid=N,uds=PATH`.
+    pub fn parse_vsock(s: &str) -> Result<Self, String> {
+        let (mut cid, mut uds) = (None, None);
+        for (k, v) in key_values(s)? {
+            match k {
+                "cid" => {
+                    let n: u64 = v
+                        .parse()
+                        .map_err(|_| format!("cid `{v}` is not a number"))?;
+                    if !(3..u64::from(u32::MAX)).contains(&n) {
+                        return Err(format!("cid {n}: guest context ids are 3 to 4294967294"));
+                    }
+                    cid = Some(n);
+                }
+                "uds" if !v.is_empty() => uds = Some(PathBuf::from(v)),
+                _ => return Err(format!("--vsock knows cid= and uds=, not `{k}={v}`")),
+            }
+        }
+        Ok(Self::Vsock {
+            cid: cid.ok_or("--vsock needs cid=N")?,
+            uds: uds.ok_or("--vsock needs uds=PATH")?,
+        })
+    }
+
     fn what(&self) -> &'static str {
         match self {
             Self::Blk(_) => "virtio-blk",
             Self::Net { .. } => "virtio-net",
+            Self::Vsock { .. } => "virtio-vsock",
             Self::Balloon => "virtio-balloon",
         }
     }
@@ -152,6 +186,9 @@ impl DeviceConfig {
         Ok(match self {
             Self::Blk(config) => Box::new(Block::new(config.clone()).map_err(|e| err(e.into()))?),
             Self::Net { tap, mac } => Box::new(Net::new(tap, *mac).map_err(|e| err(e.into()))?),
+            Self::Vsock { cid, uds } => {
+                Box::new(Vsock::new(*cid, uds.clone()).map_err(|e| err(e.into()))?)
+            }
             Self::Balloon => Box::new(Balloon::new(match mode {
                 Mode::Program => LOW_END,
                 Mode::Linux => 0,
@@ -427,6 +464,16 @@ mod tests {
         assert!(DeviceConfig::parse_net("mac=02:00:00:00:00:0a").is_err());
         assert!(DeviceConfig::parse_net("tap=x,mac=1:2").is_err());
         assert!(DeviceConfig::parse_net("tap=averyveryverylongname").is_err());
+        assert_eq!(
+            DeviceConfig::parse_vsock("cid=3,uds=/tmp/v.sock").unwrap(),
+            DeviceConfig::Vsock {
+                cid: 3,
+                uds: "/tmp/v.sock".into()
+            }
+        );
+        assert!(DeviceConfig::parse_vsock("cid=2,uds=/x").is_err());
+        assert!(DeviceConfig::parse_vsock("cid=3").is_err());
+        assert!(DeviceConfig::parse_vsock("uds=/x,cid=x").is_err());
     }
 
     #[test]

@@ -45,6 +45,7 @@ pub mod mmio;
 pub mod net;
 pub mod queue;
 pub mod tap;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
