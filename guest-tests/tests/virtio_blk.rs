@@ -69,3 +69,17 @@ fn blk_reads_writes_flushes_and_the_file_keeps_the_data() {
         "the read-only file is unchanged"
     );
 }
+
+#[test]
+fn hostile_drivers_get_errors_or_a_reset_and_the_device_recovers() {
+    let disk = Scratch::new("virtio-hostile.img", &[0x42; 64 << 10]);
+    let vm = Running::start_with(
+        guest("virtio_hostile"),
+        64 * MIB,
+        1,
+        vec![blk(&disk, false)],
+    );
+    let (outcome, console) = vm.finish();
+    assert_exit(&outcome, &console, 0);
+    assert!(console.contains("VIRTIO-HOSTILE-OK"), "{console}");
+}

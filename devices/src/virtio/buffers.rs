@@ -38,6 +38,9 @@ impl Buffers {
         }
         let mut b = Buffers::default();
         for d in chain {
+            if d.indirect {
+                return Err(QueueError::Indirect);
+            }
             if !d.write && !b.writable.is_empty() {
                 return Err(QueueError::WrongOrder);
             }

@@ -48,6 +48,11 @@ pub mod tap;
 pub mod vsock;
 pub mod worker;
 
+#[cfg(test)]
+mod fuzz;
+#[cfg(test)]
+pub(crate) mod testutil;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use vmm_sys_util::eventfd::EventFd;

@@ -77,6 +77,12 @@ impl Net {
         Ok(Self::with_tap(Some(tap), mac))
     }
 
+    /// A device whose link is unplugged: it drops what it transmits and
+    /// receives nothing (a fork's clone, tests).
+    pub fn unplugged(mac: [u8; 6]) -> Self {
+        Self::with_tap(None, mac)
+    }
+
     fn with_tap(tap: Option<Tap>, mac: [u8; 6]) -> Self {
         Self {
             mac,
@@ -266,7 +272,7 @@ impl VirtioDevice for Net {
     }
 
     fn fork(&self) -> Result<Box<dyn VirtioDevice>, DeviceError> {
-        Ok(Box::new(Self::with_tap(None, self.mac)))
+        Ok(Box::new(Self::unplugged(self.mac)))
     }
 
     fn resume(&mut self, ctx: &mut Ctx<'_>) {

@@ -12,7 +12,8 @@
 //! Descriptor chains are walked here rather than with virtio-queue's
 //! `DescriptorChain` iterator, which ends a chain silently on any error: a
 //! hostile driver's chain must be told apart from a short one. Indirect
-//! descriptors are not offered, so one seen is an error.
+//! descriptors are not offered, so one seen is an error (when the
+//! request's buffers are pinned).
 //!
 //! Heads taken off the available ring and not yet returned are *held*
 //! (`DeviceQueue::held`): they are part of the device state a fork copies,
@@ -175,6 +176,9 @@ pub struct Desc {
     pub len: u32,
     /// Device-writable.
     pub write: bool,
+    /// Marked indirect (a feature never offered): unusable, but the chain
+    /// still names its other buffers (a status byte to report the error).
+    pub indirect: bool,
 }
 
 /// A chain taken off the available ring: its head, and its descriptors or
@@ -468,7 +472,6 @@ impl DeviceQueue {
 fn walk(view: &RingView<'_>, table: u64, size: u16, head: u16) -> Result<Vec<Desc>, QueueError> {
     let mut out = Vec::new();
     let mut idx = head;
-    let mut total = 0u64;
     loop {
         if idx >= size {
             return Err(QueueError::BadIndex(idx));
@@ -480,17 +483,11 @@ fn walk(view: &RingView<'_>, table: u64, size: u16, head: u16) -> Result<Vec<Des
         let d: Descriptor = view
             .read_obj(GuestAddress(at))
             .map_err(|e| QueueError::Ring(e.to_string()))?;
-        if d.refers_to_indirect_table() {
-            return Err(QueueError::Indirect);
-        }
-        total += u64::from(d.len());
-        if total > u64::from(u32::MAX) {
-            return Err(QueueError::TooLarge(total));
-        }
         out.push(Desc {
             addr: d.addr().0,
             len: d.len(),
             write: d.is_write_only(),
+            indirect: d.refers_to_indirect_table(),
         });
         if !d.has_next() {
             return Ok(out);

@@ -180,6 +180,7 @@ fn fail_status(ctx: &Ctx<'_>, chain: &[Desc]) -> u32 {
         addr: last.addr.wrapping_add(u64::from(last.len) - 1),
         len: 1,
         write: true,
+        indirect: false,
     };
     match Buffers::pin(ctx.mem, &[status], false, 1) {
         Ok(b) if b.write(0, &[VIRTIO_BLK_S_IOERR as u8]).is_ok() => 1,

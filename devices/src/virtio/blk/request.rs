@@ -70,6 +70,9 @@ fn run(env: Env<'_>, bufs: &Buffers, status_at: u64) -> Result<u64, u32> {
         })
     };
     match kind {
+        // The data of a read is device-writable, of a write device-readable.
+        VIRTIO_BLK_T_IN if bufs.readable_len() != HEADER => Err(VIRTIO_BLK_S_IOERR),
+        VIRTIO_BLK_T_OUT if status_at != 0 => Err(VIRTIO_BLK_S_IOERR),
         VIRTIO_BLK_T_IN => {
             let len = status_at;
             let off = range(env.disk, sector, len)?;
