@@ -2,6 +2,7 @@
    balloon with them (the frames are dropped: STATS shows fewer resident
    frames), reads them back as zeros, deflates, and reports statistics on
    the stats queue; it tells the device its size in `actual`. */
+#include "test.h"
 #include "virtio.h"
 
 #define RINGS 0x1000000ul /* three queues, 3 pages each */

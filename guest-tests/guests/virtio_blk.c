@@ -3,6 +3,7 @@
    with 0xff; slot 1 is a read-only disk. Reads, writes, flush, get-id,
    write-zeroes and discard through the device; the host checks the files
    after the run. */
+#include "test.h"
 #include "virtio.h"
 
 #define RINGS0 0x1000000ul

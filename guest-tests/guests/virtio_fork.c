@@ -8,6 +8,7 @@
       for the writing VM only.
    3. A write in flight at fork and the clone's own writes: the clone's
       writes stay in its overlay, the file gets the parent's. */
+#include "test.h"
 #include "virtio.h"
 #include "cow.h"
 

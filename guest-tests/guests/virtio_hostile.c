@@ -3,6 +3,7 @@
    device into DEVICE_NEEDS_RESET; after a reset the device works again.
    The VMM must not crash, hang or write outside the named buffers (the
    guard page after the data buffer must stay intact). */
+#include "test.h"
 #include "virtio.h"
 
 #define RINGS 0x1000000ul

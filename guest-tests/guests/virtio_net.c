@@ -4,6 +4,7 @@
    that asks for a checksum offload it did not negotiate (the device must
    drop it), then "ping" to 10.0.0.1:5000; the host answers "pong" to
    10.0.0.2:6000, which arrives in one of the posted receive buffers. */
+#include "test.h"
 #include "virtio.h"
 
 #define RINGS_RX 0x1000000ul

@@ -4,6 +4,7 @@
    B. the guest connects to host port 4321 (the host's socket PATH_4321),
       sends "from-guest", reads "ack", shuts the connection down and gets
       the device's RST. */
+#include "test.h"
 #include "virtio.h"
 
 #define RINGS_RX 0x1000000ul

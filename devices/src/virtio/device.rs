@@ -93,6 +93,22 @@ impl Ctx<'_> {
         }
     }
 
+    /// Returns several heads of queue `q` in one pass over the used ring,
+    /// then raises the interrupt if the driver asks for one.
+    pub fn complete_all(&mut self, q: usize, done: &[(u16, u32)]) {
+        if done.is_empty() {
+            return;
+        }
+        let r = match self.queues.get_mut(q) {
+            Some(queue) => queue.complete_batch(done),
+            None => return,
+        };
+        match r {
+            Ok(()) => self.notify_used(q),
+            Err(e) => self.fail(format!("queue {q}: {}", super::mmio::chain(&e))),
+        }
+    }
+
     /// Takes every chain available on queue `q`; a broken ring breaks the
     /// device (and yields nothing).
     pub fn pop_all(&mut self, q: usize) -> Vec<super::queue::Popped> {

@@ -152,6 +152,28 @@ impl Disk {
         Ok(())
     }
 
+    /// Reads like [`Disk::read`], but only what the page cache holds
+    /// (`preadv2` with `RWF_NOWAIT`): false, with the slices partly
+    /// filled, when the read would have to wait for the disk. A clone's
+    /// view always says false.
+    pub fn read_cached(&self, off: u64, slices: &[VolatileSlice<'_>]) -> io::Result<bool> {
+        if self.overlay.is_some() {
+            return Ok(false);
+        }
+        let fd = self.backing.file.as_raw_fd();
+        let r = vectored_all(&mut iovecs(slices), off, |iov, count, at| {
+            // SAFETY: as in `vectored_all`: the iovecs point into pinned
+            // guest buffers the caller's slices keep alive.
+            unsafe { libc::preadv2(fd, iov, count, at, libc::RWF_NOWAIT) }
+        });
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Writes `slices` at `off`.
     pub fn write(&self, off: u64, slices: &[VolatileSlice<'_>]) -> io::Result<()> {
         let len: u64 = slices.iter().map(|s| s.len() as u64).sum();
@@ -349,18 +371,16 @@ fn advance(iov: &mut Vec<libc::iovec>, mut n: usize) {
     }
 }
 
-/// `preadv`/`pwritev` until every byte moved.
+/// Runs `op` (a `preadv`-like call: iovecs, count, offset) until every
+/// byte moved.
 fn vectored_all(
-    fd: i32,
     iov: &mut Vec<libc::iovec>,
     mut off: u64,
-    op: unsafe extern "C" fn(i32, *const libc::iovec, i32, libc::off_t) -> isize,
+    op: impl Fn(*const libc::iovec, i32, libc::off_t) -> isize,
 ) -> io::Result<()> {
     while !iov.is_empty() {
         let count = iov.len().min(1024) as i32;
-        // SAFETY: every iovec points into a pinned guest buffer that the
-        // caller's slices keep alive (see `iovecs`), within its length.
-        let n = unsafe { op(fd, iov.as_ptr(), count, off as libc::off_t) };
+        let n = op(iov.as_ptr(), count, off as libc::off_t);
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -381,11 +401,20 @@ fn vectored_all(
 }
 
 fn preadv_all(file: &File, iov: &mut Vec<libc::iovec>, off: u64) -> io::Result<()> {
-    vectored_all(file.as_raw_fd(), iov, off, libc::preadv)
+    let fd = file.as_raw_fd();
+    vectored_all(iov, off, |iov, count, at| {
+        // SAFETY: every iovec points into a pinned guest buffer that the
+        // caller's slices keep alive (see `iovecs`), within its length.
+        unsafe { libc::preadv(fd, iov, count, at) }
+    })
 }
 
 fn pwritev_all(file: &File, iov: &mut Vec<libc::iovec>, off: u64) -> io::Result<()> {
-    vectored_all(file.as_raw_fd(), iov, off, libc::pwritev)
+    let fd = file.as_raw_fd();
+    vectored_all(iov, off, |iov, count, at| {
+        // SAFETY: as in `preadv_all`; pwritev only reads the buffers.
+        unsafe { libc::pwritev(fd, iov, count, at) }
+    })
 }
 
 /// Zeroes a range of the file: a hole where the file system has them,

@@ -87,15 +87,21 @@ fn run(inner: &Inner) {
 }
 
 impl Drop for Pool {
-    /// Runs the queued jobs to the end, then stops the threads. A pool
-    /// dropped by one of its own jobs (the last reference to its device
-    /// went with the job) does not wait for itself.
+    /// Drops the jobs not started (their device is gone: nothing would
+    /// see them complete), waits for those running, and stops the
+    /// threads. A pool dropped by one of its own jobs (the last reference
+    /// to its device went with the job) does not wait for itself.
     fn drop(&mut self) {
-        self.inner
-            .jobs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .stop = true;
+        let queued = {
+            let mut jobs = self
+                .inner
+                .jobs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            jobs.stop = true;
+            std::mem::take(&mut jobs.queue)
+        };
+        drop(queued);
         self.inner.ready.notify_all();
         let me = std::thread::current().id();
         for t in self.threads.drain(..) {

@@ -4,7 +4,7 @@
    no interrupts in program mode: the driver polls the used ring. */
 #ifndef VIRTIO_H
 #define VIRTIO_H
-#include "test.h"
+#include "guest.h"
 
 typedef unsigned short u16;
 
