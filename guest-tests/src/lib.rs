@@ -103,6 +103,8 @@ pub struct Options {
     pub vcpus: u32,
     /// `--mem-limit`: most RAM kept resident, in bytes.
     pub mem_limit: Option<u64>,
+    /// Virtio devices, in slot order.
+    pub devices: Vec<vmm::virtio::DeviceConfig>,
 }
 
 impl Options {
@@ -112,6 +114,7 @@ impl Options {
             mem,
             vcpus,
             mem_limit: None,
+            devices: Vec::new(),
         }
     }
 }
@@ -126,6 +129,8 @@ pub fn run_program_opts(program: Vec<u8>, opts: &Options) -> (Outcome, String) {
 pub struct Running {
     /// The VM's memory.
     pub memory: Arc<VmMemory>,
+    /// The VM's virtio devices, by slot.
+    pub devices: Vec<devices::virtio::mmio::Shared>,
     console: Arc<std::sync::Mutex<Vec<u8>>>,
     stop: StopHandle,
     ended: mpsc::Receiver<Outcome>,
@@ -135,6 +140,20 @@ impl Running {
     /// Starts `program` with `mem` bytes of RAM and `vcpus` vCPUs.
     pub fn start(program: Vec<u8>, mem: u64, vcpus: u32) -> Self {
         Self::start_opts(program, &Options::new(mem, vcpus))
+    }
+
+    /// Like [`Running::start`], with virtio devices in slot order.
+    pub fn start_with(
+        program: Vec<u8>,
+        mem: u64,
+        vcpus: u32,
+        devices: Vec<vmm::virtio::DeviceConfig>,
+    ) -> Self {
+        let opts = Options {
+            devices,
+            ..Options::new(mem, vcpus)
+        };
+        Self::start_opts(program, &opts)
     }
 
     /// Starts `program` as `opts` say.
@@ -147,11 +166,15 @@ impl Running {
             vcpus: opts.vcpus,
             sink,
             mem_limit: opts.mem_limit,
+            devices: opts.devices.clone(),
             ..VmConfig::program(program)
         };
         let mut vm = Vm::new(&hv, &ctx, cfg)
             .unwrap_or_else(|e| panic!("cannot create the VM: {}", vmm::error_chain(&e)));
         let memory = vm.memory().clone();
+        let devices = (0..vm.virtio().len())
+            .filter_map(|i| vm.virtio().transport(i).cloned())
+            .collect();
         vm.start()
             .unwrap_or_else(|e| panic!("cannot start the VM: {}", vmm::error_chain(&e)));
         let stop = vm.stop_handle();
@@ -165,6 +188,7 @@ impl Running {
             .expect("cannot spawn a thread");
         Self {
             memory,
+            devices,
             console,
             stop,
             ended,

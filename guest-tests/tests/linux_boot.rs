@@ -49,6 +49,7 @@ fn config(
         sink,
         memory: memory::Config::default(),
         mem_limit: None,
+        devices: Vec::new(),
     };
     (cfg, console)
 }

@@ -8,8 +8,15 @@
            while the parent waits, so every write really copies.
    mode 3: count times: FORK, the child writes one page and exits, WAIT.
    mode 4: touch count pages, then spin until the host stops the VM.
-   mode 5: EXIT at once (time to the first guest instruction). */
+   mode 5: EXIT at once (time to the first guest instruction).
+   mode 6: virtio-blk in slot 0: count random 4 KiB reads over the first
+           [6] sectors with [5] requests in flight ([2] ticks in all).
+   mode 7: virtio-blk: [5] random 4 KiB reads in flight, then spin until
+           the host stops the VM.
+   mode 8: virtio-net in slot 0: count UDP frames of [5] bytes (Ethernet
+           header included) to 10.0.0.1:5000 ([2] ticks in all). */
 #include "guest.h"
+#include "virtio.h"
 #define MB ((volatile u64 *)0x200000)
 #define AREA ((volatile u8 *)0x1000000)
 
@@ -19,9 +26,118 @@ static inline u64 rdtsc(void) {
     return ((u64)hi << 32) | lo;
 }
 
+#define RINGS 0x1800000ul
+#define REQS ((struct vblk_req *)0x1900000ul)
+#define STATUSES ((u8 *)0x1901000ul)
+#define DATA 0x1a00000ul /* one page per request */
+#define QSIZE 128
+
+static u64 rng = 0x9e3779b97f4a7c15ul;
+static u64 next_rand(void) {
+    rng ^= rng >> 12; rng ^= rng << 25; rng ^= rng >> 27;
+    return rng * 0x2545f4914f6cdd1dul;
+}
+
+/* Request k always uses descriptors 3k..3k+2: completions may come in any
+   order. */
+static void blk_submit(struct vq *q, u16 k, u64 sectors) {
+    REQS[k].type = VBLK_T_IN;
+    REQS[k].reserved = 0;
+    REQS[k].sector = (next_rand() % (sectors / 8)) * 8;
+    u16 d = (u16)(3 * k);
+    q->desc[d] = (struct vq_desc){(u64)&REQS[k], 16, VQ_DESC_F_NEXT, (u16)(d + 1)};
+    q->desc[d + 1] = (struct vq_desc){DATA + (u64)k * PAGE, 4096, VQ_DESC_F_NEXT | VQ_DESC_F_WRITE, (u16)(d + 2)};
+    q->desc[d + 2] = (struct vq_desc){(u64)&STATUSES[k], 1, VQ_DESC_F_WRITE, 0};
+    q->avail[2 + q->avail_idx % q->size] = d;
+    q->avail_idx++;
+}
+
+/* Publishes what was added and notifies unless the device said it is
+   busy with the queue (VIRTQ_USED_F_NO_NOTIFY). */
+static void publish(struct vq *q) {
+    vm_mb();
+    q->avail[1] = q->avail_idx;
+    vm_mb();
+    if (!(*(volatile u16 *)q->used & 1)) vm_wr(q->dev, VM_QUEUE_NOTIFY, q->index);
+}
+
+static void blk_start(struct vq *q, u64 depth, u64 sectors) {
+    u64 dev = VIRTIO_SLOT(0);
+    G_CHECK(vdev_begin(dev, 2, 0) & VIRTIO_F_VERSION_1, "virtio-blk features");
+    G_CHECK(vq_setup(q, dev, 0, QSIZE, RINGS) == 0, "virtio-blk queue");
+    G_CHECK(vdev_ready(dev) & VS_DRIVER_OK, "virtio-blk DRIVER_OK");
+    for (u16 k = 0; k < depth; k++) blk_submit(q, k, sectors);
+    publish(q);
+}
+
+static void blk_bench(u64 n, u64 depth, u64 sectors) {
+    struct vq q;
+    u64 t0 = rdtsc();
+    blk_start(&q, depth, sectors);
+    for (u64 done = 0; done < n;) {
+        u32 id, len;
+        G_CHECK(vq_poll(&q, &id, &len, 0) == 0, "virtio-blk poll");
+        G_CHECK(len == 4097 && STATUSES[id / 3] == VBLK_S_OK, "virtio-blk read failed");
+        done++;
+        if (done + depth <= n) blk_submit(&q, (u16)(id / 3), sectors);
+        if (!vq_has_used(&q)) publish(&q);
+    }
+    MB[2] = rdtsc() - t0;
+}
+
+static u16 be16(u16 v) { return (u16)((v >> 8) | (v << 8)); }
+
+/* UDP frames of `size` bytes to 10.0.0.1:5000 from 10.0.0.2:6000. */
+static void net_bench(u64 n, u64 size) {
+    u64 dev = VIRTIO_SLOT(0);
+    struct vq rx, tx;
+    G_CHECK(vdev_begin(dev, 1, 1ul << 5) & VIRTIO_F_VERSION_1, "virtio-net features");
+    G_CHECK(vq_setup(&rx, dev, 0, 16, RINGS) == 0, "rx queue");
+    G_CHECK(vq_setup(&tx, dev, 1, 256, RINGS + 0x10000) == 0, "tx queue");
+    G_CHECK(vdev_ready(dev) & VS_DRIVER_OK, "virtio-net DRIVER_OK");
+    u8 *f = (u8 *)DATA;
+    for (u64 i = 0; i < 12 + size; i++) f[i] = 0;
+    u8 *e = f + 12;
+    const u8 hdr[14] = {2, 0, 0, 0, 0, 1, 0x52, 0x54, 0, 0x12, 0x34, 0x56, 8, 0};
+    for (int i = 0; i < 14; i++) e[i] = hdr[i];
+    u8 *ip = e + 14;
+    u32 total = (u32)(size - 14);
+    const u8 iph[20] = {0x45, 0, (u8)(total >> 8), (u8)total, 0, 1, 0, 0, 64, 17, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1};
+    for (int i = 0; i < 20; i++) ip[i] = iph[i];
+    u32 s = 0;
+    for (int i = 0; i < 20; i += 2) s += (u32)((ip[i] << 8) | ip[i + 1]);
+    while (s >> 16) s = (s & 0xffff) + (s >> 16);
+    ip[10] = (u8)(~s >> 8); ip[11] = (u8)~s;
+    u16 *udp = (u16 *)(ip + 20);
+    udp[0] = be16(6000); udp[1] = be16(5000); udp[2] = be16((u16)(total - 20)); udp[3] = 0;
+    for (u16 d = 0; d < 256; d++) tx.desc[d] = (struct vq_desc){(u64)f, (u32)(12 + size), 0, 0};
+    u64 t0 = rdtsc(), sent = 0, done = 0;
+    while (done < n) {
+        while (sent < n && sent - done < 256) {
+            tx.avail[2 + tx.avail_idx % 256] = (u16)(tx.avail_idx % 256);
+            tx.avail_idx++;
+            sent++;
+        }
+        publish(&tx);
+        while (done < sent && (vq_has_used(&tx) || sent - done == 256)) {
+            u32 id, len;
+            vq_poll(&tx, &id, &len, 0);
+            done++;
+        }
+    }
+    MB[2] = rdtsc() - t0;
+}
+
 void gmain(u64 ram) {
     (void)ram;
     u64 mode = MB[0], n = MB[1];
+    if (mode == 6) { blk_bench(n, MB[5], MB[6]); g_exit(0); }
+    if (mode == 7) {
+        struct vq q;
+        blk_start(&q, MB[5], MB[6]);
+        for (;;) asm volatile("pause");
+    }
+    if (mode == 8) { net_bench(n, MB[5]); g_exit(0); }
     if (mode == 5) g_exit(0);
     if (mode == 1) {
         static char none;

@@ -88,8 +88,17 @@ pub(crate) fn fork(
         resume();
         return Err(VmmError::Config(format!("cannot fork: {why}")));
     }
+    // Devices stand still from before memory is snapshotted until after.
+    let (frozen, mut still) = match parent.virtio.freeze() {
+        Ok((frozen, guard)) => (frozen, Some(guard)),
+        Err(e) => {
+            resume();
+            return Err(e.into());
+        }
+    };
     let mut builder = None;
     let child_mem = parent.mem.fork_with(|child| {
+        drop(still.take());
         resume();
         let (hv, child) = (machine.hv.clone(), child.clone());
         let states = std::mem::take(&mut states);
@@ -99,6 +108,7 @@ pub(crate) fn fork(
                 .spawn(move || build_vcpus(&hv, &child, &states)),
         );
     });
+    drop(still);
     resume();
     let built = match builder {
         Some(Ok(handle)) => handle.join().unwrap_or_else(|_| {
@@ -120,7 +130,7 @@ pub(crate) fn fork(
 
     // 4. The clone.
     let id = machine.next_id();
-    let shared = Arc::new(parent.clone_devices(id, child_mem, kvm, controls)?);
+    let shared = Arc::new(parent.clone_devices(id, child_mem, kvm, controls, frozen)?);
     // Recorded before it runs: a clone may end (and record its exit) at
     // once.
     machine.add_clone(id, parent.id, shared.clone());

@@ -15,6 +15,7 @@ pub mod kvm;
 pub mod linux;
 mod machine;
 mod vcpu;
+pub mod virtio;
 pub mod vm;
 pub mod x86;
 
@@ -30,16 +31,6 @@ pub mod guests {
     pub const HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
 }
 
-/// An error and its sources on one line: "what failed: why: deeper why".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use devices::error_chain;
 pub use kvm::Hypervisor;
 pub use vm::{Boot, Exit, Outcome, StopHandle, Vm, VmConfig, VmmError};

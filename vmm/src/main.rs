@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use vmm::linux::LinuxBoot;
+use vmm::virtio::DeviceConfig;
 use vmm::{Boot, Exit, Hypervisor, Sink, Vm, VmConfig, error_chain};
 
 #[derive(Parser, Debug)]
@@ -31,7 +33,7 @@ struct Cli {
 enum Command {
     /// Run a VM: a static ELF program, a Linux kernel, or (with neither) the built-in demo.
     #[command(after_long_help = RUN_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Measure the figures the VMM is held to (exit costs, fork, copy-on-write, pins), each
     /// next to its baseline, in one run.
     Bench(BenchArgs),
@@ -53,11 +55,18 @@ RSP at the top of low RAM and RDI = RAM size. It talks to the VMM through hyperc
 Exit status: the guest's EXIT code (low 8 bits); 3 if the guest faulted or stopped its CPU;
 1 for a VMM error (bad arguments, bad files: nothing is started then).
 
+Virtio devices (--blk, --net, --vsock, --balloon) are virtio-mmio version 2 devices in the window
+[0xd0000000, 0xd0020000): slot i at 0xd0000000 + i * 0x1000, filled in the order the flags appear.
+A kernel gets interrupt 5 + i for slot i and a `virtio_mmio.device=4K@ADDR:IRQ` entry per device
+on its command line; a program drives them by polling the used rings. A fork's clone writes its
+block devices copy-on-write (an in-memory overlay; the file keeps the root VM's writes only).
+
 Examples:
   vmm run                                   the built-in demo
   vmm run --program hello.elf --mem 64M
   vmm run --program smp.elf --vcpus 2
-  vmm run --kernel vmlinux --cmdline 'console=ttyS0' --mem 512M";
+  vmm run --program io.elf --blk disk.img --blk seed.img,ro --balloon
+  vmm run --kernel vmlinux --cmdline 'console=ttyS0' --mem 512M --net tap=tap0";
 
 #[derive(Args, Debug)]
 struct RunArgs {
@@ -89,6 +98,27 @@ struct RunArgs {
     /// Print memory counters (frames resident, shared, copied, pinned...) when the VM ends.
     #[arg(long)]
     stats: bool,
+
+    /// A virtio block device on the file PATH (its size, in whole 512-byte sectors, is the
+    /// disk's); `,ro` refuses writes. Repeatable.
+    #[arg(long, value_name = "PATH[,ro]", value_parser = DeviceConfig::parse_blk)]
+    blk: Vec<DeviceConfig>,
+
+    /// A virtio network device on the existing TAP device NAME (the guest's MAC address is
+    /// 52:54:00:12:34:56 unless given). Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = DeviceConfig::parse_net)]
+    net: Vec<DeviceConfig>,
+
+    /// A virtio socket device for guest context id N (3 or more). The host connects to the Unix
+    /// socket PATH and writes `CONNECT <port>\n` to reach guest port <port>; the guest's
+    /// connections to host port <port> reach the Unix socket PATH_<port>.
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = DeviceConfig::parse_vsock)]
+    vsock: Option<DeviceConfig>,
+
+    /// A virtio memory balloon: pages the guest gives it are discarded (they read as zeros
+    /// when touched again).
+    #[arg(long)]
+    balloon: bool,
 
     /// Pages made present together on a first touch (1 to 512, a power of two).
     #[arg(long, default_value_t = 16, value_name = "PAGES", value_parser = clap::value_parser!(u64).range(1..=512))]
@@ -162,7 +192,32 @@ fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
 }
 
-fn run(args: RunArgs) -> Result<ExitCode, String> {
+/// The device flags in the order they appear on the command line.
+fn devices_in_order(args: &RunArgs, matches: Option<&ArgMatches>) -> Vec<DeviceConfig> {
+    let mut found: Vec<(usize, DeviceConfig)> = Vec::new();
+    let mut add = |id: &str, values: Vec<DeviceConfig>| {
+        let indices: Vec<usize> = matches
+            .and_then(|m| m.indices_of(id))
+            .map(Iterator::collect)
+            .unwrap_or_default();
+        for (i, v) in values.into_iter().enumerate() {
+            found.push((indices.get(i).copied().unwrap_or(usize::MAX), v));
+        }
+    };
+    add("blk", args.blk.clone());
+    add("net", args.net.clone());
+    add("vsock", args.vsock.clone().into_iter().collect());
+    let balloon = args.balloon
+        && matches.is_none_or(|m| m.value_source("balloon") == Some(ValueSource::CommandLine));
+    if balloon {
+        add("balloon", vec![DeviceConfig::Balloon]);
+    }
+    found.sort_by_key(|(i, _)| *i);
+    found.into_iter().map(|(_, d)| d).collect()
+}
+
+fn run(args: RunArgs, matches: Option<&ArgMatches>) -> Result<ExitCode, String> {
+    let devices = devices_in_order(&args, matches);
     let boot = match (&args.program, &args.kernel) {
         (Some(p), _) => Boot::Program(read_file("program", p)?),
         (None, Some(k)) => Boot::Linux(LinuxBoot {
@@ -189,6 +244,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             swap_file: args.swap.clone(),
         },
         mem_limit: args.mem_limit,
+        devices,
     };
     // Sizes are checked before the host's limits are weighed against them.
     vmm::vm::ram_layout(args.mem).map_err(|e| error_chain(&e))?;
@@ -247,11 +303,13 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let run_matches = matches.subcommand_matches("run");
     log::set_max_level(cli.log_level);
     let _ = log::set_logger(&StderrLogger);
     match cli.command {
-        Command::Run(args) => match run(args) {
+        Command::Run(args) => match run(*args, run_matches) {
             Ok(code) => code,
             Err(msg) => {
                 eprintln!("vmm: error: {msg}");
@@ -273,6 +331,54 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_flags_keep_their_order() {
+        let m = Cli::command()
+            .try_get_matches_from([
+                "vmm",
+                "run",
+                "--balloon",
+                "--blk",
+                "a.img",
+                "--vsock",
+                "cid=3,uds=/x",
+                "--blk",
+                "b.img,ro",
+                "--net",
+                "tap=t0",
+            ])
+            .unwrap();
+        let Command::Run(args) = Cli::from_arg_matches(&m).unwrap().command else {
+            panic!("not run");
+        };
+        let d = devices_in_order(&args, m.subcommand_matches("run"));
+        assert_eq!(
+            d,
+            [
+                DeviceConfig::Balloon,
+                DeviceConfig::parse_blk("a.img").unwrap(),
+                DeviceConfig::parse_vsock("cid=3,uds=/x").unwrap(),
+                DeviceConfig::parse_blk("b.img,ro").unwrap(),
+                DeviceConfig::parse_net("tap=t0").unwrap(),
+            ]
+        );
+        let m = Cli::command()
+            .try_get_matches_from(["vmm", "run", "--blk", "a.img"])
+            .unwrap();
+        let Command::Run(args) = Cli::from_arg_matches(&m).unwrap().command else {
+            panic!("not run");
+        };
+        assert_eq!(
+            devices_in_order(&args, m.subcommand_matches("run")).len(),
+            1
+        );
+        assert!(
+            Cli::command()
+                .try_get_matches_from(["vmm", "run", "--vsock", "cid=1,uds=/x"])
+                .is_err()
+        );
+    }
 
     #[test]
     fn sizes() {

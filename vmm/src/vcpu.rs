@@ -703,6 +703,10 @@ fn mmio_read(shared: &VmShared, gpa: u64, data: &mut [u8]) -> Result<(), String>
             .read(gpa, data)
             .map_err(|e| format!("emulated load from {gpa:#x}: {}", chain(&e)));
     }
+    if crate::virtio::VirtioBus::in_window(gpa) {
+        shared.virtio.read(gpa, data);
+        return Ok(());
+    }
     data.fill(0xff);
     Ok(())
 }
@@ -715,6 +719,9 @@ fn mmio_write(shared: &VmShared, gpa: u64, data: &[u8]) -> Result<(), String> {
         return mem
             .write(gpa, data)
             .map_err(|e| format!("emulated store to {gpa:#x}: {}", chain(&e)));
+    }
+    if crate::virtio::VirtioBus::in_window(gpa) {
+        shared.virtio.write(gpa, data);
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ use crate::elf::{ElfError, Program};
 use crate::kvm::{Hypervisor, KvmError, create_vcpu, ioctl};
 use crate::machine::Machine;
 use crate::vcpu::{self, VcpuControl};
+use crate::virtio::VirtioBus;
 use crate::x86::cpuid::{self, Guest};
 use crate::x86::program::{self, GuestFault};
 use devices::pin_test::PinTest;
@@ -56,6 +57,9 @@ pub enum VmmError {
     /// Booting a kernel failed.
     #[error("{0}")]
     Boot(String),
+    /// A virtio device could not be set up.
+    #[error("virtio devices")]
+    Virtio(#[from] crate::virtio::VirtioError),
 }
 
 /// How a VM ended.
@@ -130,6 +134,8 @@ pub struct VmConfig {
     pub memory: memory::Config,
     /// Most guest RAM kept resident, in bytes (the rest goes to swap).
     pub mem_limit: Option<u64>,
+    /// Virtio devices, in slot order.
+    pub devices: Vec<crate::virtio::DeviceConfig>,
 }
 
 impl VmConfig {
@@ -142,6 +148,7 @@ impl VmConfig {
             sink: Sink::Stdout,
             memory: memory::Config::default(),
             mem_limit: None,
+            devices: Vec::new(),
         }
     }
 }
@@ -184,6 +191,8 @@ pub(crate) struct VmShared {
     pub(crate) console: Arc<Console>,
     pub(crate) serial: Mutex<Serial<ConsoleWriter>>,
     pub(crate) pins: Mutex<PinTest>,
+    /// The virtio devices.
+    pub(crate) virtio: VirtioBus,
     /// The VMM's own pins (program mode: the ring-0 stacks).
     _vmm_pins: VmmPins,
     pub(crate) mode: Mode,
@@ -277,6 +286,7 @@ impl Vm {
             Mode::Linux => crate::linux::serial_irq(&kvm)?,
         };
         let serial = Mutex::new(Serial::new(irq, ConsoleWriter(console.clone())));
+        let virtio = VirtioBus::new(&cfg.devices, &mem, &kvm, mode)?;
 
         let guest = match mode {
             Mode::Program => Guest::Program,
@@ -309,7 +319,10 @@ impl Vm {
                     }
                 }
             }
-            (Boot::Linux(linux), _) => crate::linux::boot(linux, &mem, &kvm, &vcpus)?,
+            (Boot::Linux(linux), _) => {
+                let entries = crate::virtio::cmdline_entries(virtio.len());
+                crate::linux::boot(linux, &mem, &kvm, &vcpus, &entries)?
+            }
             (Boot::Program(_), None) => unreachable!("programs are parsed above"),
         }
         // Loading is done: from here on, the limit holds.
@@ -324,6 +337,7 @@ impl Vm {
                 console,
                 serial,
                 pins: Mutex::new(PinTest::new()),
+                virtio,
                 _vmm_pins: vmm_pins,
                 mode,
                 controls,
@@ -343,6 +357,11 @@ impl Vm {
     /// The VM's memory.
     pub fn memory(&self) -> &Arc<VmMemory> {
         &self.shared.mem
+    }
+
+    /// The VM's virtio devices.
+    pub fn virtio(&self) -> &VirtioBus {
+        &self.shared.virtio
     }
 
     /// Starts the vCPU threads.
@@ -464,7 +483,9 @@ impl VmShared {
         mem: Arc<VmMemory>,
         kvm: VmFd,
         controls: Vec<Arc<VcpuControl>>,
+        virtio: crate::virtio::Frozen,
     ) -> Result<VmShared, VmmError> {
+        let virtio = VirtioBus::restore(virtio, &mem, &kvm, self.mode)?;
         let vmm_pins = match self.mode {
             Mode::Program => VmmPins::ring0_stacks(&self.machine, &mem, controls.len() as u32)?,
             Mode::Linux => VmmPins::none(&self.machine),
@@ -483,6 +504,7 @@ impl VmShared {
             console,
             serial: Mutex::new(serial),
             pins: Mutex::new(PinTest::new()),
+            virtio,
             _vmm_pins: vmm_pins,
             mode: self.mode,
             controls,

@@ -238,6 +238,7 @@ pub(crate) fn boot(
     mem: &Arc<VmMemory>,
     _vm: &VmFd,
     vcpus: &[VcpuFd],
+    virtio: &[String],
 ) -> Result<(), VmmError> {
     let layout = mem.layout();
     if vcpus.is_empty() || vcpus.len() > mptable::MAX_CPUS as usize {
@@ -247,7 +248,7 @@ pub(crate) fn boot(
     // The user's command line is checked alone first, so that an error
     // speaks of what the user wrote.
     params::cmdline(&linux.cmdline, image.max_cmdline())?;
-    let (full, added) = kernel_cmdline(linux, &vcpus[0])?;
+    let (full, added) = kernel_cmdline(linux, &vcpus[0], virtio)?;
     let cmdline = params::cmdline(&full, image.max_cmdline()).map_err(|_| {
         LinuxError::Cmdline(format!(
             "with the `{}` the VMM adds it is {} bytes long; this kernel accepts at most {}",
@@ -327,9 +328,34 @@ pub(crate) fn boot(
 
 /// The command line the kernel gets: the user's, plus a `clearcpuid=` for
 /// the features the VMM hides from kernels if this KVM still shows them
-/// (it may not honour `KVM_SET_CPUID2`). A `clearcpuid=` of the user's own
-/// is left alone.
-fn kernel_cmdline(linux: &LinuxBoot, vcpu: &VcpuFd) -> Result<(String, Option<String>), VmmError> {
+/// (it may not honour `KVM_SET_CPUID2`), plus the `virtio` device entries.
+/// A `clearcpuid=` of the user's own is left alone.
+fn kernel_cmdline(
+    linux: &LinuxBoot,
+    vcpu: &VcpuFd,
+    virtio: &[String],
+) -> Result<(String, Option<String>), VmmError> {
+    let (line, added) = cpuid_cmdline(linux, vcpu)?;
+    Ok(with_virtio(line, added, virtio))
+}
+
+/// Appends the virtio-mmio device entries to a command line.
+fn with_virtio(
+    mut line: String,
+    mut added: Option<String>,
+    virtio: &[String],
+) -> (String, Option<String>) {
+    for entry in virtio {
+        line = params::with_param(&line, entry);
+        added = Some(match added {
+            Some(a) => format!("{a} {entry}"),
+            None => entry.clone(),
+        });
+    }
+    (line, added)
+}
+
+fn cpuid_cmdline(linux: &LinuxBoot, vcpu: &VcpuFd) -> Result<(String, Option<String>), VmmError> {
     let effective = ioctl(
         "report the vCPU's CPUID",
         vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES),
@@ -392,6 +418,22 @@ pub(crate) fn pio_out_resets(port: u16, data: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtio_devices_are_on_the_command_line() {
+        let entries = crate::virtio::cmdline_entries(2);
+        let (line, added) = with_virtio("console=ttyS0 -- init".into(), None, &entries);
+        assert_eq!(
+            line,
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 \
+             virtio_mmio.device=4K@0xd0001000:6 -- init"
+        );
+        assert_eq!(
+            added.as_deref(),
+            Some("virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6")
+        );
+        assert_eq!(with_virtio("x".into(), None, &[]), ("x".into(), None));
+    }
 
     #[test]
     fn i8042_reset_and_probe() {

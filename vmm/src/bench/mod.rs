@@ -4,6 +4,8 @@
 //! Guest-side timings use the TSC (read natively in ring 3 here) and are
 //! converted with a rate calibrated against the host clock in the same run.
 
+mod virtio;
+
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -69,6 +71,16 @@ struct Bench {
 
 impl Bench {
     fn vm(&mut self, mem: u64, mode: u64, count: u64, tsc: f64) -> Result<Vm, VmmError> {
+        self.vm_with(mem, &[mode, count, 0, 0, tsc as u64], Vec::new())
+    }
+
+    /// A benchmark VM with `words` in its mailbox and virtio `devices`.
+    fn vm_with(
+        &mut self,
+        mem: u64,
+        words: &[u64],
+        devices: Vec<crate::virtio::DeviceConfig>,
+    ) -> Result<Vm, VmmError> {
         let ctx = memory::Context::new(memory::Config::default());
         let (sink, console) = Sink::capture();
         self.console = Some(console);
@@ -78,13 +90,11 @@ impl Bench {
             VmConfig {
                 mem,
                 sink,
+                devices,
                 ..VmConfig::program(GUEST.to_vec())
             },
         )?;
-        let mut mailbox = Vec::new();
-        for w in [mode, count, 0, 0, tsc as u64] {
-            mailbox.extend_from_slice(&w.to_le_bytes());
-        }
+        let mailbox: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         vm.memory().write(MAILBOX, &mailbox)?;
         Ok(vm)
     }
@@ -509,6 +519,9 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
     b.cow_fault(tsc)?;
     b.pin_unpin()?;
     b.fork_rate(tsc)?;
+    b.virtio_blk(tsc)?;
+    b.fork_with_requests_in_flight()?;
+    b.virtio_net(tsc)?;
     let sizes: &[u64] = if opts.quick {
         &[32 << 20]
     } else {

@@ -1,0 +1,351 @@
+//! Benchmarks of the virtio devices, each next to its baseline: block
+//! reads from a program-mode guest next to a host thread's `pread` of
+//! the same file, the pin + unpin share of a request, the cost devices
+//! with requests in flight add to a fork, and frames through a TAP.
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use devices::virtio::blk::BlockConfig;
+use memory::{PAGE_SIZE, PinFlags, VmMemory};
+
+use super::{Bench, goal, median};
+use crate::virtio::DeviceConfig;
+use crate::vm::{Exit, VmmError};
+
+/// The benchmark disk: in the page cache, as the goal says.
+const DISK: u64 = 64 << 20;
+const SECTOR: u64 = 512;
+const VM_MEM: u64 = 64 << 20;
+
+fn io(e: std::io::Error) -> VmmError {
+    VmmError::Thread(e)
+}
+
+/// A scratch file removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A file of `len` bytes, written and read once so that it is cached.
+    fn disk(len: u64) -> Result<Self, VmmError> {
+        let path = std::env::temp_dir().join(format!("vmm-bench-{}.img", std::process::id()));
+        let chunk: Vec<u8> = (0..1 << 20).map(|i| i as u8).collect();
+        let f = std::fs::File::create(&path).map_err(io)?;
+        for at in (0..len).step_by(chunk.len()) {
+            f.write_all_at(&chunk, at).map_err(io)?;
+        }
+        let _ = std::fs::read(&path).map_err(io)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Random 4 KiB `pread`s per second of a host thread on `path`.
+fn host_pread_iops(path: &PathBuf, n: u64) -> Result<f64, VmmError> {
+    let f = std::fs::File::open(path).map_err(io)?;
+    let mut buf = vec![0u8; 4096];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let t = Instant::now();
+    for _ in 0..n {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let block = x.wrapping_mul(0x2545_f491_4f6c_dd1d) % (DISK / 4096);
+        f.read_exact_at(&mut buf, block * 4096).map_err(io)?;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Pin + unpin of a block request's three buffers (16-byte header, 4 KiB
+/// of data, the status byte), long-term as the I/O threads hold them.
+fn request_pin_cost(n: u32) -> Result<f64, VmmError> {
+    let ctx = memory::Context::new(memory::Config::default());
+    let mem = VmMemory::new(&ctx, crate::vm::ram_layout(16 << 20)?)?;
+    mem.populate(0x10_0000, 0x10_0000, memory::Access::Write)?;
+    let flags = |write| PinFlags {
+        write,
+        longterm: true,
+    };
+    let t = Instant::now();
+    for i in 0..u64::from(n) {
+        let page = 0x10_0000 + (i % 64) * PAGE_SIZE;
+        let pins = (
+            mem.pin(0x18_0000, 16, flags(false))?,
+            mem.pin(page, 4096, flags(true))?,
+            mem.pin(0x18_1000, 1, flags(true))?,
+        );
+        drop(pins);
+    }
+    Ok(t.elapsed().as_secs_f64() / f64::from(n))
+}
+
+fn blk_device(path: &std::path::Path, latency: Option<Duration>) -> DeviceConfig {
+    DeviceConfig::Blk(BlockConfig {
+        latency,
+        ..BlockConfig::new(path.to_path_buf())
+    })
+}
+
+impl Bench {
+    /// Guest IOPS of random 4 KiB reads at queue depth `depth`.
+    fn blk_iops(&mut self, disk: &Scratch, depth: u64, n: u64, tsc: f64) -> Result<f64, VmmError> {
+        let words = [6, n, 0, 0, tsc as u64, depth, DISK / SECTOR];
+        let vm = self.vm_with(VM_MEM, &words, vec![blk_device(&disk.0, None)])?;
+        let mem = vm.memory().clone();
+        let outcome = vm.run()?;
+        if outcome.exit != Exit::Code(0) {
+            return Err(VmmError::Config(format!(
+                "virtio-blk guest ended {:?}: {}",
+                outcome.exit,
+                self.console_text()
+            )));
+        }
+        Ok(n as f64 / (Self::mailbox(&mem, 2) as f64 / tsc))
+    }
+
+    /// virtio-blk random reads at QD1 and QD32 next to a host thread's
+    /// `pread`, and the pin + unpin share of a request.
+    pub(super) fn virtio_blk(&mut self, tsc: f64) -> Result<(), VmmError> {
+        let disk = Scratch::disk(DISK)?;
+        let (n1, n32) = if self.quick {
+            (500, 2_000)
+        } else {
+            (20_000, 100_000)
+        };
+        let host = host_pread_iops(&disk.0, n32)?;
+        let qd1 = self.blk_iops(&disk, 1, n1, tsc)?;
+        let qd32 = self.blk_iops(&disk, 32, n32, tsc)?;
+        let pin = request_pin_cost(if self.quick { 2_000 } else { 100_000 })?;
+        self.record(
+            "host thread, random 4 KiB pread of a cached file",
+            format!("{:.0} IOPS", host),
+            "baseline".into(),
+        );
+        self.record(
+            "virtio-blk random 4 KiB reads, QD1, guest",
+            format!("{:.0} IOPS", qd1),
+            format!("{:.2}x the host thread (reported)", qd1 / host),
+        );
+        let ratio = qd32 / host;
+        self.record(
+            "virtio-blk random 4 KiB reads, QD32, guest",
+            format!("{:.0} IOPS", qd32),
+            goal(
+                ratio >= 0.5,
+                &format!("{ratio:.2}x the host thread, goal >= 0.5x"),
+            ),
+        );
+        let share = pin * qd32;
+        self.record(
+            "pin + unpin of a request's 3 buffers / QD32 request time",
+            format!("{:.0} ns", pin * 1e9),
+            goal(
+                share <= 0.05,
+                &format!("{:.1}% of a request, goal <= 5%", share * 100.0),
+            ),
+        );
+        Ok(())
+    }
+
+    /// Fork time of a VM whose block device has `depth` requests in
+    /// flight (they take a second each), and the frames the fork copied.
+    fn fork_in_flight(&mut self, depth: u64) -> Result<(Duration, u64), VmmError> {
+        let disk = Scratch::disk(1 << 20)?;
+        let latency = Some(Duration::from_secs(1));
+        let words = [7, 0, 0, 0, 0, depth, (1 << 20) / SECTOR];
+        let mut vm = self.vm_with(VM_MEM, &words, vec![blk_device(&disk.0, latency)])?;
+        let transport = vm.virtio().transport(0).cloned();
+        vm.start()?;
+        let held = || {
+            transport.as_ref().map_or(0, |t| {
+                let t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                t.queues()[0].held.len() as u64
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while held() < depth && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let ctx = vm.memory().context().clone();
+        let (mut times, mut copied) = (Vec::new(), 0);
+        for _ in 0..3 {
+            let before = ctx.stats().copied;
+            let t = Instant::now();
+            let child = vm.fork()?;
+            times.push(t.elapsed());
+            copied = ctx.stats().copied - before;
+            child.stop(Exit::Code(0));
+            let _ = child.wait();
+        }
+        let in_flight = held();
+        vm.stop(Exit::Code(0));
+        let _ = vm.wait();
+        if in_flight < depth {
+            return Err(VmmError::Config(format!(
+                "only {in_flight} of {depth} requests were in flight at the forks"
+            )));
+        }
+        Ok((median(times), copied))
+    }
+
+    /// The cost devices with requests in flight add to a fork.
+    pub(super) fn fork_with_requests_in_flight(&mut self) -> Result<(), VmmError> {
+        let (idle, idle_copied) = self.fork_in_flight(0)?;
+        let (busy, busy_copied) = self.fork_in_flight(32)?;
+        self.record(
+            "VM fork, 64 MiB, virtio-blk idle",
+            format!("{:.2} ms", idle.as_secs_f64() * 1e3),
+            format!("baseline, {idle_copied} frames copied"),
+        );
+        let added = busy.saturating_sub(idle);
+        self.record(
+            "VM fork, 64 MiB, 32 virtio-blk requests in flight",
+            format!("{:.2} ms", busy.as_secs_f64() * 1e3),
+            format!(
+                "+{:.0} us, {} more frames copied (the pinned buffers, R6)",
+                added.as_secs_f64() * 1e6,
+                busy_copied.saturating_sub(idle_copied)
+            ),
+        );
+        Ok(())
+    }
+
+    /// Frames per second guest -> TAP -> a host UDP socket.
+    pub(super) fn virtio_net(&mut self, tsc: f64) -> Result<(), VmmError> {
+        let ns = match Netns::new() {
+            Ok(ns) => ns,
+            Err(why) => {
+                self.record(
+                    "virtio-net guest -> TAP -> host",
+                    "not measured".into(),
+                    format!("needs root and iproute2: {why}"),
+                );
+                return Ok(());
+            }
+        };
+        let n = if self.quick { 2_000 } else { 200_000 };
+        for size in [64u64, 1514] {
+            let (sent_per_s, received) =
+                std::thread::scope(|s| s.spawn(|| self.net_run(&ns, size, n, tsc)).join())
+                    .map_err(|_| {
+                        VmmError::Config("the network benchmark thread panicked".into())
+                    })??;
+            let bits = sent_per_s * (size * 8) as f64;
+            self.record(
+                &format!("virtio-net guest -> TAP -> host, {size}-byte frames"),
+                format!("{:.0} pkt/s", sent_per_s),
+                format!(
+                    "{:.2} Gbit/s; the host socket took {:.0}% of them",
+                    bits / 1e9,
+                    received as f64 * 100.0 / n as f64
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// One network run inside `ns`: frames per second the guest sent, and
+    /// how many a host UDP socket received.
+    fn net_run(&mut self, ns: &Netns, size: u64, n: u64, tsc: f64) -> Result<(f64, u64), VmmError> {
+        ns.enter()?;
+        let sock = UdpSocket::bind("10.0.0.1:5000").map_err(io)?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .map_err(io)?;
+        let net =
+            DeviceConfig::parse_net(&format!("tap={}", Netns::TAP)).map_err(VmmError::Config)?;
+        let vm = self.vm_with(VM_MEM, &[8, n, 0, 0, tsc as u64, size], vec![net])?;
+        let mem = vm.memory().clone();
+        let (done, received) = (AtomicBool::new(false), AtomicU64::new(0));
+        let outcome = std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut buf = [0u8; 2048];
+                while !done.load(Ordering::Relaxed) {
+                    if sock.recv(&mut buf).is_ok() {
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+            let outcome = vm.run();
+            std::thread::sleep(Duration::from_millis(100));
+            done.store(true, Ordering::Relaxed);
+            outcome
+        })?;
+        if outcome.exit != Exit::Code(0) {
+            return Err(VmmError::Config(format!(
+                "virtio-net guest ended {:?}: {}",
+                outcome.exit,
+                self.console_text()
+            )));
+        }
+        let secs = Self::mailbox(&mem, 2) as f64 / tsc;
+        Ok((n as f64 / secs, received.load(Ordering::Relaxed)))
+    }
+}
+
+/// A network namespace with a TAP device at 10.0.0.1, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    const TAP: &str = "vmmbench0";
+
+    fn ip(&self, args: &[&str]) -> Result<(), String> {
+        let mut full = vec!["netns", "exec", &self.0, "ip"];
+        full.extend_from_slice(args);
+        run_ip(&full)
+    }
+
+    fn new() -> Result<Self, String> {
+        let name = format!("vmm-bench-{}", std::process::id());
+        run_ip(&["netns", "add", &name])?;
+        let ns = Self(name);
+        ns.ip(&["link", "set", "lo", "up"])?;
+        ns.ip(&["tuntap", "add", "dev", Self::TAP, "mode", "tap", "vnet_hdr"])?;
+        ns.ip(&["link", "set", Self::TAP, "address", "02:00:00:00:00:01"])?;
+        ns.ip(&["addr", "add", "10.0.0.1/24", "dev", Self::TAP])?;
+        ns.ip(&["link", "set", Self::TAP, "up"])?;
+        Ok(ns)
+    }
+
+    /// Moves the calling thread into the namespace.
+    fn enter(&self) -> Result<(), VmmError> {
+        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).map_err(io)?;
+        // SAFETY: setns on a namespace descriptor we opened; it changes
+        // only this thread's network namespace.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run_ip(&["netns", "del", &self.0]);
+    }
+}
+
+fn run_ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
