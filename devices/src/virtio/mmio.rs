@@ -429,7 +429,8 @@ impl Transport {
 
     /// Puts the transport into `state`: registers and queues (their rings
     /// pinned again in this VM's memory); then lets the device serve again
-    /// the requests its queues hold.
+    /// the requests its queues hold, and those the driver had made
+    /// available but the device had not taken yet.
     pub fn restore(&mut self, state: &MmioState) {
         self.reset();
         self.regs = state.regs;
@@ -448,6 +449,12 @@ impl Transport {
         let s = self.regs.status;
         if s & status::DRIVER_OK != 0 && s & status::NEEDS_RESET == 0 {
             self.with_device(|d, ctx| d.resume(ctx));
+            // A notification the driver sent before the state was saved
+            // went to the other VM's device thread: look at each ring once,
+            // as if it came here too.
+            for q in self.queues.iter().filter(|q| q.is_active()) {
+                q.kick();
+            }
         }
     }
 
@@ -471,3 +478,32 @@ impl Transport {
 }
 
 pub(crate) use crate::error_chain as chain;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::balloon::Balloon;
+    use crate::virtio::testutil::{Driver, Rings, memory, snapshot};
+
+    /// A chain the driver made available, and notified the *other* VM's
+    /// device of, before the state was saved: the restored transport must
+    /// look at the ring without waiting for a notification of its own.
+    #[test]
+    fn a_restored_transport_looks_at_its_rings_once() {
+        let mem = memory();
+        let d = Driver::new(Box::new(Balloon::new(0)), &mem);
+        assert_eq!(d.standard(3, 8) & status::DRIVER_OK, status::DRIVER_OK);
+        let rings = Rings::standard(0, 8);
+        d.desc(rings, 0, 0x1000, 4, 0, 0);
+        d.publish(rings, 0, 0);
+        let state = d.lock().state();
+        let clone = Driver::new(d.lock().fork_device().unwrap(), &memory());
+        clone.mem.write(0, &snapshot(&mem)).unwrap();
+        clone.lock().restore(&state);
+        let t = clone.lock();
+        assert!(
+            t.queues()[0].take_notification(),
+            "the clone's device thread would never look at the ring"
+        );
+    }
+}
