@@ -195,6 +195,11 @@ impl Running {
         }
     }
 
+    /// The handle that stops the VM (or snapshots it) from the test.
+    pub fn handle(&self) -> &StopHandle {
+        &self.stop
+    }
+
     /// What the console printed so far.
     pub fn console(&self) -> String {
         String::from_utf8_lossy(&self.console.lock().unwrap_or_else(|e| e.into_inner()))

@@ -69,13 +69,13 @@ impl LeafPlan {
 
 /// A run of consecutive pages to write-protect.
 #[derive(Default)]
-struct Runs {
+pub(crate) struct Runs {
     start: u64,
     len: u64,
 }
 
 impl Runs {
-    fn add(&mut self, vm: &VmMemory, page: u64) -> Result<(), MemError> {
+    pub(crate) fn add(&mut self, vm: &VmMemory, page: u64) -> Result<(), MemError> {
         if self.len > 0 && self.start + self.len == page {
             self.len += 1;
             return Ok(());
@@ -86,7 +86,7 @@ impl Runs {
         Ok(())
     }
 
-    fn flush(&mut self, vm: &VmMemory) -> Result<(), MemError> {
+    pub(crate) fn flush(&mut self, vm: &VmMemory) -> Result<(), MemError> {
         if self.len > 0 {
             vm.host_protect(self.start, self.len, false)?;
             self.len = 0;

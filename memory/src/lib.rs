@@ -42,6 +42,7 @@ mod migrate;
 mod pin;
 mod reclaim;
 mod slots;
+mod snapshot;
 mod store;
 mod swap;
 mod sync;
@@ -58,6 +59,7 @@ pub use layout::{Layout, LayoutError, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_LEAF, Ram
 pub use migrate::{Compactor, MigrateReport};
 pub use pin::{Pin, PinError, PinFlags};
 pub use reclaim::{RECENT as RECENT_FAULTS, SwapOutReport};
+pub use snapshot::{LiveSnapshot, SnapshotError, SnapshotReport};
 pub use swap::{MAX_SLOTS as MAX_SWAP_SLOTS, SwapError};
 pub use view::GuestView;
 pub use vm::{Access, FrameInfo, MemError, VmMemory, max_map_count};

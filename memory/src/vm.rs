@@ -89,6 +89,9 @@ pub enum MemError {
         #[source]
         source: crate::swap::SwapError,
     },
+    /// The VM's write protection is taken by something else.
+    #[error("write protection is busy: {0}")]
+    Busy(&'static str),
     /// The page is in a state this build cannot resolve.
     #[error("guest page {gpa:#x} is {state}, which cannot be resolved")]
     Unsupported {
@@ -439,7 +442,13 @@ impl VmMemory {
     /// with the page range inside that leaf, holding the memory-map lock for
     /// reading and the leaf's lock.
     /// `create` installs missing leaves instead of skipping them.
-    fn walk_leaves<F>(&self, first: u64, pages: u64, create: bool, mut f: F) -> Result<(), MemError>
+    pub(crate) fn walk_leaves<F>(
+        &self,
+        first: u64,
+        pages: u64,
+        create: bool,
+        mut f: F,
+    ) -> Result<(), MemError>
     where
         F: FnMut(&Leaf, u64, u64) -> Result<(), MemError>,
     {
@@ -657,6 +666,17 @@ impl VmMemory {
     /// touch reads zeros. A pinned frame stays alive for its pin. Returns the
     /// number of pages that had a frame.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
+        // Dropping a protected page's contents is a write: a synchronous
+        // listener (a live snapshot) hears of it first.
+        if self.has_listener() {
+            for (first, off, run) in self.page_range(gpa, len)? {
+                for page in first..first + (off + run).div_ceil(PAGE_SIZE) {
+                    if self.table.get(page).wp() {
+                        self.tell_listener(self.gpa(page));
+                    }
+                }
+            }
+        }
         let mut dropped = 0;
         self.for_each_leaf_in(gpa, len, |leaf, at, n| {
             self.host_unmap(at, n)?;

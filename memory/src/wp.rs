@@ -19,6 +19,7 @@
 //! keeps the bit, in a marker (discard, balloon), a swap entry or a
 //! migration entry. A forked child does not inherit protection.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::entry::Entry;
@@ -38,6 +39,8 @@ pub trait WriteListener: Send + Sync {
 pub(crate) struct WpState {
     listener: RwLock<Option<Arc<dyn WriteListener>>>,
     events: RankedMutex<Vec<u64>>,
+    /// A live snapshot owns the VM's protection (see `snapshot.rs`).
+    snapshot: AtomicBool,
 }
 
 impl std::fmt::Debug for WpState {
@@ -51,12 +54,22 @@ impl WpState {
         Self {
             listener: RwLock::new(None),
             events: RankedMutex::new(Rank::WpEvents, Vec::new()),
+            snapshot: AtomicBool::new(false),
         }
+    }
+
+    /// Marks a live snapshot as running; false if one already is.
+    pub(crate) fn begin_snapshot(&self) -> bool {
+        !self.snapshot.swap(true, Ordering::AcqRel)
+    }
+
+    pub(crate) fn end_snapshot(&self) {
+        self.snapshot.store(false, Ordering::Release);
     }
 }
 
 /// What arming or lifting protection did to one page.
-enum Protect {
+pub(crate) enum Protect {
     Unchanged,
     Changed,
     /// A device may write the frame through a pin: reported as written.
@@ -71,6 +84,9 @@ impl VmMemory {
     /// told to the synchronous listener) and left unprotected. Returns the
     /// number of pages whose protection changed.
     pub fn protect_for_listener(&self, gpa: u64, len: u64, on: bool) -> Result<u64, MemError> {
+        if self.wp.snapshot.load(Ordering::Acquire) {
+            return Err(MemError::Busy("a live snapshot is being taken"));
+        }
         let mut changed = 0;
         let mut written = Vec::new();
         self.walk_leaves_in(gpa, len, on, |leaf, at, n| {
@@ -99,7 +115,12 @@ impl VmMemory {
 
     /// Sets or clears the `wp` bit of one entry; the caller holds its leaf's
     /// lock.
-    fn protect_entry(&self, leaf: &Leaf, page: u64, on: bool) -> Result<Protect, MemError> {
+    pub(crate) fn protect_entry(
+        &self,
+        leaf: &Leaf,
+        page: u64,
+        on: bool,
+    ) -> Result<Protect, MemError> {
         let e = leaf.get(page);
         if e.wp() == on {
             return Ok(Protect::Unchanged);

@@ -32,6 +32,44 @@ pub(crate) fn errno_of(e: &VmmError) -> i64 {
     }
 }
 
+/// vCPUs a pause request reached (see [`pause_vcpus`]).
+pub(crate) struct Paused {
+    /// The vCPUs now paused, to resume later.
+    pub(crate) paused: Vec<usize>,
+    /// Each paused vCPU's saved state, by index.
+    pub(crate) states: Vec<Option<VcpuState>>,
+    /// Why a vCPU could not pause (the VM is stopping, its state could
+    /// not be saved).
+    pub(crate) failure: Option<String>,
+}
+
+/// Asks every vCPU of `vm` but `skip` to save its state and wait, and waits
+/// for them; parked vCPUs stay as they are.
+pub(crate) fn pause_vcpus(vm: &VmShared, skip: Option<usize>) -> Paused {
+    let n = vm.controls.len();
+    let mut out = Paused {
+        paused: Vec::new(),
+        states: (0..n).map(|_| None).collect(),
+        failure: None,
+    };
+    for i in (0..n).filter(|i| Some(*i) != skip) {
+        match vm.controls[i].request_pause() {
+            PauseRequest::Pausing => out.paused.push(i),
+            PauseRequest::Parked => {}
+            PauseRequest::Stopped => out.failure = Some("the VM is stopping".to_string()),
+        }
+    }
+    vm.machine.wake_waiters();
+    for &i in &out.paused {
+        match vm.controls[i].wait_paused() {
+            Some(Ok(state)) => out.states[i] = Some(state),
+            Some(Err(e)) => out.failure = Some(e),
+            None => out.failure = Some("the VM is stopping".to_string()),
+        }
+    }
+    out
+}
+
 /// Forks `parent`; `caller` is the forking vCPU and its saved state when
 /// the fork comes from a hypercall. Returns the clone's id.
 pub(crate) fn fork(
@@ -54,21 +92,14 @@ pub(crate) fn fork(
 
     // 1. Pause.
     let pause_start = std::time::Instant::now();
-    let mut paused = Vec::new();
-    let mut failure = None;
-    for i in (0..n).filter(|i| Some(*i) != caller_index) {
-        match parent.controls[i].request_pause() {
-            PauseRequest::Pausing => paused.push(i),
-            PauseRequest::Parked => {}
-            PauseRequest::Stopped => failure = Some("the VM is stopping".to_string()),
-        }
-    }
-    machine.wake_waiters();
-    for &i in &paused {
-        match parent.controls[i].wait_paused() {
-            Some(Ok(state)) => states[i] = Some(state),
-            Some(Err(e)) => failure = Some(e),
-            None => failure = Some("the VM is stopping".to_string()),
+    let Paused {
+        paused,
+        states: mut saved,
+        failure,
+    } = pause_vcpus(parent, caller_index);
+    for (slot, state) in states.iter_mut().zip(saved.iter_mut()) {
+        if state.is_some() {
+            *slot = state.take();
         }
     }
     // 2. Fork memory, unless a vCPU could not pause. 3. As soon as memory

@@ -14,6 +14,7 @@ mod hypercall;
 pub mod kvm;
 pub mod linux;
 mod machine;
+pub mod snapshot;
 mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -396,6 +396,18 @@ impl VirtioBus {
         Ok((frozen, FreezeGuard { _locks: locks }))
     }
 
+    /// Holds every device still (no request completes, no ring changes)
+    /// until the guard is dropped, without forking anything.
+    pub fn hold(&self) -> FreezeGuard<'_> {
+        FreezeGuard {
+            _locks: self
+                .slots
+                .iter()
+                .map(|s| s.transport.lock().unwrap_or_else(PoisonError::into_inner))
+                .collect(),
+        }
+    }
+
     /// The clone's bus: its devices from `frozen`, their rings pinned in
     /// the clone's memory `mem`, wired into its KVM VM.
     pub fn restore(

@@ -57,6 +57,9 @@ pub enum VmmError {
     /// Booting a kernel failed.
     #[error("{0}")]
     Boot(String),
+    /// A live snapshot failed.
+    #[error("live snapshot")]
+    Snapshot(#[from] memory::SnapshotError),
     /// A virtio device could not be set up.
     #[error("virtio devices")]
     Virtio(#[from] crate::virtio::VirtioError),
@@ -387,6 +390,16 @@ impl Vm {
         })
     }
 
+    /// Writes a point-in-time image of the running VM's memory to `image`
+    /// while the guest keeps running (see [`crate::snapshot`]).
+    pub fn snapshot_live(
+        &self,
+        image: std::fs::File,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<crate::snapshot::LiveReport, VmmError> {
+        crate::snapshot::live(&self.shared, image, progress)
+    }
+
     /// A handle that can end the VM from any thread, while another waits
     /// for it.
     pub fn stop_handle(&self) -> StopHandle {
@@ -451,6 +464,15 @@ impl StopHandle {
     /// Ends the VM with `exit` unless it already ended.
     pub fn stop(&self, exit: Exit) {
         self.0.finish(exit);
+    }
+
+    /// Like [`Vm::snapshot_live`], from any thread.
+    pub fn snapshot_live(
+        &self,
+        image: std::fs::File,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<crate::snapshot::LiveReport, VmmError> {
+        crate::snapshot::live(&self.0, image, progress)
     }
 }
 
