@@ -6,6 +6,7 @@
 //! kernels.
 
 pub mod abi;
+pub mod api;
 pub mod bench;
 pub mod console;
 pub mod elf;

@@ -309,3 +309,57 @@ fn bad_sizes_and_counts_are_refused_with_a_message() {
         assert!(out.stdout.is_empty(), "{args:?}: the guest ran:\n{out}");
     }
 }
+
+// ---- live snapshots through the API socket ---------------------------------------
+
+#[test]
+fn vmm_snapshot_live_writes_an_image_of_a_running_vm() {
+    let dir = scratch_file("snapshot-dir", b"");
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let image = dir.join("vm.mem");
+    let program = guest_path("generations");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "run",
+            "--program",
+            program.to_str().unwrap(),
+            "--mem",
+            "64M",
+        ])
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "no API socket");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let (s, i) = (sock.to_str().unwrap(), image.to_str().unwrap());
+    let out = vmm(&["snapshot", "--api-sock", s, "--out", i]);
+    assert_refused(&out, "a snapshot without --live", "--live");
+    let out = vmm(&["snapshot", "--api-sock", s, "--live", "--out", i]);
+    assert!(out.status == Some(0), "{out}");
+    assert!(out.stdout.contains("pause_us="), "{out}");
+    assert!(out.stderr.contains("(100%)"), "progress: {out}");
+    let len = std::fs::metadata(&image).unwrap().len();
+    assert_eq!(len, 64 << 20, "the image is as long as RAM");
+    let out = vmm(&["snapshot", "--api-sock", s, "--live", "--out", i]);
+    assert_refused(&out, "an existing image", "exists");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let other = dir.join("other.mem");
+    let out = vmm(&[
+        "snapshot",
+        "--api-sock",
+        s,
+        "--live",
+        "--out",
+        other.to_str().unwrap(),
+    ]);
+    assert_refused(&out, "a VM that is gone", "--api-sock");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
