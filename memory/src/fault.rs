@@ -352,12 +352,16 @@ impl VmMemory {
             return Err(e);
         }
         self.frame_map(&new, page);
+        // An unshare keeps a listener's protection (a write fault lifted it
+        // before getting here): the copy is still protected.
+        let wp = leaf.get(page).wp();
+        debug_assert!(!(wp && writable), "a protected page made writable");
         leaf.set(
             page,
             Entry::Present {
                 store: idx,
                 writable,
-                wp: false,
+                wp,
                 soft_dirty: true,
             },
         );

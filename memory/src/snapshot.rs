@@ -23,8 +23,8 @@
 //! page read it before any write to it landed. A write that arrives after
 //! the copier lifted a page's protection finds the page claimed already.
 //!
-//! A DISCARD (or balloon inflation) of a protected page is a write: the
-//! listener is told first (`VmMemory::discard`).
+//! A DISCARD (or balloon inflation) of a protected page is a write while a
+//! snapshot runs: the listener is told first (`VmMemory::discard`).
 //!
 //! While a snapshot runs, the VM's write protection belongs to it: arming
 //! protection for the guest is refused ([`MemError::Busy`]), and a snapshot
@@ -289,6 +289,44 @@ impl LiveSnapshot {
     pub fn copy_rest(
         &self,
         vm: &VmMemory,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<SnapshotReport, SnapshotError> {
+        let copied = self.copy_todo(vm, true, progress);
+        vm.set_write_listener(None);
+        vm.wp.end_snapshot();
+        while self.in_flight.load(Ordering::Acquire) != 0 {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        self.finish(copied?)
+    }
+
+    /// Copies every page with contents now, without any protection: the
+    /// caller keeps the VM's vCPUs paused and its devices still until this
+    /// returns (a stop-the-world snapshot).
+    pub fn copy_stopped(
+        vm: &VmMemory,
+        image: File,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<SnapshotReport, SnapshotError> {
+        let snap = Self::prepare(vm, image)?;
+        vm.walk_leaves(0, vm.table.pages(), false, |leaf, at, n| {
+            for page in at..at + n {
+                if !matches!(leaf.get(page), Entry::None | Entry::Marker { .. }) {
+                    set_bit(&snap.todo, page);
+                }
+            }
+            Ok(())
+        })?;
+        let copied = snap.copy_todo(vm, false, progress)?;
+        snap.finish(copied)
+    }
+
+    /// Copies the pages to do that nobody claimed, in runs, lifting their
+    /// protection after each run if `lift`. The report so far.
+    fn copy_todo(
+        &self,
+        vm: &VmMemory,
+        lift: bool,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<SnapshotReport, SnapshotError> {
         let pages = vm.table.pages();
@@ -297,36 +335,30 @@ impl LiveSnapshot {
             pages: total,
             ..SnapshotReport::default()
         };
-        let (mut done, mut first) = (0, 0);
-        let copied = loop {
-            if first >= pages {
-                break Ok(());
-            }
+        let mut done = 0;
+        for first in (0..pages).step_by(RUN as usize) {
             let end = (first + RUN).min(pages);
             let run: Vec<u64> = (first..end).filter(|p| bit(&self.todo, *p)).collect();
-            first = end;
             if run.is_empty() {
                 continue;
             }
             report.in_background += self.copy_run(vm, &run) as u64;
-            let lifted = self.lift(vm, run[0], run[run.len() - 1] + 1);
-            if let Err(e) = lifted {
-                break Err(e);
+            if lift {
+                self.lift(vm, run[0], run[run.len() - 1] + 1)?;
             }
             done += run.len() as u64;
             progress(done, total);
-        };
-        vm.set_write_listener(None);
-        vm.wp.end_snapshot();
-        while self.in_flight.load(Ordering::Acquire) != 0 {
-            std::thread::sleep(Duration::from_micros(50));
         }
-        copied?;
+        Ok(report)
+    }
+
+    /// Completes `report` once every copy is done and the image is on disk.
+    fn finish(&self, mut report: SnapshotReport) -> Result<SnapshotReport, SnapshotError> {
         self.check()?;
         self.image.sync_data().map_err(SnapshotError::Image)?;
         report.before_write = self.before_write.load(Ordering::Relaxed);
         report.zero = self.zero.load(Ordering::Relaxed);
-        report.at_start = total - report.in_background - report.before_write;
+        report.at_start = report.pages - report.in_background - report.before_write;
         Ok(report)
     }
 

@@ -666,12 +666,15 @@ impl VmMemory {
     /// touch reads zeros. A pinned frame stays alive for its pin. Returns the
     /// number of pages that had a frame.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
-        // Dropping a protected page's contents is a write: a synchronous
-        // listener (a live snapshot) hears of it first.
-        if self.has_listener() {
+        // For a live snapshot, dropping a protected page's contents is a
+        // write: it copies the page first. (A listener of the guest's own
+        // protection is not told, as userfaultfd's is not of MADV_DONTNEED:
+        // the page keeps its protection, as a marker.)
+        if self.wp.snapshot_running() {
             for (first, off, run) in self.page_range(gpa, len)? {
                 for page in first..first + (off + run).div_ceil(PAGE_SIZE) {
-                    if self.table.get(page).wp() {
+                    let e = self.table.get(page);
+                    if e.wp() && !matches!(e, Entry::None | Entry::Marker { .. }) {
                         self.tell_listener(self.gpa(page));
                     }
                 }

@@ -63,6 +63,10 @@ impl WpState {
         !self.snapshot.swap(true, Ordering::AcqRel)
     }
 
+    pub(crate) fn snapshot_running(&self) -> bool {
+        self.snapshot.load(Ordering::Acquire)
+    }
+
     pub(crate) fn end_snapshot(&self) {
         self.snapshot.store(false, Ordering::Release);
     }
@@ -84,7 +88,7 @@ impl VmMemory {
     /// told to the synchronous listener) and left unprotected. Returns the
     /// number of pages whose protection changed.
     pub fn protect_for_listener(&self, gpa: u64, len: u64, on: bool) -> Result<u64, MemError> {
-        if self.wp.snapshot.load(Ordering::Acquire) {
+        if self.wp.snapshot_running() {
             return Err(MemError::Busy("a live snapshot is being taken"));
         }
         let mut changed = 0;

@@ -235,3 +235,30 @@ fn protection_held_by_the_guest_and_a_second_snapshot_are_refused() {
     snap.copy_rest(&vm, |_, _| {}).unwrap();
     vm.protect_for_listener(A, PAGE, true).unwrap();
 }
+
+#[test]
+fn a_read_pin_that_unshares_a_page_keeps_it_protected() {
+    let (_ctx, vm) = setup();
+    fill(&vm, 1);
+    let child = vm.fork().unwrap();
+    let f = image();
+    let snap = start(&vm, f.try_clone().unwrap()).unwrap();
+    // The frame is shared with the child: the pin copies it (R9).
+    let pin = vm.pin(A, PAGE, common::RO).unwrap();
+    vm.write(A, &[3]).unwrap();
+    snap.copy_rest(&vm, |_, _| {}).unwrap();
+    assert_image_shows(&f, 1);
+    drop((pin, child));
+}
+
+#[test]
+fn a_stop_the_world_copy_has_every_page() {
+    let (_ctx, vm) = setup();
+    fill(&vm, 1);
+    vm.swap_out(A, 4 * PAGE).unwrap();
+    let f = image();
+    let report = LiveSnapshot::copy_stopped(&vm, f.try_clone().unwrap(), |_, _| {}).unwrap();
+    assert_image_shows(&f, 1);
+    assert_eq!(report.pages, N);
+    assert_eq!(report.in_background, N);
+}
