@@ -24,6 +24,8 @@ use crate::vm::{VmShared, VmmError};
 pub struct LiveReport {
     /// How long the guest was paused.
     pub pause: Duration,
+    /// Of the pause, how long the vCPUs took to stop and save their state.
+    pub vcpu_save: Duration,
     /// From the pause request to the image on disk.
     pub total: Duration,
     /// vCPUs whose state was saved (parked ones have none to save).
@@ -32,19 +34,48 @@ pub struct LiveReport {
     pub memory: SnapshotReport,
 }
 
-/// Writes the image of `vm`'s memory into `image`.
+/// Writes the image of `vm`'s memory into `image` while the guest runs.
 pub(crate) fn live(
     vm: &VmShared,
     image: File,
     progress: impl FnMut(u64, u64),
 ) -> Result<LiveReport, VmmError> {
     let snap = LiveSnapshot::prepare(&vm.mem, image)?;
-    let start = Instant::now();
+    let (mut report, started) = paused(vm, || Ok(snap.begin(&vm.mem)?))?;
+    report.memory = snap.copy_rest(&vm.mem, progress)?;
+    report.total = started.elapsed();
+    Ok(report)
+}
+
+/// Writes the image of `vm`'s memory into `image` with the guest paused
+/// throughout (the baseline a live snapshot is measured against).
+pub(crate) fn stopped(
+    vm: &VmShared,
+    image: File,
+    progress: impl FnMut(u64, u64),
+) -> Result<LiveReport, VmmError> {
+    let mut memory = SnapshotReport::default();
+    let (mut report, _) = paused(vm, || {
+        memory = LiveSnapshot::copy_stopped(&vm.mem, image, progress)?;
+        Ok(())
+    })?;
+    report.memory = memory;
+    Ok(report)
+}
+
+/// Runs `f` with every vCPU paused (its state saved) and the devices
+/// held still; a report with the pause's timings, and when it began.
+fn paused(
+    vm: &VmShared,
+    f: impl FnOnce() -> Result<(), VmmError>,
+) -> Result<(LiveReport, Instant), VmmError> {
+    let started = Instant::now();
     let Paused {
         paused,
         states,
         failure,
     } = pause_vcpus(vm, None);
+    let vcpu_save = started.elapsed();
     let resume = || {
         for &i in &paused {
             vm.controls[i].resume();
@@ -54,18 +85,19 @@ pub(crate) fn live(
         resume();
         return Err(VmmError::Config(format!("cannot snapshot: {why}")));
     }
-    let begun = {
+    let done = {
         let _still = vm.virtio.hold();
-        snap.begin(&vm.mem)
+        f()
     };
     resume();
-    let pause = start.elapsed();
-    begun?;
-    let memory = snap.copy_rest(&vm.mem, progress)?;
-    Ok(LiveReport {
+    let pause = started.elapsed();
+    done?;
+    let report = LiveReport {
         pause,
-        total: start.elapsed(),
+        vcpu_save,
+        total: pause,
         vcpus: states.iter().flatten().count(),
-        memory,
-    })
+        memory: SnapshotReport::default(),
+    };
+    Ok((report, started))
 }

@@ -400,6 +400,16 @@ impl Vm {
         crate::snapshot::live(&self.shared, image, progress)
     }
 
+    /// Like [`Vm::snapshot_live`], with the guest paused until the image is
+    /// written (a stop-the-world snapshot).
+    pub fn snapshot_stopped(
+        &self,
+        image: std::fs::File,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<crate::snapshot::LiveReport, VmmError> {
+        crate::snapshot::stopped(&self.shared, image, progress)
+    }
+
     /// A handle that can end the VM from any thread, while another waits
     /// for it.
     pub fn stop_handle(&self) -> StopHandle {
