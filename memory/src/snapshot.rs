@@ -171,12 +171,20 @@ impl LiveSnapshot {
         let mut pinned = Vec::new();
         let mut guest_wp = false;
         let mut runs = crate::fork::Runs::default();
+        let stores = vm.stores.read().share();
         let walked = vm.walk_leaves(0, vm.table.pages(), false, |leaf, at, n| {
+            // Frame metadata only where the leaf says a pin may exist.
+            let leaf_pinned = leaf.maybe_pinned();
+            let mut todo = 0u64;
             for page in at..at + n {
+                if page % 64 == 0 && todo != 0 {
+                    self.todo[(page / 64 - 1) as usize].fetch_or(todo, Ordering::Relaxed);
+                    todo = 0;
+                }
                 let e = leaf.get(page);
                 if e.wp() {
                     guest_wp = true;
-                    return Ok(());
+                    break;
                 }
                 match e {
                     Entry::None | Entry::Marker { .. } => continue,
@@ -186,7 +194,11 @@ impl LiveSnapshot {
                         soft_dirty,
                         ..
                     } => {
-                        if vm.store(store).meta(page).maybe_write_pinned() {
+                        let device_may_write = leaf_pinned
+                            && stores
+                                .get(store)
+                                .is_some_and(|s| s.meta(page).maybe_write_pinned());
+                        if device_may_write {
                             pinned.push(page);
                             continue;
                         }
@@ -222,10 +234,15 @@ impl LiveSnapshot {
                         },
                     ),
                 }
-                set_bit(&self.todo, page);
+                todo |= 1 << (page % 64);
+            }
+            if todo != 0 {
+                let last = at + n - 1;
+                self.todo[(last / 64) as usize].fetch_or(todo, Ordering::Relaxed);
             }
             Ok(())
         });
+        drop(stores);
         let flushed = runs.flush(vm);
         vm.wp_seq.fetch_add(1, Ordering::SeqCst);
         walked?;

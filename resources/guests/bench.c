@@ -14,7 +14,9 @@
    mode 7: virtio-blk: [5] random 4 KiB reads in flight, then spin until
            the host stops the VM.
    mode 8: virtio-net in slot 0: count UDP frames of [5] bytes (Ethernet
-           header included) to 10.0.0.1:5000 ([2] ticks in all). */
+           header included) to 10.0.0.1:5000 ([2] ticks in all).
+   mode 20: touch count pages, set [3] to 1, then write them over and
+           over for ever, counting pages written in [2]. */
 #include "guest.h"
 #include "virtio.h"
 #define MB ((volatile u64 *)0x200000)
@@ -139,6 +141,15 @@ void gmain(u64 ram) {
     }
     if (mode == 8) { net_bench(n, MB[5]); g_exit(0); }
     if (mode == 5) g_exit(0);
+    if (mode == 20) {
+        for (u64 i = 0; i < n; i++) AREA[i * PAGE] = 1;
+        MB[3] = 1;
+        for (u8 gen = 2;; gen++)
+            for (u64 i = 0; i < n; i++) {
+                AREA[i * PAGE] = gen;
+                MB[2]++;
+            }
+    }
     if (mode == 1) {
         static char none;
         u64 t0 = rdtsc();

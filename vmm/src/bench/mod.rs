@@ -4,6 +4,7 @@
 //! Guest-side timings use the TSC (read natively in ring 3 here) and are
 //! converted with a rate calibrated against the host clock in the same run.
 
+mod snapshot;
 mod virtio;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -530,5 +531,6 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
     for &bytes in sizes {
         b.fork_latency(bytes, tsc)?;
     }
+    b.snapshots(if opts.quick { 64 << 20 } else { 1 << 30 }, tsc)?;
     Ok(b.figures)
 }
