@@ -66,7 +66,7 @@ fn a_live_snapshot_is_one_instant_of_a_guest_that_keeps_writing() {
 
     // The pages: generation G up to page j, G - 1 from there on.
     let gens: Vec<u64> = (0..pages)
-        .map(|i| u64_at(&image, area + i * 4096))
+        .map(|i| u64_at(&image, area + i * 2 * 4096))
         .collect();
     let g = gens[0];
     let j = gens.iter().position(|x| *x != g).unwrap_or(gens.len());

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::entry::Entry;
-use crate::layout::PAGE_SIZE;
+use crate::layout::{PAGE_SIZE, PAGES_PER_LEAF};
 use crate::sync::{Ordering, fence};
 use crate::vm::{MemError, VmMemory};
 use crate::wp::WriteListener;
@@ -61,6 +61,14 @@ pub enum SnapshotError {
     /// Guest memory could not be protected or read.
     #[error("guest memory")]
     Memory(#[from] MemError),
+}
+
+/// What phase 1 of `begin` found.
+struct Paused {
+    /// Pages a device may write, copied at the instant.
+    copies: Vec<(u64, Vec<u8>)>,
+    /// A page the guest protected: the snapshot is refused.
+    guest_wp: bool,
 }
 
 /// What a finished snapshot did.
@@ -136,84 +144,123 @@ impl LiveSnapshot {
         }))
     }
 
-    /// Takes the snapshot's instant. The caller keeps the VM's vCPUs paused
-    /// and its devices still for the duration of this call: its return is
-    /// the instant the image shows. Then the VM may run;
-    /// [`LiveSnapshot::copy_rest`] completes the image.
-    pub fn begin(self: &Arc<Self>, vm: &VmMemory) -> Result<(), SnapshotError> {
+    /// Takes the snapshot's instant. The caller has paused the VM's vCPUs
+    /// and holds its devices still; `resume` lets them go again, and is
+    /// called exactly once, as early as the instant allows (on every path).
+    /// Then [`LiveSnapshot::copy_rest`] completes the image.
+    ///
+    /// Like fork, in two phases under the memory-map lock (write) with the
+    /// write-protect sequence odd, so the lockless pin path backs off (R8):
+    ///
+    /// 1. *paused*: every writable page with contents loses host write
+    ///    access (runs of pages, one `mprotect` each), swap and migration
+    ///    entries get the `wp` bit, and frames a device may write through a
+    ///    pin are copied; then `resume`.
+    /// 2. *running*: present entries get the `wp` bit. A guest write meets
+    ///    a read-only host page and its fault waits for the map lock, so it
+    ///    reaches the listener.
+    pub fn begin(
+        self: &Arc<Self>,
+        vm: &VmMemory,
+        resume: impl FnOnce(),
+    ) -> Result<(), SnapshotError> {
         if vm.has_listener() {
+            resume();
             return Err(SnapshotError::Busy("a write listener is set"));
         }
         if !vm.wp.begin_snapshot() {
+            resume();
             return Err(SnapshotError::Busy("another live snapshot runs"));
         }
         let listener: Arc<dyn WriteListener> = self.clone();
         vm.set_write_listener(Some(listener));
-        match self.protect_all(vm) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // Nothing was copied yet: give every page back.
-                let lifted = self.lift_all(vm);
-                vm.set_write_listener(None);
-                vm.wp.end_snapshot();
-                lifted?;
-                Err(e)
+        let protected = {
+            let _map = vm.map_lock.write();
+            vm.wp_seq.fetch_add(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            let paused = self.protect_paused(vm);
+            resume();
+            self.protect_running(vm);
+            vm.wp_seq.fetch_add(1, Ordering::SeqCst);
+            paused
+        };
+        let failed = match protected {
+            Ok(Paused {
+                copies,
+                guest_wp: false,
+            }) => {
+                for (page, bytes) in copies {
+                    self.write_image(vm.gpa(page), &bytes);
+                }
+                match self.check() {
+                    Ok(()) => return Ok(()),
+                    Err(e) => e,
+                }
             }
-        }
+            Ok(Paused { guest_wp: true, .. }) => {
+                SnapshotError::Busy("the guest holds write protection")
+            }
+            Err(e) => e.into(),
+        };
+        // Give every page back.
+        let lifted = self.lift_all(vm);
+        vm.set_write_listener(None);
+        vm.wp.end_snapshot();
+        lifted?;
+        Err(failed)
     }
 
-    /// Protects every page with contents; copies at once those a device may
-    /// write through a pin. Like fork, with the write-protect sequence odd
-    /// so that the lockless pin path backs off (R8).
-    fn protect_all(&self, vm: &VmMemory) -> Result<(), SnapshotError> {
-        vm.wp_seq.fetch_add(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        let mut pinned = Vec::new();
-        let mut guest_wp = false;
+    /// Phase 1 of [`LiveSnapshot::begin`]; the caller holds the map lock
+    /// for writing.
+    fn protect_paused(&self, vm: &VmMemory) -> Result<Paused, MemError> {
+        let mut out = Paused {
+            copies: Vec::new(),
+            guest_wp: false,
+        };
         let mut runs = crate::fork::Runs::default();
         let stores = vm.stores.read().share();
-        let walked = vm.walk_leaves(0, vm.table.pages(), false, |leaf, at, n| {
+        'leaves: for (first, leaf) in vm.table.leaves() {
+            let _ptl = leaf.lock().lock();
+            let end = (first + PAGES_PER_LEAF).min(vm.table.pages());
             // Frame metadata only where the leaf says a pin may exist.
             let leaf_pinned = leaf.maybe_pinned();
             let mut todo = 0u64;
-            for page in at..at + n {
+            for page in first..end {
                 if page % 64 == 0 && todo != 0 {
                     self.todo[(page / 64 - 1) as usize].fetch_or(todo, Ordering::Relaxed);
                     todo = 0;
                 }
                 let e = leaf.get(page);
                 if e.wp() {
-                    guest_wp = true;
-                    break;
+                    out.guest_wp = true;
+                    self.todo[(page / 64) as usize].fetch_or(todo, Ordering::Relaxed);
+                    break 'leaves;
                 }
                 match e {
                     Entry::None | Entry::Marker { .. } => continue,
                     Entry::Present {
-                        store,
-                        writable,
-                        soft_dirty,
-                        ..
+                        store, writable, ..
                     } => {
-                        let device_may_write = leaf_pinned
-                            && stores
-                                .get(store)
-                                .is_some_and(|s| s.meta(page).maybe_write_pinned());
-                        if device_may_write {
-                            pinned.push(page);
-                            continue;
+                        let frame = stores.get(store).expect("an entry names a filled slot");
+                        if leaf_pinned && frame.meta(page).maybe_write_pinned() {
+                            let mut bytes = vec![0u8; PAGE_SIZE as usize];
+                            // SAFETY: `stores` holds the store and the map
+                            // lock (write) keeps the entry, so the frame
+                            // stays mapped; devices are held still, so
+                            // nothing writes it meanwhile.
+                            unsafe { crate::sys::read_frame(frame.frame_ptr(page), &mut bytes) };
+                            set_bit(&self.claimed, page);
+                            out.copies.push((page, bytes));
+                        } else if writable {
+                            if let Err(e) = runs.add(vm, page) {
+                                // Phase 2 still demotes the pages done so
+                                // far, and `begin` gives them back.
+                                todo |= 1 << (page % 64);
+                                self.todo[(page / 64) as usize].fetch_or(todo, Ordering::Relaxed);
+                                let _ = runs.flush(vm);
+                                return Err(e);
+                            }
                         }
-                        if writable {
-                            runs.add(vm, page)?;
-                        }
-                        leaf.set(
-                            page,
-                            Entry::Present {
-                                store,
-                                writable: false,
-                                wp: true,
-                                soft_dirty,
-                            },
-                        );
                     }
                     Entry::Swap {
                         slot, exclusive, ..
@@ -237,25 +284,40 @@ impl LiveSnapshot {
                 todo |= 1 << (page % 64);
             }
             if todo != 0 {
-                let last = at + n - 1;
-                self.todo[(last / 64) as usize].fetch_or(todo, Ordering::Relaxed);
+                self.todo[((end - 1) / 64) as usize].fetch_or(todo, Ordering::Relaxed);
             }
-            Ok(())
-        });
-        drop(stores);
-        let flushed = runs.flush(vm);
-        vm.wp_seq.fetch_add(1, Ordering::SeqCst);
-        walked?;
-        flushed?;
-        if guest_wp {
-            return Err(SnapshotError::Busy("the guest holds write protection"));
         }
-        // Devices are still: these frames hold the contents of this instant.
-        for page in pinned {
-            set_bit(&self.todo, page);
-            self.copy_page(vm, page);
+        runs.flush(vm)?;
+        Ok(out)
+    }
+
+    /// Phase 2 of [`LiveSnapshot::begin`]: the present pages to do (not
+    /// those copied already) get the `wp` bit. The caller holds the map
+    /// lock for writing.
+    fn protect_running(&self, vm: &VmMemory) {
+        for (first, leaf) in vm.table.leaves() {
+            let _ptl = leaf.lock().lock();
+            let end = (first + PAGES_PER_LEAF).min(vm.table.pages());
+            for page in (first..end).filter(|p| bit(&self.todo, *p) && !bit(&self.claimed, *p)) {
+                if let Entry::Present {
+                    store,
+                    wp: false,
+                    soft_dirty,
+                    ..
+                } = leaf.get(page)
+                {
+                    leaf.set(
+                        page,
+                        Entry::Present {
+                            store,
+                            writable: false,
+                            wp: true,
+                            soft_dirty,
+                        },
+                    );
+                }
+            }
         }
-        self.check()
     }
 
     /// Copies the page if nobody has; true if this call did.

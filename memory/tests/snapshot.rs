@@ -43,7 +43,7 @@ fn fill(vm: &VmMemory, tag: u8) {
 /// Prepares a snapshot of `vm` into `f` and takes its instant.
 fn start(vm: &VmMemory, f: File) -> Result<Arc<LiveSnapshot>, SnapshotError> {
     let snap = LiveSnapshot::prepare(vm, f)?;
-    snap.begin(vm)?;
+    snap.begin(vm, || {})?;
     Ok(snap)
 }
 
@@ -101,11 +101,17 @@ fn a_writer_racing_the_copier_never_leaks_into_the_image() {
     let (_ctx, vm) = setup();
     fill(&vm, 1);
     let f = image();
-    let snap = start(&vm, f.try_clone().unwrap()).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
+    let snap = LiveSnapshot::prepare(&vm, f.try_clone().unwrap()).unwrap();
+    let (go, stop) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
     let writer = {
-        let (vm, stop) = (vm.clone(), stop.clone());
+        let (vm, go, stop) = (vm.clone(), go.clone(), stop.clone());
         std::thread::spawn(move || {
+            while !go.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
             let mut tag = 2u8;
             while !stop.load(Ordering::Relaxed) {
                 for i in (0..N).rev() {
@@ -115,6 +121,10 @@ fn a_writer_racing_the_copier_never_leaks_into_the_image() {
             }
         })
     };
+    // The writer starts as soon as the instant is taken, racing the rest
+    // of `begin` as well as the copier.
+    snap.begin(&vm, || go.store(true, Ordering::Release))
+        .unwrap();
     let report = snap.copy_rest(&vm, |_, _| {}).unwrap();
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
