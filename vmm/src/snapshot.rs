@@ -41,7 +41,7 @@ pub(crate) fn live(
     progress: impl FnMut(u64, u64),
 ) -> Result<LiveReport, VmmError> {
     let snap = LiveSnapshot::prepare(&vm.mem, image)?;
-    let (mut report, started) = paused(vm, || Ok(snap.begin(&vm.mem)?))?;
+    let (mut report, started) = paused(vm, |resume| Ok(snap.begin(&vm.mem, resume)?))?;
     report.memory = snap.copy_rest(&vm.mem, progress)?;
     report.total = started.elapsed();
     Ok(report)
@@ -55,19 +55,21 @@ pub(crate) fn stopped(
     progress: impl FnMut(u64, u64),
 ) -> Result<LiveReport, VmmError> {
     let mut memory = SnapshotReport::default();
-    let (mut report, _) = paused(vm, || {
+    let (mut report, _) = paused(vm, |resume| {
         memory = LiveSnapshot::copy_stopped(&vm.mem, image, progress)?;
+        resume();
         Ok(())
     })?;
     report.memory = memory;
     Ok(report)
 }
 
-/// Runs `f` with every vCPU paused (its state saved) and the devices
-/// held still; a report with the pause's timings, and when it began.
+/// Runs `f` with every vCPU paused (its state saved) and the devices held
+/// still, until `f` calls the resume function it is given (or returns); a
+/// report with the pause's timings, and when the pause began.
 fn paused(
     vm: &VmShared,
-    f: impl FnOnce() -> Result<(), VmmError>,
+    f: impl FnOnce(&mut dyn FnMut()) -> Result<(), VmmError>,
 ) -> Result<(LiveReport, Instant), VmmError> {
     let started = Instant::now();
     let Paused {
@@ -76,22 +78,24 @@ fn paused(
         failure,
     } = pause_vcpus(vm, None);
     let vcpu_save = started.elapsed();
-    let resume = || {
-        for &i in &paused {
-            vm.controls[i].resume();
+    let mut still = Some(vm.virtio.hold());
+    let mut pause = None;
+    let mut resume = || {
+        if pause.is_none() {
+            drop(still.take());
+            for &i in &paused {
+                vm.controls[i].resume();
+            }
+            pause = Some(started.elapsed());
         }
     };
-    if let Some(why) = failure {
-        resume();
-        return Err(VmmError::Config(format!("cannot snapshot: {why}")));
-    }
-    let done = {
-        let _still = vm.virtio.hold();
-        f()
+    let done = match failure {
+        Some(why) => Err(VmmError::Config(format!("cannot snapshot: {why}"))),
+        None => f(&mut resume),
     };
     resume();
-    let pause = started.elapsed();
     done?;
+    let pause = pause.unwrap_or_default();
     let report = LiveReport {
         pause,
         vcpu_save,

@@ -637,21 +637,33 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Resolves each access that would fault; true if any did.
+    /// Resolves each access that would fault; true if any did. When the
+    /// lockless check finds nothing to do, every access is resolved again
+    /// under the memory locks: a page that a migration or a swap-out is
+    /// taking away loses its host mapping before its entry changes, and
+    /// only the locks see (and wait for) that.
     fn resolve(&self, accesses: &[PageAccess]) -> Result<bool, String> {
         let mem = &self.shared.mem;
+        let fault = |a: &PageAccess, access| {
+            mem.fault(a.gpa, access).map_err(|e| {
+                format!(
+                    "cannot resolve a guest fault at {:#x}: {}",
+                    a.gpa,
+                    chain(&e)
+                )
+            })
+        };
+        let access_of = |a: &PageAccess| if a.write { Access::Write } else { Access::Read };
         let mut progress = false;
         for a in accesses {
-            let access = if a.write { Access::Write } else { Access::Read };
-            if mem.would_fault(a.gpa, access) {
-                mem.fault(a.gpa, access).map_err(|e| {
-                    format!(
-                        "cannot resolve a guest fault at {:#x}: {}",
-                        a.gpa,
-                        chain(&e)
-                    )
-                })?;
+            if mem.would_fault(a.gpa, access_of(a)) {
+                fault(a, access_of(a))?;
                 progress = true;
+            }
+        }
+        if !progress {
+            for a in accesses {
+                progress |= fault(a, access_of(a))?;
             }
         }
         Ok(progress)
