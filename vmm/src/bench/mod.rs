@@ -4,6 +4,7 @@
 //! Guest-side timings use the TSC (read natively in ring 3 here) and are
 //! converted with a rate calibrated against the host clock in the same run.
 
+mod swap;
 mod virtio;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -527,6 +528,8 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
     b.virtio_blk(tsc)?;
     b.fork_with_requests_in_flight()?;
     b.virtio_net(tsc)?;
+    b.swap(tsc)?;
+    b.migration(tsc)?;
     let sizes: &[u64] = if opts.quick {
         &[32 << 20]
     } else {
