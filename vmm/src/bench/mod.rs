@@ -528,8 +528,6 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
     b.virtio_blk(tsc)?;
     b.fork_with_requests_in_flight()?;
     b.virtio_net(tsc)?;
-    b.swap(tsc)?;
-    b.migration(tsc)?;
     let sizes: &[u64] = if opts.quick {
         &[32 << 20]
     } else {
@@ -538,5 +536,7 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
     for &bytes in sizes {
         b.fork_latency(bytes, tsc)?;
     }
+    b.swap(tsc)?;
+    b.migration(tsc)?;
     Ok(b.figures)
 }
