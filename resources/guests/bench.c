@@ -15,6 +15,15 @@
            the host stops the VM.
    mode 8: virtio-net in slot 0: count UDP frames of [5] bytes (Ethernet
            header included) to 10.0.0.1:5000 ([2] ticks in all).
+   mode 9: touch count pages, SWAP_OUT them ([2] ticks, [5] pages that
+           went), then read them back, each read timed on its own (the
+           ticks of page i as a u64 right after the area, [3] in all);
+           then times plain port exits ([6], ticks per exit).
+   mode 10 (two vCPUs): touch count pages, MIGRATE them ([2] ticks), then
+           start vCPU 1 writing to the first [5] pages over and over while
+           this vCPU MIGRATEs those pages [6] times ([3] ticks, [7] pages
+           moved); vCPU 1's slowest write in ticks in [8], its writes in
+           [9].
    mode 20: touch count pages, set [3] to 1, then write them over and
            over for ever, counting pages written in [2]. */
 #include "guest.h"
@@ -87,6 +96,87 @@ static void blk_bench(u64 n, u64 depth, u64 sectors) {
     MB[2] = rdtsc() - t0;
 }
 
+static void swap_bench(u64 n) {
+    volatile u64 *times = (volatile u64 *)(AREA + n * PAGE);
+    for (u64 i = 0; i < n; i++) { AREA[i * PAGE] = (u8)(i + 1); times[i] = 0; }
+    u64 t0 = rdtsc();
+    i64 went = hc(HC_SWAP_OUT, (u64)AREA, n * PAGE, 0);
+    MB[2] = rdtsc() - t0;
+    G_CHECK(went >= 0, "SWAP_OUT failed");
+    MB[5] = (u64)went;
+    u64 sum = 0;
+    t0 = rdtsc();
+    for (u64 i = 0; i < n; i++) {
+        u64 t = rdtsc();
+        sum += AREA[i * PAGE];
+        times[i] = rdtsc() - t;
+    }
+    MB[3] = rdtsc() - t0;
+    u64 want = 0;
+    for (u64 i = 0; i < n; i++) want += (u8)(i + 1);
+    G_CHECK(sum == want, "pages came back from swap changed");
+    t0 = rdtsc();
+    for (u64 i = 0; i < 256; i++) asm volatile("outb %%al, $0x80" ::"a"(0));
+    MB[6] = (rdtsc() - t0) / 256;
+}
+
+static volatile u64 ap_running, ap_stop, ap_done;
+static u8 __attribute__((aligned(16))) ap_stack[16384];
+
+/* vCPU 1 of mode 10: writes the first MB[5] pages round and round, timing
+   each write, until told to stop. */
+void ap_main(u64 index) {
+    (void)index;
+    u64 w = MB[5], slowest = 0, writes = 0;
+    __atomic_store_n(&ap_running, 1, __ATOMIC_SEQ_CST);
+    while (!__atomic_load_n(&ap_stop, __ATOMIC_SEQ_CST)) {
+        for (u64 i = 0; i < w; i++) {
+            u64 t = rdtsc();
+            AREA[i * PAGE] = (u8)writes;
+            t = rdtsc() - t;
+            if (t > slowest) slowest = t;
+            writes++;
+        }
+    }
+    MB[8] = slowest;
+    MB[9] = writes;
+    __atomic_store_n(&ap_done, 1, __ATOMIC_SEQ_CST);
+    for (;;) asm volatile("pause");
+}
+void ap_entry(void);
+asm(".text\n.globl ap_entry\nap_entry:\n  call ap_main\n  ud2\n");
+
+/* Spins until *flag is set, failing after ten seconds. */
+static void await_flag(volatile u64 *flag, const char *what) {
+    u64 start = rdtsc();
+    while (!__atomic_load_n(flag, __ATOMIC_SEQ_CST)) {
+        if (rdtsc() - start > 10 * MB[4]) { g_puts(what); g_exit(1); }
+        asm volatile("pause");
+    }
+}
+
+static void migrate_bench(u64 n, u64 w, u64 rounds) {
+    for (u64 i = 0; i < n; i++) AREA[i * PAGE] = 1;
+    u64 t0 = rdtsc();
+    i64 moved = hc(HC_MIGRATE, (u64)AREA, n * PAGE, 0);
+    MB[2] = rdtsc() - t0;
+    G_CHECK(moved == (i64)n, "MIGRATE did not move every page");
+    G_CHECK(hc(HC_VCPU_START, 1, (u64)&ap_entry, (u64)ap_stack + sizeof ap_stack) == 0,
+            "VCPU_START failed");
+    await_flag(&ap_running, "FAIL: vCPU 1 did not start\n");
+    u64 total = 0;
+    t0 = rdtsc();
+    for (u64 r = 0; r < rounds; r++) {
+        moved = hc(HC_MIGRATE, (u64)AREA, w * PAGE, 0);
+        G_CHECK(moved >= 0, "MIGRATE failed");
+        total += (u64)moved;
+    }
+    MB[3] = rdtsc() - t0;
+    MB[7] = total;
+    __atomic_store_n(&ap_stop, 1, __ATOMIC_SEQ_CST);
+    await_flag(&ap_done, "FAIL: vCPU 1 did not stop\n");
+}
+
 static u16 be16(u16 v) { return (u16)((v >> 8) | (v << 8)); }
 
 /* UDP frames of `size` bytes to 10.0.0.1:5000 from 10.0.0.2:6000. */
@@ -140,6 +230,8 @@ void gmain(u64 ram) {
         for (;;) asm volatile("pause");
     }
     if (mode == 8) { net_bench(n, MB[5]); g_exit(0); }
+    if (mode == 9) { swap_bench(n); g_exit(0); }
+    if (mode == 10) { migrate_bench(n, MB[5], MB[6]); g_exit(0); }
     if (mode == 5) g_exit(0);
     if (mode == 20) {
         for (u64 i = 0; i < n; i++) AREA[i * PAGE] = 1;

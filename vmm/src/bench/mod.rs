@@ -5,6 +5,7 @@
 //! converted with a rate calibrated against the host clock in the same run.
 
 mod snapshot;
+mod swap;
 mod virtio;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -72,13 +73,15 @@ struct Bench {
 
 impl Bench {
     fn vm(&mut self, mem: u64, mode: u64, count: u64, tsc: f64) -> Result<Vm, VmmError> {
-        self.vm_with(mem, &[mode, count, 0, 0, tsc as u64], Vec::new())
+        self.vm_with(mem, 1, &[mode, count, 0, 0, tsc as u64], Vec::new())
     }
 
-    /// A benchmark VM with `words` in its mailbox and virtio `devices`.
+    /// A benchmark VM with `vcpus` vCPUs, `words` in its mailbox and
+    /// virtio `devices`.
     fn vm_with(
         &mut self,
         mem: u64,
+        vcpus: u32,
         words: &[u64],
         devices: Vec<crate::virtio::DeviceConfig>,
     ) -> Result<Vm, VmmError> {
@@ -90,6 +93,7 @@ impl Bench {
             &ctx,
             VmConfig {
                 mem,
+                vcpus,
                 sink,
                 devices,
                 ..VmConfig::program(GUEST.to_vec())
@@ -98,6 +102,20 @@ impl Bench {
         let mailbox: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         vm.memory().write(MAILBOX, &mailbox)?;
         Ok(vm)
+    }
+
+    /// Runs `vm` to its end; an error, with the guest's console, unless it
+    /// exited with 0.
+    fn run_to_exit(&self, vm: Vm, what: &str) -> Result<(), VmmError> {
+        let outcome = vm.run()?;
+        if outcome.exit != Exit::Code(0) {
+            return Err(VmmError::Config(format!(
+                "{what} guest ended {:?}: {}",
+                outcome.exit,
+                self.console_text()
+            )));
+        }
+        Ok(())
     }
 
     fn console_text(&self) -> String {
@@ -212,13 +230,7 @@ impl Bench {
     fn vmm_hypercalls(&mut self, n: u64, tsc: f64) -> Result<u64, VmmError> {
         let vm = self.vm(64 << 20, 1, n, tsc)?;
         let mem = vm.memory().clone();
-        let outcome = vm.run()?;
-        if outcome.exit != Exit::Code(0) {
-            return Err(VmmError::Config(format!(
-                "hypercall loop ended {:?}",
-                outcome.exit
-            )));
-        }
+        self.run_to_exit(vm, "hypercall loop")?;
         Ok(Self::mailbox(&mem, 2))
     }
 
@@ -329,13 +341,7 @@ impl Bench {
         for _ in 0..rounds {
             let vm = self.vm(64 << 20, 2, n, tsc)?;
             let mem = vm.memory().clone();
-            let outcome = vm.run()?;
-            if outcome.exit != Exit::Code(0) {
-                return Err(VmmError::Config(format!(
-                    "COW guest ended {:?}",
-                    outcome.exit
-                )));
-            }
+            self.run_to_exit(vm, "COW")?;
             let (cow, exit) = (Self::mailbox(&mem, 2), Self::mailbox(&mem, 3));
             cows.push(cow);
             exits.push(exit);
@@ -531,6 +537,8 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
     for &bytes in sizes {
         b.fork_latency(bytes, tsc)?;
     }
+    b.swap(tsc)?;
+    b.migration(tsc)?;
     b.snapshots(if opts.quick { 64 << 20 } else { 1 << 30 }, tsc)?;
     Ok(b.figures)
 }

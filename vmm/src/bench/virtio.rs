@@ -23,12 +23,12 @@ const DISK: u64 = 64 << 20;
 const SECTOR: u64 = 512;
 const VM_MEM: u64 = 64 << 20;
 
-fn io(e: std::io::Error) -> VmmError {
+pub(super) fn io(e: std::io::Error) -> VmmError {
     VmmError::Thread(e)
 }
 
 /// A scratch file removed on drop.
-struct Scratch(PathBuf);
+pub(super) struct Scratch(pub(super) PathBuf);
 
 impl Scratch {
     /// A file of `len` bytes, written and read once so that it is cached.
@@ -100,16 +100,9 @@ impl Bench {
     /// Guest IOPS of random 4 KiB reads at queue depth `depth`.
     fn blk_iops(&mut self, disk: &Scratch, depth: u64, n: u64, tsc: f64) -> Result<f64, VmmError> {
         let words = [6, n, 0, 0, tsc as u64, depth, DISK / SECTOR];
-        let vm = self.vm_with(VM_MEM, &words, vec![blk_device(&disk.0, None)])?;
+        let vm = self.vm_with(VM_MEM, 1, &words, vec![blk_device(&disk.0, None)])?;
         let mem = vm.memory().clone();
-        let outcome = vm.run()?;
-        if outcome.exit != Exit::Code(0) {
-            return Err(VmmError::Config(format!(
-                "virtio-blk guest ended {:?}: {}",
-                outcome.exit,
-                self.console_text()
-            )));
-        }
+        self.run_to_exit(vm, "virtio-blk")?;
         Ok(n as f64 / (Self::mailbox(&mem, 2) as f64 / tsc))
     }
 
@@ -163,7 +156,7 @@ impl Bench {
         let disk = Scratch::disk(1 << 20)?;
         let latency = Some(Duration::from_secs(1));
         let words = [7, 0, 0, 0, 0, depth, (1 << 20) / SECTOR];
-        let mut vm = self.vm_with(VM_MEM, &words, vec![blk_device(&disk.0, latency)])?;
+        let mut vm = self.vm_with(VM_MEM, 1, &words, vec![blk_device(&disk.0, latency)])?;
         let transport = vm.virtio().transport(0).cloned();
         vm.start()?;
         let held = || {
@@ -264,7 +257,7 @@ impl Bench {
             .map_err(io)?;
         let net =
             DeviceConfig::parse_net(&format!("tap={}", Netns::TAP)).map_err(VmmError::Config)?;
-        let vm = self.vm_with(VM_MEM, &[8, n, 0, 0, tsc as u64, size], vec![net])?;
+        let vm = self.vm_with(VM_MEM, 1, &[8, n, 0, 0, tsc as u64, size], vec![net])?;
         let mem = vm.memory().clone();
         let (done, received) = (AtomicBool::new(false), AtomicU64::new(0));
         let outcome = std::thread::scope(|s| {
