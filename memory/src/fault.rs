@@ -102,7 +102,12 @@ impl VmMemory {
                     self.tell_listener(self.gpa(page));
                     listener_told = true;
                 }
-                Step::WaitMigration(seen) => self.wait_for_migration(seen),
+                Step::WaitMigration(seen) => {
+                    self.wait_for_migration(seen);
+                    // The move ended: the page changed under the caller
+                    // (a retried access may now succeed where it failed).
+                    changed = true;
+                }
                 // Progress (a marker became a read-only frame, say): go on.
                 Step::Done(_) => {}
             }

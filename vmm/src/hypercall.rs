@@ -118,7 +118,11 @@ fn over_pages(
     };
     op(&shared.mem, len).unwrap_or_else(|e| {
         log::warn!("{what} {addr:#x}+{len:#x}: {}", crate::vcpu::chain(&e));
-        -errno::EIO
+        match e {
+            // A live snapshot holds the VM's write protection.
+            MemError::Busy(_) => -errno::EBUSY,
+            _ => -errno::EIO,
+        }
     })
 }
 
