@@ -50,12 +50,24 @@ impl Drop for Scratch {
     }
 }
 
-/// Random 4 KiB `pread`s per second of a host thread on `path`.
-fn host_pread_iops(path: &PathBuf, n: u64) -> Result<f64, VmmError> {
+/// CPU time of the calling thread, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Random 4 KiB `pread`s per second of a host thread on `path`, and the
+/// thread's CPU time per read in nanoseconds.
+fn host_pread_iops(path: &PathBuf, n: u64) -> Result<(f64, f64), VmmError> {
     let f = std::fs::File::open(path).map_err(io)?;
     let mut buf = vec![0u8; 4096];
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), thread_cpu_ns());
     for _ in 0..n {
         x ^= x >> 12;
         x ^= x << 25;
@@ -63,7 +75,8 @@ fn host_pread_iops(path: &PathBuf, n: u64) -> Result<f64, VmmError> {
         let block = x.wrapping_mul(0x2545_f491_4f6c_dd1d) % (DISK / 4096);
         f.read_exact_at(&mut buf, block * 4096).map_err(io)?;
     }
-    Ok(n as f64 / t.elapsed().as_secs_f64())
+    let cpu = (thread_cpu_ns() - cpu) as f64 / n as f64;
+    Ok((n as f64 / t.elapsed().as_secs_f64(), cpu))
 }
 
 /// Pin + unpin of a block request's three buffers (16-byte header, 4 KiB
@@ -96,14 +109,72 @@ fn blk_device(path: &std::path::Path, latency: Option<Duration>) -> DeviceConfig
     })
 }
 
+/// CPU time of this process's threads whose names start with `prefix`
+/// (from `/proc/self/task/*/schedstat`), in nanoseconds.
+fn threads_cpu_ns(prefix: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let mut total = 0;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+/// Runs `f` while a sampler thread records the CPU time the device's
+/// threads (its device thread and I/O threads, all started by `f`) have
+/// used; the last sample before `f` returned, in nanoseconds.
+fn with_device_cpu<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    let (done, last) = (AtomicBool::new(false), AtomicU64::new(0));
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                let ns = threads_cpu_ns("virtio");
+                last.fetch_max(ns, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let r = f();
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    (r, last.load(Ordering::Relaxed))
+}
+
+/// One block run: guest IOPS and device-thread CPU time per request.
+struct BlkRun {
+    iops: f64,
+    device_ns: f64,
+}
+
 impl Bench {
     /// Guest IOPS of random 4 KiB reads at queue depth `depth`.
-    fn blk_iops(&mut self, disk: &Scratch, depth: u64, n: u64, tsc: f64) -> Result<f64, VmmError> {
+    fn blk_iops(
+        &mut self,
+        disk: &Scratch,
+        depth: u64,
+        n: u64,
+        tsc: f64,
+    ) -> Result<BlkRun, VmmError> {
         let words = [6, n, 0, 0, tsc as u64, depth, DISK / SECTOR];
         let vm = self.vm_with(VM_MEM, 1, &words, vec![blk_device(&disk.0, None)])?;
         let mem = vm.memory().clone();
-        self.run_to_exit(vm, "virtio-blk")?;
-        Ok(n as f64 / (Self::mailbox(&mem, 2) as f64 / tsc))
+        let (r, cpu) = with_device_cpu(|| self.run_to_exit(vm, "virtio-blk"));
+        r?;
+        Ok(BlkRun {
+            iops: n as f64 / (Self::mailbox(&mem, 2) as f64 / tsc),
+            device_ns: cpu as f64 / n as f64,
+        })
     }
 
     /// virtio-blk random reads at QD1 and QD32 next to a host thread's
@@ -115,7 +186,7 @@ impl Bench {
         } else {
             (20_000, 100_000)
         };
-        let host = host_pread_iops(&disk.0, n32)?;
+        let (host, host_cpu) = host_pread_iops(&disk.0, n32)?;
         let qd1 = self.blk_iops(&disk, 1, n1, tsc)?;
         let qd32 = self.blk_iops(&disk, 32, n32, tsc)?;
         let pin = request_pin_cost(if self.quick { 2_000 } else { 100_000 })?;
@@ -126,19 +197,31 @@ impl Bench {
         );
         self.record(
             "virtio-blk random 4 KiB reads, QD1, guest",
-            format!("{:.0} IOPS", qd1),
-            format!("{:.2}x the host thread (reported)", qd1 / host),
+            format!("{:.0} IOPS", qd1.iops),
+            format!("{:.2}x the host thread (reported)", qd1.iops / host),
         );
-        let ratio = qd32 / host;
+        let ratio = qd32.iops / host;
         self.record(
             "virtio-blk random 4 KiB reads, QD32, guest",
-            format!("{:.0} IOPS", qd32),
+            format!("{:.0} IOPS", qd32.iops),
             goal(
                 ratio >= 0.5,
                 &format!("{ratio:.2}x the host thread, goal >= 0.5x"),
             ),
         );
-        let share = pin * qd32;
+        self.record(
+            "  device threads' CPU time per request, QD1 / QD32",
+            format!(
+                "{:.2} / {:.2} us",
+                qd1.device_ns / 1e3,
+                qd32.device_ns / 1e3
+            ),
+            format!(
+                "reported; a host pread takes {:.2} us of CPU time",
+                host_cpu / 1e3
+            ),
+        );
+        let share = pin * qd32.iops;
         self.record(
             "pin + unpin of a request's 3 buffers / QD32 request time",
             format!("{:.0} ns", pin * 1e9),
