@@ -20,7 +20,6 @@
 //! so a clone can serve again the requests that were in flight.
 
 use std::collections::BTreeSet;
-use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
 use memory::{MemError, Pin, PinFlags, VmMemory};
@@ -125,6 +124,9 @@ impl<'a> GuestMemoryBackend for RingView<'a> {
         self.regions.iter()
     }
 }
+
+/// Where the available ring's pin is in [`Rings::pins`].
+const AVAIL: usize = 2;
 
 /// The long-term pins of one queue's rings.
 #[derive(Debug)]
@@ -389,14 +391,19 @@ impl DeviceQueue {
         Ok(out)
     }
 
-    /// Whether a chain is waiting on the available ring.
+    /// Whether a chain is waiting on the available ring. Cheap enough to
+    /// poll: it reads the ring's index through its pin, building no view.
     pub fn has_available(&self) -> Result<bool, QueueError> {
         let (Some(q), Some(rings)) = (&self.queue, &self.rings) else {
             return Ok(false);
         };
-        let view = rings.view();
-        let idx = q.avail_idx(&view, Ordering::Acquire).map_err(ring_err)?;
-        Ok(idx != Wrapping(q.next_avail()))
+        let mut idx = [0u8; 2];
+        rings.pins[AVAIL]
+            .read(2, &mut idx)
+            .map_err(|_| QueueError::Bounds)?;
+        // What the driver wrote before it published the index is read after.
+        std::sync::atomic::fence(Ordering::Acquire);
+        Ok(u16::from_le_bytes(idx) != q.next_avail())
     }
 
     /// Returns a held head to the driver with `len` bytes written.
