@@ -109,16 +109,27 @@ fn blk_device(path: &std::path::Path, latency: Option<Duration>) -> DeviceConfig
     })
 }
 
-/// CPU time of this process's threads whose names start with `prefix`
-/// (from `/proc/self/task/*/schedstat`), in nanoseconds.
-fn threads_cpu_ns(prefix: &str) -> u64 {
+/// Drops `path` from the page cache.
+fn uncache(path: &std::path::Path) -> Result<(), VmmError> {
+    let f = std::fs::File::open(path).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    // SAFETY: posix_fadvise on a descriptor we own; no memory is involved.
+    match unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) } {
+        0 => Ok(()),
+        e => Err(io(std::io::Error::from_raw_os_error(e))),
+    }
+}
+
+/// CPU time of this process's threads whose names start with one of
+/// `prefixes` (from `/proc/self/task/*/schedstat`), in nanoseconds.
+fn threads_cpu_ns(prefixes: &[&str]) -> u64 {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return 0;
     };
     let mut total = 0;
     for task in tasks.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with(prefix) {
+        if !prefixes.iter().any(|p| comm.starts_with(p)) {
             continue;
         }
         let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
@@ -132,14 +143,15 @@ fn threads_cpu_ns(prefix: &str) -> u64 {
 }
 
 /// Runs `f` while a sampler thread records the CPU time the device's
-/// threads (its device thread and I/O threads, all started by `f`) have
-/// used; the last sample before `f` returned, in nanoseconds.
+/// threads (its device thread, I/O threads and io_uring workers, all
+/// started by `f`) have used; the last sample before `f` returned, in
+/// nanoseconds.
 fn with_device_cpu<R>(f: impl FnOnce() -> R) -> (R, u64) {
     let (done, last) = (AtomicBool::new(false), AtomicU64::new(0));
     let r = std::thread::scope(|s| {
         s.spawn(|| {
             while !done.load(Ordering::Relaxed) {
-                let ns = threads_cpu_ns("virtio");
+                let ns = threads_cpu_ns(&["virtio", "iou-"]);
                 last.fetch_max(ns, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -157,17 +169,33 @@ struct BlkRun {
     device_ns: f64,
 }
 
+/// How a block run reads.
+#[derive(Clone, Copy)]
+struct BlkMode {
+    /// Through io_uring (else the thread pool).
+    io_uring: bool,
+    /// With the image dropped from the page cache first.
+    uncached: bool,
+}
+
 impl Bench {
     /// Guest IOPS of random 4 KiB reads at queue depth `depth`.
     fn blk_iops(
         &mut self,
         disk: &Scratch,
-        depth: u64,
-        n: u64,
+        (depth, n): (u64, u64),
+        mode: BlkMode,
         tsc: f64,
     ) -> Result<BlkRun, VmmError> {
         let words = [6, n, 0, 0, tsc as u64, depth, DISK / SECTOR];
-        let vm = self.vm_with(VM_MEM, 1, &words, vec![blk_device(&disk.0, None)])?;
+        let device = DeviceConfig::Blk(BlockConfig {
+            io_uring: mode.io_uring,
+            ..BlockConfig::new(disk.0.clone())
+        });
+        if mode.uncached {
+            uncache(&disk.0)?;
+        }
+        let vm = self.vm_with(VM_MEM, 1, &words, vec![device])?;
         let mem = vm.memory().clone();
         let (r, cpu) = with_device_cpu(|| self.run_to_exit(vm, "virtio-blk"));
         r?;
@@ -178,50 +206,75 @@ impl Bench {
     }
 
     /// virtio-blk random reads at QD1 and QD32 next to a host thread's
-    /// `pread`, and the pin + unpin share of a request.
+    /// `pread`, through io_uring and through the thread pool; reads of an
+    /// uncached image through each; the pin + unpin share of a request.
     pub(super) fn virtio_blk(&mut self, tsc: f64) -> Result<(), VmmError> {
         let disk = Scratch::disk(DISK)?;
-        let (n1, n32) = if self.quick {
-            (500, 2_000)
+        let (n1, n32, cold) = if self.quick {
+            (500, 2_000, 500)
         } else {
-            (20_000, 100_000)
+            (20_000, 100_000, 4_000)
         };
         let (host, host_cpu) = host_pread_iops(&disk.0, n32)?;
-        let qd1 = self.blk_iops(&disk, 1, n1, tsc)?;
-        let qd32 = self.blk_iops(&disk, 32, n32, tsc)?;
-        let pin = request_pin_cost(if self.quick { 2_000 } else { 100_000 })?;
         self.record(
             "host thread, random 4 KiB pread of a cached file",
             format!("{:.0} IOPS", host),
-            "baseline".into(),
+            format!("baseline; {:.2} us of CPU time per read", host_cpu / 1e3),
         );
-        self.record(
-            "virtio-blk random 4 KiB reads, QD1, guest",
-            format!("{:.0} IOPS", qd1.iops),
-            format!("{:.2}x the host thread (reported)", qd1.iops / host),
-        );
-        let ratio = qd32.iops / host;
-        self.record(
-            "virtio-blk random 4 KiB reads, QD32, guest",
-            format!("{:.0} IOPS", qd32.iops),
-            goal(
-                ratio >= 0.5,
-                &format!("{ratio:.2}x the host thread, goal >= 0.5x"),
-            ),
-        );
-        self.record(
-            "  device threads' CPU time per request, QD1 / QD32",
-            format!(
-                "{:.2} / {:.2} us",
-                qd1.device_ns / 1e3,
-                qd32.device_ns / 1e3
-            ),
-            format!(
-                "reported; a host pread takes {:.2} us of CPU time",
-                host_cpu / 1e3
-            ),
-        );
-        let share = pin * qd32.iops;
+        let mut qd32_iops = 0.0;
+        for io_uring in [true, false] {
+            let cached = BlkMode {
+                io_uring,
+                uncached: false,
+            };
+            let qd1 = self.blk_iops(&disk, (1, n1), cached, tsc)?;
+            let qd32 = self.blk_iops(&disk, (32, n32), cached, tsc)?;
+            let how = if io_uring { "io_uring" } else { "thread pool" };
+            self.record(
+                &format!("virtio-blk random 4 KiB reads, QD1, {how}"),
+                format!("{:.0} IOPS", qd1.iops),
+                format!("{:.2}x the host thread (reported)", qd1.iops / host),
+            );
+            let ratio = qd32.iops / host;
+            self.record(
+                &format!("virtio-blk random 4 KiB reads, QD32, {how}"),
+                format!("{:.0} IOPS", qd32.iops),
+                match io_uring {
+                    true => goal(
+                        ratio >= 0.5,
+                        &format!("{ratio:.2}x the host thread, goal >= 0.5x"),
+                    ),
+                    false => format!("{ratio:.2}x the host thread (reported)"),
+                },
+            );
+            self.record(
+                &format!("  device CPU time per request, QD1 / QD32, {how}"),
+                format!(
+                    "{:.2} / {:.2} us",
+                    qd1.device_ns / 1e3,
+                    qd32.device_ns / 1e3
+                ),
+                "reported".into(),
+            );
+            if io_uring {
+                qd32_iops = qd32.iops;
+            }
+        }
+        for io_uring in [true, false] {
+            let mode = BlkMode {
+                io_uring,
+                uncached: true,
+            };
+            let run = self.blk_iops(&disk, (32, cold), mode, tsc)?;
+            let how = if io_uring { "io_uring" } else { "thread pool" };
+            self.record(
+                &format!("virtio-blk random 4 KiB reads, uncached, QD32, {how}"),
+                format!("{:.0} IOPS", run.iops),
+                "reported".into(),
+            );
+        }
+        let pin = request_pin_cost(if self.quick { 2_000 } else { 100_000 })?;
+        let share = pin * qd32_iops;
         self.record(
             "pin + unpin of a request's 3 buffers / QD32 request time",
             format!("{:.0} ns", pin * 1e9),

@@ -135,6 +135,15 @@ impl Disk {
         self.overlay.is_some()
     }
 
+    /// The image file's descriptor, for reads that go around this view
+    /// (io_uring); None for a clone's view, whose reads must see its
+    /// overlay.
+    pub fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.overlay
+            .is_none()
+            .then(|| self.backing.file.as_raw_fd())
+    }
+
     /// Reads `[off, off + len of slices)` into `slices`.
     pub fn read(&self, off: u64, slices: &[VolatileSlice<'_>]) -> io::Result<()> {
         let Some(overlay) = &self.overlay else {

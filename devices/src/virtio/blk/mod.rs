@@ -1,17 +1,26 @@
 //! virtio-blk (virtio 1.2, section 5.2) over a disk image.
 //!
-//! The device thread takes requests off the queue and pins their buffers.
-//! A read whose data the page cache holds is served at once
-//! (`preadv2(RWF_NOWAIT)` straight into the pinned guest frames); every
-//! other request is handed to the I/O threads ([`pool`]) with its pins,
-//! which read or write the image, write the status byte, drop the pins
-//! and complete the request. So a slow request never holds up the queue. A clone made
-//! by fork gets a copy-on-write view of the disk ([`disk`]): its writes
-//! never reach the file.
+//! The device thread takes every available request off the queue at once
+//! and pins their buffers. Reads of the image go to an io_uring ([`uring`])
+//! in one submission per batch, zero copy into the pinned guest frames: a
+//! read the page cache holds completes during the submission, one that
+//! waits for the disk completes later and wakes the device thread through
+//! an eventfd. Every other request (writes, which first preserve what a
+//! fork's clone must keep seeing, flushes, discards, a clone's reads of its
+//! overlay) goes with its pins to the I/O threads ([`pool`]), which serve
+//! it, write the status byte, drop the pins and complete it. What
+//! completed during a batch goes back in one pass over the used ring, with
+//! at most one interrupt. So a slow request never holds up the queue.
+//!
+//! Where the kernel refuses io_uring, reads the page cache holds are served
+//! on the device thread (`preadv2(RWF_NOWAIT)`) and the other reads go to
+//! the I/O threads too. A clone made by fork gets a copy-on-write view of
+//! the disk ([`disk`]): its writes never reach the file.
 
 pub mod disk;
 pub mod pool;
 pub mod request;
+pub mod uring;
 
 use std::any::Any;
 use std::path::PathBuf;
@@ -26,8 +35,10 @@ use virtio_bindings::virtio_blk::{
 use self::disk::{Disk, SECTOR};
 use self::pool::Pool;
 use self::request::{Env, ID_BYTES, MAX_SEGMENTS, MAX_ZERO_SECTORS};
+use self::uring::Uring;
 use super::device::{Ctx, DeviceError, VirtioDevice};
 use super::queue::{Desc, QueueError};
+use super::worker::HOST_TOKEN_BASE;
 use super::{Buffers, id};
 
 /// Entries of the request queue.
@@ -41,6 +52,8 @@ const IO_THREADS: usize = 2;
 /// again at once (a deep queue) then needs no notification, which costs an
 /// exit of tens of microseconds on this kind of host.
 const POLL: Duration = Duration::from_micros(25);
+/// The poller token of the io_uring's completion eventfd.
+const URING_TOKEN: u64 = HOST_TOKEN_BASE;
 
 /// How a block device is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,8 +62,11 @@ pub struct BlockConfig {
     pub path: PathBuf,
     /// Refuse writes (VIRTIO_BLK_F_RO).
     pub read_only: bool,
-    /// Serve requests on I/O threads (true) or on the device thread.
+    /// Serve requests asynchronously (true) or on the device thread.
     pub threaded: bool,
+    /// Read through io_uring where the kernel allows it (with `threaded`);
+    /// false serves every read as the kernels without it are served.
+    pub io_uring: bool,
     /// Added before every request of this device (not of its clones'):
     /// a slow disk, for tests and benchmarks of requests in flight.
     pub latency: Option<Duration>,
@@ -63,6 +79,7 @@ impl BlockConfig {
             path,
             read_only: false,
             threaded: true,
+            io_uring: true,
             latency: None,
         }
     }
@@ -75,6 +92,11 @@ pub struct Block {
     disk: Arc<Disk>,
     id: [u8; ID_BYTES],
     pool: Option<Pool>,
+    uring: Option<Uring>,
+    /// Whether the io_uring's eventfd is in the device thread's poller.
+    polled: bool,
+    /// Requests completed during the current pass, for one used-ring update.
+    done: Vec<(u16, u32)>,
 }
 
 impl Block {
@@ -97,12 +119,77 @@ impl Block {
             true => Some(Pool::new(IO_THREADS, "virtio-blk")?),
             false => None,
         };
+        let uring = match config.threaded && config.io_uring {
+            true => Uring::new()
+                .map_err(|e| log::info!("virtio-blk: no io_uring ({e}): reads use the I/O threads"))
+                .ok(),
+            false => None,
+        };
         Ok(Self {
             config,
             disk,
             id,
             pool,
+            uring,
+            polled: false,
+            done: Vec::new(),
         })
+    }
+
+    /// Whether reads go through io_uring.
+    pub fn uses_io_uring(&self) -> bool {
+        self.uring.is_some()
+    }
+
+    /// Puts the io_uring's eventfd into the device thread's poller (once).
+    fn watch_uring(&mut self, ctx: &Ctx<'_>) {
+        let Some(u) = &self.uring else {
+            return;
+        };
+        if self.polled {
+            return;
+        }
+        match ctx
+            .poller
+            .add(u.event_fd(), vmm_sys_util::epoll::EventSet::IN, URING_TOKEN)
+        {
+            Ok(()) => self.polled = true,
+            Err(e) => log::error!("virtio-blk: cannot wait for io_uring completions: {e}"),
+        }
+    }
+
+    /// Ends the reads the io_uring completed: each gets its status byte
+    /// and drops its pins; those of the queue's current generation join
+    /// `done`.
+    fn reap(&mut self, ctx: &Ctx<'_>, q: usize, done: &mut Vec<(u16, u32)>) {
+        let Some(u) = &mut self.uring else {
+            return;
+        };
+        let disk = &self.disk;
+        u.reap(|r, result| {
+            let ok = match u64::try_from(result) {
+                Ok(n) if n == r.len => true,
+                Ok(_) => {
+                    // A short read (the kernel's choice): read it all again.
+                    r.bufs
+                        .writable_slices(0, r.len)
+                        .is_ok_and(|s| disk.read(r.off, &s).is_ok())
+                }
+                Err(_) => {
+                    log::warn!("virtio-blk: {}", std::io::Error::from_raw_os_error(-result));
+                    false
+                }
+            };
+            let len = request::end_read(&r.bufs, r.len, ok);
+            drop(r.bufs);
+            let current = ctx
+                .queues
+                .get(r.q)
+                .is_some_and(|queue| queue.is_active() && queue.generation() == r.generation);
+            if r.q == q && current {
+                done.push((r.head, len));
+            }
+        });
     }
 
     /// This VM's view of the disk.
@@ -126,13 +213,15 @@ impl Block {
         c
     }
 
-    /// Pins one request's buffers and serves it: at once if it is a read
-    /// the page cache holds (or the device has no I/O threads), on an I/O
-    /// thread otherwise; a chain that cannot be served fails with IOERR.
+    /// Pins one request's buffers and serves it: a read through the
+    /// io_uring (submitted with the batch), another request at once if it
+    /// is a read the page cache holds (or the device has no I/O threads),
+    /// on an I/O thread otherwise; a chain that cannot be served fails
+    /// with IOERR.
     /// What completed at once is added to `done` (head, bytes written),
     /// for the caller to return in one pass over the used ring.
     fn submit(
-        &self,
+        &mut self,
         ctx: &mut Ctx<'_>,
         q: usize,
         (head, chain): (u16, Result<Vec<Desc>, QueueError>),
@@ -156,6 +245,20 @@ impl Block {
             id: &self.id,
             features,
         };
+        if let (Some(u), Some(fd)) = (&mut self.uring, self.disk.direct_fd()) {
+            if let Some((off, len)) = request::read_of(env, &bufs) {
+                let read = uring::Read {
+                    q,
+                    generation: ctx.queues[q].generation(),
+                    head,
+                    bufs,
+                    off,
+                    len,
+                };
+                u.push(fd, read, self.config.latency);
+                return;
+            }
+        }
         let now = match &self.pool {
             None => Some(request::serve(env, &bufs)),
             Some(_) if self.config.latency.is_none() => request::serve_cached(env, &bufs),
@@ -192,16 +295,21 @@ impl Block {
     }
 }
 
-/// Whether chains arrive on queue `q` within [`POLL`].
+/// Whether chains arrive on queue `q` within [`POLL`] (the clock is read
+/// every few looks: a look is much cheaper).
 fn poll_available(ctx: &Ctx<'_>, q: usize) -> bool {
     let start = std::time::Instant::now();
-    while start.elapsed() < POLL {
-        if ctx.queues[q].has_available().unwrap_or(false) {
-            return true;
+    loop {
+        for _ in 0..16 {
+            if ctx.queues[q].has_available().unwrap_or(false) {
+                return true;
+            }
+            std::hint::spin_loop();
         }
-        std::hint::spin_loop();
+        if start.elapsed() >= POLL {
+            return false;
+        }
     }
-    false
 }
 
 /// Writes IOERR into the last byte of a chain whose buffers cannot all be
@@ -246,29 +354,57 @@ impl VirtioDevice for Block {
         super::read_config_bytes(&self.config_space(), offset, data);
     }
 
+    fn activate(&mut self, ctx: &mut Ctx<'_>) -> Result<(), DeviceError> {
+        self.watch_uring(ctx);
+        Ok(())
+    }
+
     fn queue_notify(&mut self, ctx: &mut Ctx<'_>, q: usize) {
+        let mut done = std::mem::take(&mut self.done);
         loop {
             ctx.queues[q].disable_notification();
-            let mut done = Vec::new();
             for popped in ctx.pop_all(q) {
                 self.submit(ctx, q, popped, &mut done);
             }
+            if let Some(u) = &mut self.uring {
+                u.submit();
+            }
+            self.reap(ctx, q, &mut done);
             ctx.complete_all(q, &done);
+            done.clear();
             if ctx.is_broken() {
-                return;
+                break;
             }
             if poll_available(ctx, q) {
                 continue;
             }
             match ctx.queues[q].enable_notification() {
                 Ok(true) => continue,
-                Ok(false) => return,
+                Ok(false) => break,
                 Err(e) => {
                     ctx.fail(format!("queue {q}: {e}"));
-                    return;
+                    break;
                 }
             }
         }
+        self.done = done;
+    }
+
+    fn host_event(&mut self, ctx: &mut Ctx<'_>, token: u64, _events: u32) {
+        if token != URING_TOKEN {
+            return;
+        }
+        let mut done = std::mem::take(&mut self.done);
+        for q in 0..ctx.queues.len() {
+            self.reap(ctx, q, &mut done);
+            if let Some(u) = &mut self.uring {
+                // Entries a full completion queue held back.
+                u.submit();
+            }
+            ctx.complete_all(q, &done);
+            done.clear();
+        }
+        self.done = done;
     }
 
     fn reset(&mut self, _ctx: &mut Ctx<'_>) {
@@ -288,6 +424,7 @@ impl VirtioDevice for Block {
     }
 
     fn resume(&mut self, ctx: &mut Ctx<'_>) {
+        self.watch_uring(ctx);
         for q in 0..ctx.queues.len() {
             let held: Vec<u16> = ctx.queues[q].held.iter().copied().collect();
             let mut done = Vec::new();
@@ -295,6 +432,10 @@ impl VirtioDevice for Block {
                 let chain = ctx.queues[q].chain_of(head);
                 self.submit(ctx, q, (head, chain), &mut done);
             }
+            if let Some(u) = &mut self.uring {
+                u.submit();
+            }
+            self.reap(ctx, q, &mut done);
             ctx.complete_all(q, &done);
         }
     }

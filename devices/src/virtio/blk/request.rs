@@ -57,22 +57,43 @@ pub fn serve(env: Env<'_>, bufs: &Buffers) -> u32 {
     u32::try_from(written + 1).unwrap_or(u32::MAX)
 }
 
-/// Serves a read whose data the page cache holds, without waiting: the
-/// bytes written, or None when the request must go to an I/O thread
-/// (anything but such a read).
-pub fn serve_cached(env: Env<'_>, bufs: &Buffers) -> Option<u32> {
-    let status_at = bufs.writable_len().checked_sub(1)?;
+/// A well-formed read: the byte offset in the disk and the bytes to read
+/// into the writable buffers (the status byte follows them); None for
+/// anything else.
+pub fn read_of(env: Env<'_>, bufs: &Buffers) -> Option<(u64, u64)> {
+    let len = bufs.writable_len().checked_sub(1)?;
     let (kind, sector) = header(bufs).ok()?;
     if kind != VIRTIO_BLK_T_IN || bufs.readable_len() != HEADER {
         return None;
     }
-    let off = range(env.disk, sector, status_at).ok()?;
-    let slices = bufs.writable_slices(0, status_at).ok()?;
+    Some((range(env.disk, sector, len).ok()?, len))
+}
+
+/// Ends a read of `len` bytes (see [`read_of`]): writes the status byte;
+/// the bytes written into the driver's buffers.
+pub fn end_read(bufs: &Buffers, len: u64, ok: bool) -> u32 {
+    let status = if ok {
+        VIRTIO_BLK_S_OK
+    } else {
+        VIRTIO_BLK_S_IOERR
+    };
+    if bufs.write(len, &[status as u8]).is_err() {
+        return 0;
+    }
+    let data = if ok { len } else { 0 };
+    u32::try_from(data + 1).unwrap_or(u32::MAX)
+}
+
+/// Serves a read whose data the page cache holds, without waiting: the
+/// bytes written, or None when the request must go to an I/O thread
+/// (anything but such a read).
+pub fn serve_cached(env: Env<'_>, bufs: &Buffers) -> Option<u32> {
+    let (off, len) = read_of(env, bufs)?;
+    let slices = bufs.writable_slices(0, len).ok()?;
     if !env.disk.read_cached(off, &slices).ok()? {
         return None;
     }
-    bufs.write(status_at, &[VIRTIO_BLK_S_OK as u8]).ok()?;
-    u32::try_from(status_at + 1).ok()
+    Some(end_read(bufs, len, true))
 }
 
 /// The request's type and sector.
