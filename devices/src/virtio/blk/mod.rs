@@ -36,6 +36,7 @@ use self::disk::{Disk, SECTOR};
 use self::pool::Pool;
 use self::request::{Env, ID_BYTES, MAX_SEGMENTS, MAX_ZERO_SECTORS};
 use self::uring::Uring;
+use super::buffers::PinCache;
 use super::device::{Ctx, DeviceError, VirtioDevice};
 use super::queue::{Desc, QueueError};
 use super::worker::HOST_TOKEN_BASE;
@@ -97,6 +98,8 @@ pub struct Block {
     polled: bool,
     /// Requests completed during the current pass, for one used-ring update.
     done: Vec<(u16, u32)>,
+    /// The pages of the current pass's headers and status bytes.
+    pins: PinCache,
 }
 
 impl Block {
@@ -133,6 +136,7 @@ impl Block {
             uring,
             polled: false,
             done: Vec::new(),
+            pins: PinCache::default(),
         })
     }
 
@@ -229,7 +233,8 @@ impl Block {
     ) {
         let threaded = self.pool.is_some();
         let bufs = chain.as_ref().map_err(|e| e.to_string()).and_then(|c| {
-            Buffers::pin(ctx.mem, c, threaded, MAX_REQUEST).map_err(|e| e.to_string())
+            Buffers::pin_with(ctx.mem, c, threaded, MAX_REQUEST, Some(&mut self.pins))
+                .map_err(|e| e.to_string())
         });
         let bufs = match bufs {
             Ok(b) => b,
@@ -366,6 +371,7 @@ impl VirtioDevice for Block {
             for popped in ctx.pop_all(q) {
                 self.submit(ctx, q, popped, &mut done);
             }
+            self.pins.clear();
             if let Some(u) = &mut self.uring {
                 u.submit();
             }
@@ -432,6 +438,7 @@ impl VirtioDevice for Block {
                 let chain = ctx.queues[q].chain_of(head);
                 self.submit(ctx, q, (head, chain), &mut done);
             }
+            self.pins.clear();
             if let Some(u) = &mut self.uring {
                 u.submit();
             }
