@@ -1,21 +1,23 @@
 //! virtio-blk (virtio 1.2, section 5.2) over a disk image.
 //!
 //! The device thread takes every available request off the queue at once
-//! and pins their buffers. Reads of the image go to an io_uring ([`uring`])
-//! in one submission per batch, zero copy into the pinned guest frames: a
-//! read the page cache holds completes during the submission, one that
-//! waits for the disk completes later and wakes the device thread through
-//! an eventfd. Every other request (writes, which first preserve what a
-//! fork's clone must keep seeing, flushes, discards, a clone's reads of its
+//! and pins their buffers (the small ones, headers and status bytes,
+//! sharing one pin per page). A read whose data the page cache holds is
+//! served at once, `preadv2(RWF_NOWAIT)` straight into the pinned guest
+//! frames. The other reads go to an io_uring ([`uring`]), submitted once
+//! per batch; they complete later and wake the device thread through an
+//! eventfd, so any number of them can wait for the disk without a thread
+//! each. Every other request (writes, which first preserve what a fork's
+//! clone must keep seeing, flushes, discards, a clone's reads of its
 //! overlay) goes with its pins to the I/O threads ([`pool`]), which serve
 //! it, write the status byte, drop the pins and complete it. What
-//! completed during a batch goes back in one pass over the used ring, with
-//! at most one interrupt. So a slow request never holds up the queue.
+//! completed during a pass over the queue goes back in one pass over the
+//! used ring, with at most one interrupt. So a slow request never holds
+//! up the queue.
 //!
-//! Where the kernel refuses io_uring, reads the page cache holds are served
-//! on the device thread (`preadv2(RWF_NOWAIT)`) and the other reads go to
-//! the I/O threads too. A clone made by fork gets a copy-on-write view of
-//! the disk ([`disk`]): its writes never reach the file.
+//! Where the kernel refuses io_uring, the reads the page cache misses go
+//! to the I/O threads too. A clone made by fork gets a copy-on-write view
+//! of the disk ([`disk`]): its writes never reach the file.
 
 pub mod disk;
 pub mod pool;
@@ -65,8 +67,9 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// Serve requests asynchronously (true) or on the device thread.
     pub threaded: bool,
-    /// Read through io_uring where the kernel allows it (with `threaded`);
-    /// false serves every read as the kernels without it are served.
+    /// Send the reads the page cache misses to an io_uring where the
+    /// kernel allows it (with `threaded`); false sends them to the I/O
+    /// threads, as where it does not.
     pub io_uring: bool,
     /// Added before every request of this device (not of its clones'):
     /// a slow disk, for tests and benchmarks of requests in flight.
@@ -217,11 +220,11 @@ impl Block {
         c
     }
 
-    /// Pins one request's buffers and serves it: a read through the
-    /// io_uring (submitted with the batch), another request at once if it
-    /// is a read the page cache holds (or the device has no I/O threads),
-    /// on an I/O thread otherwise; a chain that cannot be served fails
-    /// with IOERR.
+    /// Pins one request's buffers and serves it: at once if it is a read
+    /// the page cache holds (or the device has no I/O threads), through
+    /// the io_uring (submitted with the batch) if it is another read, on
+    /// an I/O thread otherwise; a chain that cannot be served fails with
+    /// IOERR.
     /// What completed at once is added to `done` (head, bytes written),
     /// for the caller to return in one pass over the used ring.
     fn submit(
@@ -250,6 +253,16 @@ impl Block {
             id: &self.id,
             features,
         };
+        let now = match &self.pool {
+            None => Some(request::serve(env, &bufs)),
+            Some(_) if self.config.latency.is_none() => request::serve_cached(env, &bufs),
+            Some(_) => None,
+        };
+        if let Some(len) = now {
+            drop(bufs);
+            done.push((head, len));
+            return;
+        }
         if let (Some(u), Some(fd)) = (&mut self.uring, self.disk.direct_fd()) {
             if let Some((off, len)) = request::read_of(env, &bufs) {
                 let read = uring::Read {
@@ -263,16 +276,6 @@ impl Block {
                 u.push(fd, read, self.config.latency);
                 return;
             }
-        }
-        let now = match &self.pool {
-            None => Some(request::serve(env, &bufs)),
-            Some(_) if self.config.latency.is_none() => request::serve_cached(env, &bufs),
-            Some(_) => None,
-        };
-        if let Some(len) = now {
-            drop(bufs);
-            done.push((head, len));
-            return;
         }
         let Some(pool) = &self.pool else {
             return;
@@ -453,5 +456,122 @@ impl VirtioDevice for Block {
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+    use crate::virtio::testutil::{Driver, Rings, memory};
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+
+    /// Sector s of the image holds bytes s ^ i.
+    fn image() -> PathBuf {
+        let p = std::env::temp_dir().join(format!("vmm-blk-uring-{}.img", std::process::id()));
+        let bytes: Vec<u8> = (0..1u64 << 20)
+            .map(|o| ((o / SECTOR) as u8) ^ (o as u8))
+            .collect();
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn uncache(p: &std::path::Path) {
+        let f = std::fs::File::open(p).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: posix_fadvise on a descriptor we own; no memory involved.
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+    }
+
+    /// Makes request k (descriptors 3k..3k+2, its buffers in page k + 1)
+    /// a read of 4 KiB at `sector`, available as entry k.
+    fn read_request(d: &Driver, r: Rings, k: u16, sector: u64) {
+        let base = 0x1000 * (u64::from(k) + 1);
+        let mut hdr = [0u8; 16];
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        d.mem.write(base, &hdr).unwrap();
+        d.mem.write(base + 0x10, &[0xff]).unwrap();
+        let first = 3 * k;
+        d.desc(r, first, base, 16, F_NEXT, first + 1);
+        d.desc(
+            r,
+            first + 1,
+            0x20000 + 0x1000 * u64::from(k),
+            4096,
+            F_NEXT | F_WRITE,
+            first + 2,
+        );
+        d.desc(r, first + 2, base + 0x10, 1, F_WRITE, 0);
+        d.publish(r, k, first);
+    }
+
+    /// Reads the image misses in the page cache go to the io_uring and
+    /// complete through its eventfd, each into its own buffers; a cached
+    /// read completes at once.
+    #[test]
+    fn reads_the_cache_misses_complete_through_the_io_uring() {
+        let path = image();
+        let block = Block::new(BlockConfig::new(path.clone())).unwrap();
+        if !block.uses_io_uring() {
+            eprintln!("io_uring is refused here: nothing to test");
+            let _ = std::fs::remove_file(&path);
+            return;
+        }
+        let d = Driver::new(Box::new(block), &memory());
+        d.standard(1, 16);
+        let r = Rings::standard(0, 16);
+        uncache(&path);
+        let sectors = [8u64, 800, 1600];
+        for (k, s) in sectors.iter().enumerate() {
+            read_request(&d, r, k as u16, *s);
+        }
+        d.notify(0);
+        let (fd, in_flight) = {
+            let t = d.lock();
+            let b = t.device().as_any().downcast_ref::<Block>().unwrap();
+            let u = b.uring.as_ref().unwrap();
+            (u.event_fd(), u.in_flight())
+        };
+        if in_flight == 0 {
+            eprintln!("the page cache kept the image: no read went to the io_uring");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while d.used_idx(r) < sectors.len() as u16 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reads never completed"
+            );
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one pollfd we own.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            d.lock().host_event(URING_TOKEN, libc::EPOLLIN as u32);
+        }
+        for (k, s) in sectors.iter().enumerate() {
+            let mut data = vec![0u8; 4096];
+            d.mem.read(0x20000 + 0x1000 * k as u64, &mut data).unwrap();
+            let want: Vec<u8> = (0..4096u64)
+                .map(|i| ((s + i / SECTOR) as u8) ^ (i as u8))
+                .collect();
+            assert!(data == want, "request {k} read the wrong bytes");
+            let mut status = [0xffu8];
+            d.mem
+                .read(0x1000 * (k as u64 + 1) + 0x10, &mut status)
+                .unwrap();
+            assert_eq!(status[0], 0, "request {k}");
+        }
+        // The same sectors again: cached now, served during the notification.
+        read_request(&d, r, 3, 8);
+        d.notify(0);
+        assert_eq!(d.used_idx(r), 4);
+        drop(d);
+        let _ = std::fs::remove_file(&path);
     }
 }

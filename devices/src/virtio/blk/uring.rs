@@ -1,9 +1,8 @@
-//! The block device's io_uring: reads of the image go to the kernel in one
-//! `io_uring_enter` per batch of requests, straight into the pinned guest
-//! frames. A read the page cache holds completes during that call; one
-//! that waits for the disk completes later and signals an eventfd the
-//! device thread waits on, so any number of reads can wait at once without
-//! a thread each.
+//! The block device's io_uring: reads of the image that the page cache
+//! misses go to the kernel in one `io_uring_enter` per batch of requests,
+//! straight into the pinned guest frames. They complete later and signal
+//! an eventfd the device thread waits on, so any number of reads can wait
+//! for the disk at once without a thread each.
 //!
 //! Every read in flight owns its request's pins in the in-flight table
 //! until its completion is reaped: the kernel writes into those frames
