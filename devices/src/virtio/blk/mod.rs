@@ -256,7 +256,7 @@ impl Block {
             Buffers::pin_with(ctx.mem, c, threaded, MAX_REQUEST, Some(&mut self.pins))
                 .map_err(|e| e.to_string())
         });
-        let bufs = match bufs {
+        let mut bufs = match bufs {
             Ok(b) => b,
             Err(why) => {
                 log::debug!("virtio-blk: bad request: {why}");
@@ -290,8 +290,11 @@ impl Block {
                     off,
                     len,
                 };
-                u.push(fd, read, self.config.latency);
-                return;
+                match u.push(fd, read, self.config.latency) {
+                    Ok(()) => return,
+                    // The ring is failing: the I/O threads read it.
+                    Err(read) => bufs = read.bufs,
+                }
             }
         }
         let Some(pool) = &self.pool else {

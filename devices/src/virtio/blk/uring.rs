@@ -105,8 +105,9 @@ impl Uring {
     }
 
     /// Queues `read` of `fd` (submitted by the next [`Uring::submit`]),
-    /// after `delay` if given.
-    pub fn push(&mut self, fd: RawFd, read: Read, delay: Option<Duration>) {
+    /// after `delay` if given; the read back if the submission queue has
+    /// no room even after a submission (the ring is failing).
+    pub fn push(&mut self, fd: RawFd, read: Read, delay: Option<Duration>) -> Result<(), Read> {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -151,26 +152,31 @@ impl Uring {
             }
             None => std::slice::from_ref(&data),
         };
+        let room = |ring: &mut IoUring| {
+            let sq = ring.submission();
+            sq.capacity() - sq.len() >= entries.len()
+        };
+        if !room(&mut self.ring) {
+            self.submit();
+        }
+        if !room(&mut self.ring) {
+            self.free.push(slot);
+            return Err(read);
+        }
         self.slots[slot as usize] = Some(InFlight {
             read,
             _iov: iov,
             _delay: delay,
         });
         self.in_flight += 1;
-        loop {
-            // SAFETY: the entries point into frames pinned by the `Buffers`
-            // of the slot filled above (and at its iovecs and delay, owned
-            // by the same slot); the slot is emptied only when the read's
-            // completion is reaped, and dropping the ring waits for every
-            // read in flight, so the memory outlives the kernel's use.
-            let pushed = unsafe { self.ring.submission().push_multiple(entries) };
-            if pushed.is_ok() {
-                return;
-            }
-            if let Err(e) = self.ring.submit() {
-                log::warn!("virtio-blk: io_uring submission: {e}");
-            }
-        }
+        // SAFETY: the entries point into frames pinned by the `Buffers` of
+        // the slot filled above (and at its iovecs and delay, owned by the
+        // same slot); the slot is emptied only when the read's completion
+        // is reaped, and dropping the ring waits for every read in flight,
+        // so the memory outlives the kernel's use.
+        let pushed = unsafe { self.ring.submission().push_multiple(entries) };
+        pushed.expect("the submission queue has room");
+        Ok(())
     }
 
     /// Hands the queued reads to the kernel; those the page cache holds
@@ -178,6 +184,7 @@ impl Uring {
     pub fn submit(&mut self) {
         while !self.ring.submission().is_empty() {
             match self.ring.submit() {
+                Ok(0) => return,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
