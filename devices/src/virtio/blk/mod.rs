@@ -184,7 +184,7 @@ impl Block {
 
     /// Ends the reads the io_uring completed: each gets its status byte
     /// and drops its pins; those of the queue's current generation join
-    /// `done`.
+    /// `done` (the device has one queue: every read is of queue `q`).
     fn reap(&mut self, ctx: &Ctx<'_>, q: usize, done: &mut Vec<(u16, u32)>) {
         let Some(u) = &mut self.uring else {
             return;
@@ -412,6 +412,9 @@ impl VirtioDevice for Block {
     fn host_event(&mut self, ctx: &mut Ctx<'_>, token: u64, _events: u32) {
         if token != URING_TOKEN {
             return;
+        }
+        if let Some(u) = &self.uring {
+            u.clear_event();
         }
         let mut done = std::mem::take(&mut self.done);
         for q in 0..ctx.queues.len() {

@@ -92,11 +92,16 @@ impl Uring {
         })
     }
 
-    /// Signalled when reads complete (also those that complete during
-    /// their submission: [`Uring::reap`] consumes the signal; the kernel's
-    /// `register_eventfd_async` misses reads that wait for the disk).
+    /// Signalled when reads complete (the kernel's `register_eventfd_async`
+    /// would miss reads that wait for the disk). [`Uring::clear_event`]
+    /// before [`Uring::reap`] consumes the signal.
     pub fn event_fd(&self) -> RawFd {
         self.event.as_raw_fd()
+    }
+
+    /// Consumes the eventfd's signal; completions after it signal again.
+    pub fn clear_event(&self) {
+        let _ = self.event.read();
     }
 
     /// Reads in flight.
@@ -200,7 +205,6 @@ impl Uring {
     /// Calls `f` with each completed read and its result (bytes read, or
     /// a negative errno); the read's pins are the caller's from then on.
     pub fn reap(&mut self, mut f: impl FnMut(Read, i32)) {
-        let _ = self.event.read();
         self.reaped.clear();
         self.reaped
             .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
