@@ -292,13 +292,15 @@ impl Buffers {
 /// The iovecs point into the slices: use them while the slices (and so the
 /// pins behind them) live.
 pub fn iovecs(slices: &[VolatileSlice<'_>]) -> Vec<libc::iovec> {
-    slices
-        .iter()
-        .map(|s| libc::iovec {
-            iov_base: s.ptr_guard_mut().as_ptr().cast(),
-            iov_len: s.len(),
-        })
-        .collect()
+    iovecs_of(slices).collect()
+}
+
+/// [`iovecs`], one at a time (for callers that keep them on the stack).
+pub fn iovecs_of<'a>(slices: &'a [VolatileSlice<'_>]) -> impl Iterator<Item = libc::iovec> + 'a {
+    slices.iter().map(|s| libc::iovec {
+        iov_base: s.ptr_guard_mut().as_ptr().cast(),
+        iov_len: s.len(),
+    })
 }
 
 #[cfg(test)]

@@ -26,13 +26,13 @@ use std::collections::btree_map::Entry;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use vm_memory::VolatileSlice;
 
-use crate::virtio::buffers::iovecs;
+use crate::virtio::buffers::{iovecs, iovecs_of};
 
 /// Bytes per sector.
 pub const SECTOR: u64 = 512;
@@ -102,12 +102,17 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// Opens the image at `path`.
+    /// Opens the image at `path`. Reads leave the file's access time alone where the caller may ask
+    /// for that (`O_NOATIME`: its owner, or root): the kernel then skips
+    /// the access-time check of every read.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(!read_only);
+        let file = options
+            .clone()
+            .custom_flags(libc::O_NOATIME)
+            .open(path)
+            .or_else(|_| options.open(path))?;
         let len = file.metadata()?.len();
         Ok(Self {
             backing: Arc::new(Backing {
@@ -147,7 +152,7 @@ impl Disk {
     /// Reads `[off, off + len of slices)` into `slices`.
     pub fn read(&self, off: u64, slices: &[VolatileSlice<'_>]) -> io::Result<()> {
         let Some(overlay) = &self.overlay else {
-            return preadv_all(&self.backing.file, &mut iovecs(slices), off);
+            return with_iovecs(slices, |iov| preadv_all(&self.backing.file, iov, off));
         };
         let _deps = self.read_dependents();
         let mut at = off;
@@ -170,10 +175,12 @@ impl Disk {
             return Ok(false);
         }
         let fd = self.backing.file.as_raw_fd();
-        let r = vectored_all(&mut iovecs(slices), off, |iov, count, at| {
-            // SAFETY: as in `vectored_all`: the iovecs point into pinned
-            // guest buffers the caller's slices keep alive.
-            unsafe { libc::preadv2(fd, iov, count, at, libc::RWF_NOWAIT) }
+        let r = with_iovecs(slices, |iov| {
+            vectored_all(iov, off, |iov, count, at| {
+                // SAFETY: as in `preadv_all`: the iovecs point into pinned
+                // guest buffers the caller's slices keep alive.
+                unsafe { libc::preadv2(fd, iov, count, at, libc::RWF_NOWAIT) }
+            })
         });
         match r {
             Ok(()) => Ok(true),
@@ -188,7 +195,7 @@ impl Disk {
         let len: u64 = slices.iter().map(|s| s.len() as u64).sum();
         if self.overlay.is_none() {
             return self.preserve_then(off, len, || {
-                pwritev_all(&self.backing.file, &mut iovecs(slices), off)
+                with_iovecs(slices, |iov| pwritev_all(&self.backing.file, iov, off))
             });
         }
         let mut at = off;
@@ -367,23 +374,43 @@ fn read_at_zero_filled(file: &File, buf: &mut [u8], off: u64) -> io::Result<()> 
     Ok(())
 }
 
-/// Drops the first `n` bytes of `iov`.
-fn advance(iov: &mut Vec<libc::iovec>, mut n: usize) {
-    while let Some(first) = iov.first_mut() {
-        if n < first.iov_len {
-            first.iov_base = first.iov_base.cast::<u8>().wrapping_add(n).cast();
-            first.iov_len -= n;
-            return;
-        }
-        n -= first.iov_len;
-        iov.remove(0);
+/// Drops the first `n` bytes of `iov`: the iovecs left.
+fn advance(iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
+    let mut done = 0;
+    while done < iov.len() && n >= iov[done].iov_len {
+        n -= iov[done].iov_len;
+        done += 1;
     }
+    let rest = &mut iov[done..];
+    if let Some(first) = rest.first_mut() {
+        first.iov_base = first.iov_base.cast::<u8>().wrapping_add(n).cast();
+        first.iov_len -= n;
+    }
+    rest
+}
+
+/// Calls `f` with `slices` as iovecs, on the stack when they are few (a
+/// request's data usually is one or two runs of frames).
+fn with_iovecs<R>(slices: &[VolatileSlice<'_>], f: impl FnOnce(&mut [libc::iovec]) -> R) -> R {
+    const FEW: usize = 8;
+    if slices.len() > FEW {
+        return f(&mut iovecs(slices));
+    }
+    let empty = libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    };
+    let mut iov = [empty; FEW];
+    for (v, one) in iov.iter_mut().zip(iovecs_of(slices)) {
+        *v = one;
+    }
+    f(&mut iov[..slices.len()])
 }
 
 /// Runs `op` (a `preadv`-like call: iovecs, count, offset) until every
 /// byte moved.
 fn vectored_all(
-    iov: &mut Vec<libc::iovec>,
+    mut iov: &mut [libc::iovec],
     mut off: u64,
     op: impl Fn(*const libc::iovec, i32, libc::off_t) -> isize,
 ) -> io::Result<()> {
@@ -403,13 +430,13 @@ fn vectored_all(
                 "the image is shorter than its capacity",
             ));
         }
-        advance(iov, n as usize);
+        iov = advance(iov, n as usize);
         off += n as u64;
     }
     Ok(())
 }
 
-fn preadv_all(file: &File, iov: &mut Vec<libc::iovec>, off: u64) -> io::Result<()> {
+fn preadv_all(file: &File, iov: &mut [libc::iovec], off: u64) -> io::Result<()> {
     let fd = file.as_raw_fd();
     vectored_all(iov, off, |iov, count, at| {
         // SAFETY: every iovec points into a pinned guest buffer that the
@@ -418,7 +445,7 @@ fn preadv_all(file: &File, iov: &mut Vec<libc::iovec>, off: u64) -> io::Result<(
     })
 }
 
-fn pwritev_all(file: &File, iov: &mut Vec<libc::iovec>, off: u64) -> io::Result<()> {
+fn pwritev_all(file: &File, iov: &mut [libc::iovec], off: u64) -> io::Result<()> {
     let fd = file.as_raw_fd();
     vectored_all(iov, off, |iov, count, at| {
         // SAFETY: as in `preadv_all`; pwritev only reads the buffers.
@@ -484,6 +511,21 @@ mod tests {
                 let _ = std::fs::remove_file(&self.0);
             }
         }
+    }
+
+    #[test]
+    fn advance_drops_whole_iovecs_then_a_part() {
+        let mut buf = [0u8; 8];
+        let base = buf.as_mut_ptr();
+        let iov = |at: usize, len| libc::iovec {
+            iov_base: base.wrapping_add(at).cast(),
+            iov_len: len,
+        };
+        let mut v = [iov(0, 4), iov(4, 4)];
+        let rest = advance(&mut v, 6);
+        assert_eq!(rest.len(), 1);
+        assert_eq!((rest[0].iov_base, rest[0].iov_len), (iov(6, 2).iov_base, 2));
+        assert!(advance(rest, 2).is_empty());
     }
 
     #[test]
