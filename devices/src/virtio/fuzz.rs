@@ -367,6 +367,14 @@ mod tests {
         d.desc(r, 0, 0x1000, 16, F_NEXT | F_WRITE, 1);
         d.desc(r, 1, 0x2000, 512, F_NEXT, 2);
         assert_eq!(run_chain(&d, 0), (1, 1), "IOERR for the wrong direction");
+        // A status buffer that wraps past the end of the address space:
+        // its last byte is not 0x3000, where the addition wraps to.
+        d.desc(r, 0, u64::MAX - 0xff, 0x3101, F_WRITE, 0);
+        assert_eq!(
+            run_chain(&d, 0),
+            (1, 0xee),
+            "no status for a wrapping buffer"
+        );
         // An absurd length.
         d.desc(r, 0, 0x1000, 16, F_NEXT, 1);
         d.desc(r, 1, 0x2000, u32::MAX, F_NEXT | F_WRITE, 2);
