@@ -117,24 +117,7 @@ impl VmMemory {
             }
             runs.flush(self)?;
             for p in pages {
-                if let Entry::Present {
-                    store,
-                    writable: true,
-                    wp,
-                    soft_dirty,
-                } = leaf.get(p)
-                {
-                    leaf.set(
-                        p,
-                        Entry::Present {
-                            store,
-                            writable: false,
-                            wp,
-                            soft_dirty,
-                        },
-                    );
-                    changed += 1;
-                }
+                changed += u64::from(crate::vm::demote_entry(leaf, p));
             }
             Ok(())
         })?;
