@@ -7,14 +7,17 @@
 static u8 __attribute__((aligned(4096))) s7[PAGE], s8[PAGE], s9[PAGE], out[PAGE];
 
 static void check_pin_sees_writes(u8 *buf, u64 want_copies, const char *what) {
-    u64 before = g_stat(ST_COPIED);
+    u64 before = g_stat(ST_COPIED), swap_ins = g_stat(ST_SWAP_INS);
     i64 h = pin(buf, PAGE, PIN_LONGTERM);
     G_CHECK(h >= 0, "PIN failed");
     u64 copies = g_stat(ST_COPIED) - before;
+    /* Under a memory limit the page may have been in swap: bringing it
+       back gives this VM a fresh frame, which is not a copy. */
+    int swapped = g_stat(ST_SWAP_INS) != swap_ins;
     fill(buf, 4, PAGE);
     G_CHECK(pin_read(h, out) == PAGE, "PIN_READ failed");
     if (!all(out, 4, PAGE)) { g_puts("FAIL: pin does not see the guest's write: "); g_puts(what); g_puts("\n"); g_exit(1); }
-    if (copies != want_copies) {
+    if (!swapped && copies != want_copies) {
         g_puts("FAIL: wrong number of copies taking the pin: "); g_puts(what); g_puts(", copies ");
         g_putu(copies); g_puts("\n"); g_exit(1);
     }

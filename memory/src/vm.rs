@@ -768,29 +768,40 @@ impl VmMemory {
     pub fn write_protect(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
         let mut changed = 0;
         self.for_each_page_locked(gpa, len, |leaf, p| {
-            if let Entry::Present {
-                store,
-                writable: true,
-                wp,
-                soft_dirty,
-            } = leaf.get(p)
-            {
+            if let Entry::Present { writable: true, .. } = leaf.get(p) {
                 self.host_protect(p, 1, false)?;
-                leaf.set(
-                    p,
-                    Entry::Present {
-                        store,
-                        writable: false,
-                        wp,
-                        soft_dirty,
-                    },
-                );
-                changed += 1;
+                changed += u64::from(demote_entry(leaf, p));
             }
             Ok(())
         })?;
         Ok(changed)
     }
+}
+
+/// Makes a writable present entry read-only, keeping everything else (its
+/// frame stays exclusive: the next write reuses it). The caller holds the
+/// leaf's lock and took the host page's write access first. True if the
+/// entry changed.
+pub(crate) fn demote_entry(leaf: &Leaf, p: u64) -> bool {
+    let Entry::Present {
+        store,
+        writable: true,
+        wp,
+        soft_dirty,
+    } = leaf.get(p)
+    else {
+        return false;
+    };
+    leaf.set(
+        p,
+        Entry::Present {
+            store,
+            writable: false,
+            wp,
+            soft_dirty,
+        },
+    );
+    true
 }
 
 impl Drop for VmMemory {

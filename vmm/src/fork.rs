@@ -90,6 +90,11 @@ pub(crate) fn fork(
         states[i as usize] = Some(state);
     }
 
+    // 0. While the vCPUs run, take write access from every page: the
+    // pause then only covers pages written since.
+    if let Err(e) = parent.mem.demote_writable() {
+        log::debug!("fork: demoting pages ahead: {}", crate::vcpu::chain(&e));
+    }
     // 1. Pause.
     let pause_start = std::time::Instant::now();
     let Paused {

@@ -41,6 +41,11 @@ pub(crate) fn live(
     progress: impl FnMut(u64, u64),
 ) -> Result<LiveReport, VmmError> {
     let snap = LiveSnapshot::prepare(&vm.mem, image)?;
+    // While the guest runs, take write access from every page: the pause
+    // then only covers pages written since.
+    if let Err(e) = vm.mem.demote_writable() {
+        log::debug!("snapshot: demoting pages ahead: {}", crate::error_chain(&e));
+    }
     let (mut report, started) = paused(vm, |resume| Ok(snap.begin(&vm.mem, resume)?))?;
     report.memory = snap.copy_rest(&vm.mem, progress)?;
     report.total = started.elapsed();

@@ -1,15 +1,17 @@
 //! Hostile drivers against every device: random queues over guest memory
-//! of random contents (a bounded, seeded fuzzer that `cargo test` runs),
-//! and the cases the specification's rules name one by one.
+//! of random contents, and the cases the specification's rules name one
+//! by one.
 //!
 //! Each random case checks that the device neither panics nor hangs, that
 //! every byte it changed lies in a used ring or in a buffer some
 //! descriptor marked device-writable, and that after a reset the device
-//! works again.
+//! works again. A case is [`run`] from a string of bytes that makes every
+//! choice: `cargo test` runs a bounded number of random ones, and with the
+//! `fuzzing` feature the `cargo fuzz` targets in `fuzz/` run it on their
+//! coverage-guided inputs.
 
 use std::path::PathBuf;
-
-use proptest::prelude::*;
+use std::sync::OnceLock;
 
 use super::balloon::Balloon;
 use super::blk::{Block, BlockConfig};
@@ -23,12 +25,25 @@ const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 
+/// The device a case drives.
 #[derive(Clone, Copy, Debug)]
-enum Kind {
+pub enum Kind {
+    /// virtio-blk on a 64 KiB image of its own, requests served inline.
     Blk,
+    /// virtio-net with its link unplugged.
     Net,
+    /// virtio-vsock without a host side.
     Vsock,
+    /// The balloon.
     Balloon,
+}
+
+/// One hostile case against `kind`, every choice read off `data` (a few
+/// bytes each, then a generator once `data` runs out); panics if the
+/// device panics, writes a byte outside the used rings and the
+/// device-writable buffers, or does not work again after a reset.
+pub fn run(kind: Kind, data: &[u8]) {
+    hostile_case(kind, Rng::from_bytes(data));
 }
 
 /// A disk image removed on drop.
@@ -66,7 +81,7 @@ fn device(kind: Kind, image: &Image) -> (Box<dyn VirtioDevice>, usize) {
     }
 }
 
-fn random_rings(rng: &mut Rng, q: usize) -> Rings {
+fn random_rings(rng: &mut Rng<'_>, q: usize) -> Rings {
     let mut r = Rings::standard(q, 16);
     r.size = if rng.chance(70) {
         1 << rng.below(9)
@@ -86,8 +101,11 @@ fn random_rings(rng: &mut Rng, q: usize) -> Rings {
 }
 
 /// Random descriptors and available entries; buffers mostly in RAM below
-/// the rings, some anywhere, some of absurd length.
-fn fill_queue(d: &Driver, rng: &mut Rng, r: Rings) {
+/// the rings, some anywhere, some of absurd length. Half the
+/// device-readable buffers in RAM start with bytes of the case's own (a
+/// request or packet header, page numbers) rather than the memory's, so
+/// that a fuzzer steers what the device parses.
+fn fill_queue(d: &Driver, rng: &mut Rng<'_>, r: Rings) {
     let size = u64::from(r.size.min(512));
     for i in 0..size {
         let addr = match rng.below(10) {
@@ -100,7 +118,7 @@ fn fill_queue(d: &Driver, rng: &mut Rng, r: Rings) {
             1 | 2 => rng.below(64 << 10) as u32,
             _ => rng.below(4097) as u32,
         };
-        let mut flags = (rng.next() as u16) & (F_NEXT | F_WRITE);
+        let mut flags = rng.below(4) as u16;
         if rng.chance(3) {
             flags |= F_INDIRECT;
         }
@@ -114,6 +132,11 @@ fn fill_queue(d: &Driver, rng: &mut Rng, r: Rings) {
             false => rng.next() as u16,
         };
         d.desc(r, i as u16, addr, len, flags, next);
+        if flags & F_WRITE == 0 && addr < DATA_END && rng.chance(50) {
+            let n = rng.below(49).min(u64::from(len)).min(DATA_END - addr);
+            let head: Vec<u8> = (0..n).map(|_| rng.below(256) as u8).collect();
+            d.mem.write(addr, &head).unwrap();
+        }
     }
     for i in 0..size {
         let head = match rng.chance(95) {
@@ -137,8 +160,8 @@ fn allowed(mem: &[u8], rings: &[Rings]) -> Vec<bool> {
     let mut ok = vec![false; mem.len()];
     let mut mark = |from: u64, len: u64| {
         let end = from.saturating_add(len).min(MEM);
-        for b in ok.iter_mut().take(end as usize).skip(from as usize) {
-            *b = true;
+        if from < end {
+            ok[from as usize..end as usize].fill(true);
         }
     };
     for r in rings {
@@ -159,13 +182,23 @@ fn allowed(mem: &[u8], rings: &[Rings]) -> Vec<bool> {
     ok
 }
 
+/// Random bytes, twice the size of guest memory: a case's memory is a
+/// window of them. Made once, as a loop over every byte of memory in each
+/// case would be slow under a fuzzer's instrumentation.
+fn junk() -> &'static [u8] {
+    static JUNK: OnceLock<Vec<u8>> = OnceLock::new();
+    JUNK.get_or_init(|| {
+        let mut rng = Rng::new(0x6a75_6e6b);
+        (0..2 * MEM).map(|_| rng.next() as u8).collect()
+    })
+}
+
 /// One random case against `kind`.
-fn hostile_case(kind: Kind, seed: u64) {
-    let mut rng = Rng::new(seed);
+fn hostile_case(kind: Kind, mut rng: Rng<'_>) {
     let image = Image::new();
     let mem = memory();
-    let junk: Vec<u8> = (0..MEM).map(|_| rng.next() as u8).collect();
-    mem.write(0, &junk).unwrap();
+    let at = rng.below(MEM) as usize;
+    mem.write(0, &junk()[at..at + MEM as usize]).unwrap();
     let (dev, queues) = device(kind, &image);
     let d = Driver::new(dev, &mem);
     let wanted = d.offered() & rng.next();
@@ -197,8 +230,16 @@ fn hostile_case(kind: Kind, seed: u64) {
     }
     let after = snapshot(&mem);
     let ok = allowed(&before, &rings);
-    if let Some(i) = (0..MEM as usize).find(|&i| before[i] != after[i] && !ok[i]) {
-        panic!("{kind:?}, seed {seed:#x}: the device wrote {i:#x}, outside every writable buffer");
+    // Unchanged blocks are skipped whole: a loop over every byte is slow
+    // under a fuzzer's instrumentation.
+    const BLOCK: usize = 256;
+    let stray = (0..MEM as usize)
+        .step_by(BLOCK)
+        .filter(|&at| before[at..at + BLOCK] != after[at..at + BLOCK])
+        .flat_map(|at| at..at + BLOCK)
+        .find(|&i| before[i] != after[i] && !ok[i]);
+    if let Some(i) = stray {
+        panic!("{kind:?}: the device wrote {i:#x}, outside every writable buffer");
     }
     d.w(reg::STATUS, 0);
     assert_eq!(d.r(reg::STATUS), 0, "reset");
@@ -252,121 +293,136 @@ fn read_sector(d: &Driver, sector: u64) -> Option<u8> {
     Some(s[0])
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 64,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+#[cfg(test)]
+mod tests {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
 
-    #[test]
-    fn blk_survives_random_queues(seed in any::<u64>()) {
-        hostile_case(Kind::Blk, seed);
+    use super::*;
+
+    /// One proptest per device: 64 random cases of [`run`], each on up to
+    /// 4 KiB of bytes (as the fuzz targets' inputs).
+    macro_rules! survive_random_queues {
+        ($($name:ident: $kind:ident),* $(,)?) => {
+            proptest! {
+                #![proptest_config(ProptestConfig {
+                    cases: 64,
+                    failure_persistence: None,
+                    ..ProptestConfig::default()
+                })]
+                $(
+                    #[test]
+                    fn $name(data in vec(any::<u8>(), 0..4096)) {
+                        run(Kind::$kind, &data);
+                    }
+                )*
+            }
+        };
+    }
+
+    survive_random_queues! {
+        blk_survives_random_queues: Blk,
+        net_survives_random_queues: Net,
+        vsock_survives_random_queues: Vsock,
+        balloon_survives_random_queues: Balloon,
+    }
+
+    /// A block device with standard rings, ready.
+    fn blk() -> (Image, Driver) {
+        let image = Image::new();
+        let (dev, _) = device(Kind::Blk, &image);
+        let d = Driver::new(dev, &memory());
+        assert_eq!(d.standard(1, 16) & status::NEEDS_RESET, 0);
+        (image, d)
+    }
+
+    /// Runs the chain at `head` (entry `at`); the used length and the status
+    /// byte at 0x3000.
+    fn run_chain(d: &Driver, head: u16) -> (u16, u8) {
+        let r = Rings::standard(0, 16);
+        d.mem.write(0x3000, &[0xee]).unwrap();
+        let at = d.used_idx(r);
+        d.publish(r, at, head);
+        d.notify(0);
+        let mut s = [0u8];
+        d.mem.read(0x3000, &mut s).unwrap();
+        (d.used_idx(r).wrapping_sub(at), s[0])
     }
 
     #[test]
-    fn net_survives_random_queues(seed in any::<u64>()) {
-        hostile_case(Kind::Net, seed);
+    fn malformed_requests_complete_with_an_error() {
+        let (_image, d) = blk();
+        let r = Rings::standard(0, 16);
+        d.mem.write(0x1000, &[0u8; 16]).unwrap();
+        // A loop: 0 -> 1 -> 0 (and so a chain longer than the queue).
+        d.desc(r, 0, 0x1000, 16, F_NEXT, 1);
+        d.desc(r, 1, 0x3000, 1, F_NEXT | F_WRITE, 0);
+        assert_eq!(run_chain(&d, 0).0, 1, "a loop completes");
+        // A data buffer outside RAM.
+        d.desc(r, 0, 0x1000, 16, F_NEXT, 1);
+        d.desc(r, 1, 1 << 40, 512, F_NEXT | F_WRITE, 2);
+        d.desc(r, 2, 0x3000, 1, F_WRITE, 0);
+        assert_eq!(run_chain(&d, 0), (1, 1), "IOERR for a buffer outside RAM");
+        // A device-readable buffer after a device-writable one.
+        d.desc(r, 0, 0x1000, 16, F_NEXT | F_WRITE, 1);
+        d.desc(r, 1, 0x2000, 512, F_NEXT, 2);
+        assert_eq!(run_chain(&d, 0), (1, 1), "IOERR for the wrong direction");
+        // A status buffer that wraps past the end of the address space:
+        // its last byte is not 0x3000, where the addition wraps to.
+        d.desc(r, 0, u64::MAX - 0xff, 0x3101, F_WRITE, 0);
+        assert_eq!(
+            run_chain(&d, 0),
+            (1, 0xee),
+            "no status for a wrapping buffer"
+        );
+        // An absurd length.
+        d.desc(r, 0, 0x1000, 16, F_NEXT, 1);
+        d.desc(r, 1, 0x2000, u32::MAX, F_NEXT | F_WRITE, 2);
+        assert_eq!(run_chain(&d, 0), (1, 1), "IOERR for an absurd length");
+        // An indirect descriptor (not offered).
+        d.desc(r, 1, 0x2000, 512, F_NEXT | F_WRITE | F_INDIRECT, 2);
+        assert_eq!(run_chain(&d, 0), (1, 1), "IOERR for an indirect descriptor");
+        // The device still works.
+        assert_eq!(read_sector(&d, 3), Some(0));
+        assert_eq!(d.r(reg::STATUS) & status::NEEDS_RESET, 0);
     }
 
     #[test]
-    fn vsock_survives_random_queues(seed in any::<u64>()) {
-        hostile_case(Kind::Vsock, seed);
+    fn broken_queues_need_a_reset_and_then_work() {
+        let (_image, d) = blk();
+        // A head past the queue.
+        let r = Rings::standard(0, 16);
+        d.publish(r, d.used_idx(r), 40);
+        d.notify(0);
+        assert_ne!(
+            d.r(reg::STATUS) & status::NEEDS_RESET,
+            0,
+            "head past the queue"
+        );
+        assert_eq!(
+            d.standard(1, 16) & status::NEEDS_RESET,
+            0,
+            "reset clears it"
+        );
+        assert_eq!(read_sector(&d, 0), Some(0));
+        // A queue size that is not a power of two.
+        d.begin(features::VERSION_1);
+        d.queue(0, Rings::standard(0, 3), true);
+        assert_ne!(d.ready() & status::NEEDS_RESET, 0, "size 3");
+        // A notification before DRIVER_OK.
+        d.begin(features::VERSION_1);
+        d.queue(0, Rings::standard(0, 16), true);
+        d.notify(0);
+        assert_ne!(d.r(reg::STATUS) & status::NEEDS_RESET, 0, "notified early");
+        // Rings outside RAM.
+        d.begin(features::VERSION_1);
+        let mut far = Rings::standard(0, 16);
+        far.used = MEM;
+        d.queue(0, far, true);
+        assert_ne!(d.ready() & status::NEEDS_RESET, 0, "used ring outside RAM");
+        // Without VERSION_1 FEATURES_OK does not stick.
+        assert!(!d.begin(0));
+        assert_eq!(d.standard(1, 16) & status::NEEDS_RESET, 0);
+        assert_eq!(read_sector(&d, 1), Some(0));
     }
-
-    #[test]
-    fn balloon_survives_random_queues(seed in any::<u64>()) {
-        hostile_case(Kind::Balloon, seed);
-    }
-}
-
-/// A block device with standard rings, ready.
-fn blk() -> (Image, Driver) {
-    let image = Image::new();
-    let (dev, _) = device(Kind::Blk, &image);
-    let d = Driver::new(dev, &memory());
-    assert_eq!(d.standard(1, 16) & status::NEEDS_RESET, 0);
-    (image, d)
-}
-
-/// Runs the chain at `head` (entry `at`); the used length and the status
-/// byte at 0x3000.
-fn run_chain(d: &Driver, head: u16) -> (u16, u8) {
-    let r = Rings::standard(0, 16);
-    d.mem.write(0x3000, &[0xee]).unwrap();
-    let at = d.used_idx(r);
-    d.publish(r, at, head);
-    d.notify(0);
-    let mut s = [0u8];
-    d.mem.read(0x3000, &mut s).unwrap();
-    (d.used_idx(r).wrapping_sub(at), s[0])
-}
-
-#[test]
-fn malformed_requests_complete_with_an_error() {
-    let (_image, d) = blk();
-    let r = Rings::standard(0, 16);
-    d.mem.write(0x1000, &[0u8; 16]).unwrap();
-    // A loop: 0 -> 1 -> 0 (and so a chain longer than the queue).
-    d.desc(r, 0, 0x1000, 16, F_NEXT, 1);
-    d.desc(r, 1, 0x3000, 1, F_NEXT | F_WRITE, 0);
-    assert_eq!(run_chain(&d, 0).0, 1, "a loop completes");
-    // A data buffer outside RAM.
-    d.desc(r, 0, 0x1000, 16, F_NEXT, 1);
-    d.desc(r, 1, 1 << 40, 512, F_NEXT | F_WRITE, 2);
-    d.desc(r, 2, 0x3000, 1, F_WRITE, 0);
-    assert_eq!(run_chain(&d, 0), (1, 1), "IOERR for a buffer outside RAM");
-    // A device-readable buffer after a device-writable one.
-    d.desc(r, 0, 0x1000, 16, F_NEXT | F_WRITE, 1);
-    d.desc(r, 1, 0x2000, 512, F_NEXT, 2);
-    assert_eq!(run_chain(&d, 0), (1, 1), "IOERR for the wrong direction");
-    // An absurd length.
-    d.desc(r, 0, 0x1000, 16, F_NEXT, 1);
-    d.desc(r, 1, 0x2000, u32::MAX, F_NEXT | F_WRITE, 2);
-    assert_eq!(run_chain(&d, 0), (1, 1), "IOERR for an absurd length");
-    // An indirect descriptor (not offered).
-    d.desc(r, 1, 0x2000, 512, F_NEXT | F_WRITE | F_INDIRECT, 2);
-    assert_eq!(run_chain(&d, 0), (1, 1), "IOERR for an indirect descriptor");
-    // The device still works.
-    assert_eq!(read_sector(&d, 3), Some(0));
-    assert_eq!(d.r(reg::STATUS) & status::NEEDS_RESET, 0);
-}
-
-#[test]
-fn broken_queues_need_a_reset_and_then_work() {
-    let (_image, d) = blk();
-    // A head past the queue.
-    let r = Rings::standard(0, 16);
-    d.publish(r, d.used_idx(r), 40);
-    d.notify(0);
-    assert_ne!(
-        d.r(reg::STATUS) & status::NEEDS_RESET,
-        0,
-        "head past the queue"
-    );
-    assert_eq!(
-        d.standard(1, 16) & status::NEEDS_RESET,
-        0,
-        "reset clears it"
-    );
-    assert_eq!(read_sector(&d, 0), Some(0));
-    // A queue size that is not a power of two.
-    d.begin(features::VERSION_1);
-    d.queue(0, Rings::standard(0, 3), true);
-    assert_ne!(d.ready() & status::NEEDS_RESET, 0, "size 3");
-    // A notification before DRIVER_OK.
-    d.begin(features::VERSION_1);
-    d.queue(0, Rings::standard(0, 16), true);
-    d.notify(0);
-    assert_ne!(d.r(reg::STATUS) & status::NEEDS_RESET, 0, "notified early");
-    // Rings outside RAM.
-    d.begin(features::VERSION_1);
-    let mut far = Rings::standard(0, 16);
-    far.used = MEM;
-    d.queue(0, far, true);
-    assert_ne!(d.ready() & status::NEEDS_RESET, 0, "used ring outside RAM");
-    // Without VERSION_1 FEATURES_OK does not stick.
-    assert!(!d.begin(0));
-    assert_eq!(d.standard(1, 16) & status::NEEDS_RESET, 0);
-    assert_eq!(read_sector(&d, 1), Some(0));
 }

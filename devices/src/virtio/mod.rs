@@ -48,9 +48,9 @@ pub mod tap;
 pub mod vsock;
 pub mod worker;
 
-#[cfg(test)]
-mod fuzz;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod testutil;
 
 use std::sync::atomic::{AtomicU32, Ordering};

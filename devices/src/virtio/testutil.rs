@@ -1,6 +1,8 @@
 //! A driver for unit tests: guest memory of its own, a transport driven
 //! synchronously (no device thread: notifications are served on the
-//! test's thread), and a small random generator.
+//! test's thread), and a small random generator. The hostile-driver
+//! harness in `fuzz` is built on it, so it is also built with the
+//! `fuzzing` feature.
 
 use std::sync::{Arc, MutexGuard, PoisonError};
 
@@ -17,27 +19,61 @@ pub const DATA_END: u64 = 384 << 10;
 /// The ring window of each queue.
 pub const RING_WINDOW: u64 = 32 << 10;
 
-/// xorshift64*: deterministic, seeded by the test.
+/// Where a random case's choices come from: a xorshift64* generator
+/// seeded by the test, or a tape of bytes (a fuzzer's input) handed out a
+/// few at a time, each choice taking only the bytes its range needs, so
+/// that a coverage-guided fuzzer steers every choice. Once the tape runs
+/// out the choices go on from a generator seeded by its length.
 #[derive(Debug)]
-pub struct Rng(u64);
+pub struct Rng<'a> {
+    state: u64,
+    tape: &'a [u8],
+}
 
-impl Rng {
+impl Rng<'static> {
     /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
-        Self(seed | 1)
+        Self {
+            state: seed | 1,
+            tape: &[],
+        }
+    }
+}
+
+impl<'a> Rng<'a> {
+    /// Choices read off `tape`.
+    pub fn from_bytes(tape: &'a [u8]) -> Self {
+        Self {
+            state: (tape.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            tape,
+        }
+    }
+
+    /// The next `width` bytes of the tape (little-endian), or the next
+    /// generated value once it is used up.
+    fn take(&mut self, width: usize) -> u64 {
+        if self.tape.is_empty() {
+            self.state ^= self.state >> 12;
+            self.state ^= self.state << 25;
+            self.state ^= self.state >> 27;
+            return self.state.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        }
+        let (now, rest) = self.tape.split_at(width.min(self.tape.len()));
+        self.tape = rest;
+        let mut b = [0u8; 8];
+        b[..now.len()].copy_from_slice(now);
+        u64::from_le_bytes(b)
     }
 
     /// The next value.
     pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.take(8)
     }
 
     /// A value below `n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        let bits = 64 - (n - 1).leading_zeros() as usize;
+        self.take(bits.div_ceil(8).max(1)) % n
     }
 
     /// True `pct` percent of the time.

@@ -266,46 +266,33 @@ impl Bench {
         Ok(())
     }
 
-    /// Linux fork() of a process with `bytes` of touched anonymous memory.
+    /// Linux fork() of a process with `bytes` of anonymous memory it has
+    /// just written (so every page table entry is writable, as after the
+    /// guest's writes below).
     fn linux_fork(bytes: usize) -> Result<Duration, VmmError> {
         let area = LinuxArea::new(bytes)?;
         let mut times = Vec::new();
         for _ in 0..3 {
+            area.touch();
             times.push(area.fork_once()?);
         }
         Ok(median(times))
     }
 
-    /// Fork latency of a VM with `bytes` touched, next to Linux fork().
+    /// Fork latency of a VM that has just written `bytes` of memory, next
+    /// to Linux fork(). Each sample forks a new VM once: a second fork of
+    /// the same VM would find its pages write-protected by the first and
+    /// pay nearly nothing for them, which no guest that writes would see.
     fn fork_latency(&mut self, bytes: u64, tsc: f64) -> Result<(), VmmError> {
         let linux = Self::linux_fork(bytes as usize)?;
         let pages = bytes / PAGE_SIZE;
-        let mut vm = self.vm(bytes + (64 << 20), 4, pages, tsc)?;
-        let mem = vm.memory().clone();
-        vm.start()?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while mem.context().stats().resident < pages {
-            if Instant::now() > deadline {
-                vm.stop(Exit::Error("touching memory took too long".into()));
-                return Err(VmmError::Config(
-                    "the guest did not touch its memory in time".into(),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        std::thread::sleep(Duration::from_millis(20));
         let mut totals = Vec::new();
         let mut pauses = Vec::new();
         for _ in 0..3 {
-            let t = Instant::now();
-            let child = vm.fork()?;
-            totals.push(t.elapsed());
-            pauses.push(vm.last_fork_pause());
-            child.stop(Exit::Code(0));
-            let _ = child.wait();
+            let (total, pause) = self.fork_touched_vm(bytes + (64 << 20), pages, tsc)?;
+            totals.push(total);
+            pauses.push(pause);
         }
-        vm.stop(Exit::Code(0));
-        let _ = vm.wait();
         let (total, pause) = (median(totals), median(pauses));
         let mib = bytes >> 20;
         self.record(
@@ -329,6 +316,43 @@ impl Bench {
             },
         );
         Ok(())
+    }
+
+    /// Starts a VM that touches `pages` pages, forks it once when it has,
+    /// and returns the fork's total time and the guest's pause.
+    fn fork_touched_vm(
+        &mut self,
+        mem_bytes: u64,
+        pages: u64,
+        tsc: f64,
+    ) -> Result<(Duration, Duration), VmmError> {
+        let mut vm = self.vm(mem_bytes, 4, pages, tsc)?;
+        let mem = vm.memory().clone();
+        vm.start()?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while mem.context().stats().resident < pages {
+            if Instant::now() > deadline {
+                vm.stop(Exit::Error("touching memory took too long".into()));
+                return Err(VmmError::Config(
+                    "the guest did not touch its memory in time".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let t = Instant::now();
+        let forked = vm.fork();
+        let total = t.elapsed();
+        let pause = vm.last_fork_pause();
+        if let Ok(child) = &forked {
+            child.stop(Exit::Code(0));
+        }
+        vm.stop(Exit::Code(0));
+        let _ = vm.wait();
+        if let Ok(child) = forked {
+            let _ = child.wait();
+        }
+        Ok((total, pause))
     }
 
     /// One copy-on-write fault next to one exit plus a 4 KiB copy
@@ -471,14 +495,19 @@ impl LinuxArea {
             return Err(VmmError::Thread(std::io::Error::last_os_error()));
         }
         let area = Self { ptr, len };
-        let base = area.ptr.cast::<u8>();
-        for off in (0..len).step_by(PAGE_SIZE as usize) {
+        area.touch();
+        Ok(area)
+    }
+
+    /// Writes a byte of every page.
+    fn touch(&self) {
+        let base = self.ptr.cast::<u8>();
+        for off in (0..self.len).step_by(PAGE_SIZE as usize) {
             let byte = base.wrapping_add(off);
-            // SAFETY: `byte` is inside the mapping created above, which
-            // only this function uses.
+            // SAFETY: `byte` is inside this mapping, which only this
+            // benchmark uses.
             unsafe { byte.write_volatile(1) };
         }
-        Ok(area)
     }
 
     /// Forks once; the child exits at once. Returns the time fork() took in

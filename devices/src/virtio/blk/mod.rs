@@ -341,13 +341,17 @@ fn poll_available(ctx: &Ctx<'_>, q: usize) -> bool {
 }
 
 /// Writes IOERR into the last byte of a chain whose buffers cannot all be
-/// pinned, if that byte is device-writable RAM; the bytes written.
+/// pinned, if that byte is device-writable RAM; the bytes written. A last
+/// buffer that runs past the end of the address space has no last byte.
 fn fail_status(ctx: &Ctx<'_>, chain: &[Desc]) -> u32 {
     let Some(last) = chain.last().filter(|d| d.write && d.len > 0) else {
         return 0;
     };
+    let Some(addr) = last.addr.checked_add(u64::from(last.len) - 1) else {
+        return 0;
+    };
     let status = Desc {
-        addr: last.addr.wrapping_add(u64::from(last.len) - 1),
+        addr,
         len: 1,
         write: true,
         indirect: false,
