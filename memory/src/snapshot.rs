@@ -35,7 +35,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -99,7 +99,6 @@ pub struct LiveSnapshot {
     zero: AtomicU64,
     /// The first error writing the image (a listener cannot return one).
     failed: Mutex<Option<io::Error>>,
-    started: Instant,
 }
 
 impl std::fmt::Debug for LiveSnapshot {
@@ -140,7 +139,6 @@ impl LiveSnapshot {
             before_write: AtomicU64::new(0),
             zero: AtomicU64::new(0),
             failed: Mutex::new(None),
-            started: Instant::now(),
         }))
     }
 
@@ -241,8 +239,10 @@ impl LiveSnapshot {
                     Entry::Present {
                         store, writable, ..
                     } => {
-                        let frame = stores.get(store).expect("an entry names a filled slot");
-                        if leaf_pinned && frame.meta(page).maybe_write_pinned() {
+                        let frame = leaf_pinned
+                            .then(|| stores.get(store).expect("an entry names a filled slot"))
+                            .filter(|f| f.meta(page).maybe_write_pinned());
+                        if let Some(frame) = frame {
                             let mut bytes = vec![0u8; PAGE_SIZE as usize];
                             // SAFETY: `stores` holds the store and the map
                             // lock (write) keeps the entry, so the frame
@@ -320,24 +320,6 @@ impl LiveSnapshot {
         }
     }
 
-    /// Copies the page if nobody has; true if this call did.
-    fn copy_page(&self, vm: &VmMemory, page: u64) -> bool {
-        if bit(&self.claimed, page) {
-            return false;
-        }
-        let mut buf = [0u8; PAGE_SIZE as usize];
-        let gpa = vm.gpa(page);
-        if let Err(e) = vm.read(gpa, &mut buf) {
-            self.fail(io::Error::other(e));
-            return false;
-        }
-        if !set_bit(&self.claimed, page) {
-            return false;
-        }
-        self.write_image(gpa, &buf);
-        true
-    }
-
     fn write_image(&self, gpa: u64, bytes: &[u8]) {
         if bytes.iter().all(|b| *b == 0) {
             self.zero
@@ -409,7 +391,11 @@ impl LiveSnapshot {
         mut progress: impl FnMut(u64, u64),
     ) -> Result<SnapshotReport, SnapshotError> {
         let pages = vm.table.pages();
-        let total = (0..pages).filter(|p| bit(&self.todo, *p)).count() as u64;
+        let total = self
+            .todo
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+            .sum();
         let mut report = SnapshotReport {
             pages: total,
             ..SnapshotReport::default()
@@ -511,11 +497,6 @@ impl LiveSnapshot {
     fn lift_all(&self, vm: &VmMemory) -> Result<(), SnapshotError> {
         self.lift(vm, 0, vm.table.pages())
     }
-
-    /// How long ago [`LiveSnapshot::begin`] was called.
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
-    }
 }
 
 /// Counts a listener call while it runs.
@@ -540,7 +521,7 @@ impl WriteListener for LiveSnapshot {
         let Some(page) = vm.layout.page_of(gpa) else {
             return;
         };
-        if bit(&self.todo, page) && self.copy_page(vm, page) {
+        if bit(&self.todo, page) && self.copy_run(vm, &[page]) == 1 {
             self.before_write.fetch_add(1, Ordering::Relaxed);
         }
     }
