@@ -8,17 +8,8 @@ use guest_tests::{MIB, Running, guest};
 use vmm::Exit;
 
 /// An unlinked scratch file.
-fn scratch(name: &str) -> File {
-    let path = std::env::temp_dir().join(format!("vmm-{}-{name}", std::process::id()));
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
-    f
+fn scratch() -> File {
+    memory::open_unlinked(&std::env::temp_dir()).unwrap()
 }
 
 fn u64_at(f: &File, gpa: u64) -> u64 {
@@ -55,7 +46,7 @@ fn a_live_snapshot_is_one_instant_of_a_guest_that_keeps_writing() {
         field(&console, "pages="),
     );
     vm.wait_until("generation 3", |v| v.read_u64(header) >= 3);
-    let image = scratch("generations.img");
+    let image = scratch();
     let report = vm
         .handle()
         .snapshot_live(image.try_clone().unwrap(), |_, _| {})

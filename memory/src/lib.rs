@@ -60,7 +60,7 @@ pub use migrate::{Compactor, MigrateReport};
 pub use pin::{Pin, PinError, PinFlags};
 pub use reclaim::{RECENT as RECENT_FAULTS, SwapOutReport};
 pub use snapshot::{LiveSnapshot, SnapshotError, SnapshotReport};
-pub use swap::{MAX_SLOTS as MAX_SWAP_SLOTS, SwapError};
+pub use swap::{MAX_SLOTS as MAX_SWAP_SLOTS, SwapError, open_unlinked};
 pub use view::GuestView;
 pub use vm::{Access, FrameInfo, MemError, VmMemory, max_map_count};
 pub use wp::WriteListener;

@@ -24,7 +24,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use thiserror::Error;
@@ -266,7 +266,11 @@ fn open_named(p: &Path) -> Result<File, SwapError> {
     Ok(file)
 }
 
-fn open_unlinked(dir: &PathBuf) -> io::Result<File> {
+/// Opens a new file in `dir` that has no name (`O_TMPFILE`, or a name
+/// removed at once where the file system lacks it): gone when closed,
+/// whatever happens to the process. Swap files and snapshot images in the
+/// temporary directory are made with it.
+pub fn open_unlinked(dir: &Path) -> io::Result<File> {
     match OpenOptions::new()
         .read(true)
         .write(true)
@@ -277,7 +281,9 @@ fn open_unlinked(dir: &PathBuf) -> io::Result<File> {
         Ok(f) => Ok(f),
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
             // No O_TMPFILE here: create a private name and unlink it.
-            let path = dir.join(format!("vmm-swap-{}", std::process::id()));
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = dir.join(format!("vmm-unlinked-{}-{n}", std::process::id()));
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)

@@ -16,21 +16,7 @@ const N: u64 = 256;
 
 /// An unlinked scratch file.
 fn image() -> File {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "vmm-snapshot-test-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    std::fs::remove_file(&path).unwrap();
-    f
+    memory::open_unlinked(&std::env::temp_dir()).unwrap()
 }
 
 /// Page `i` of the range at `A` holds `tag` and its index.

@@ -16,15 +16,7 @@ const REWRITE: u64 = 20;
 
 /// An unlinked file in the temporary directory for an image.
 fn scratch_image() -> Result<File, VmmError> {
-    let path = std::env::temp_dir().join(format!("vmm-bench-{}.img", std::process::id()));
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(VmmError::Thread)?;
-    std::fs::remove_file(&path).map_err(VmmError::Thread)?;
-    Ok(f)
+    memory::open_unlinked(&std::env::temp_dir()).map_err(VmmError::Thread)
 }
 
 fn ms(d: Duration) -> f64 {
