@@ -327,18 +327,8 @@ impl Bench {
         tsc: f64,
     ) -> Result<(Duration, Duration), VmmError> {
         let mut vm = self.vm(mem_bytes, 4, pages, tsc)?;
-        let mem = vm.memory().clone();
         vm.start()?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while mem.context().stats().resident < pages {
-            if Instant::now() > deadline {
-                vm.stop(Exit::Error("touching memory took too long".into()));
-                return Err(VmmError::Config(
-                    "the guest did not touch its memory in time".into(),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_touched(&vm, |vm| vm.memory().context().stats().resident >= pages)?;
         std::thread::sleep(Duration::from_millis(20));
         let t = Instant::now();
         let forked = vm.fork();
@@ -451,6 +441,22 @@ impl Bench {
         );
         Ok(())
     }
+}
+
+/// Waits (up to two minutes) until `touched` says the started `vm` has
+/// touched its memory; stops the VM if it does not.
+fn wait_touched(vm: &Vm, touched: impl Fn(&Vm) -> bool) -> Result<(), VmmError> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !touched(vm) {
+        if Instant::now() > deadline {
+            vm.stop(Exit::Error("touching memory took too long".into()));
+            return Err(VmmError::Config(
+                "the guest did not touch its memory in time".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 fn goal(met: bool, what: &str) -> String {

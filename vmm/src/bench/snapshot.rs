@@ -42,16 +42,7 @@ impl Bench {
         let pages = bytes / PAGE_SIZE;
         let mut vm = self.vm(bytes + (64 << 20), REWRITE, pages, tsc)?;
         vm.start()?;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Self::mailbox(vm.memory(), 3) != 1 {
-            if Instant::now() > deadline {
-                vm.stop(Exit::Error("touching memory took too long".into()));
-                return Err(VmmError::Config(
-                    "the guest did not touch its memory in time".into(),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        super::wait_touched(&vm, |vm| Self::mailbox(vm.memory(), 3) == 1)?;
         let measured = self.measure_snapshots(&vm);
         vm.stop(Exit::Code(0));
         let _ = vm.wait();
