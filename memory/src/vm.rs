@@ -667,50 +667,74 @@ impl VmMemory {
     /// number of pages that had a frame.
     pub fn discard(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
         // For a live snapshot, dropping a protected page's contents is a
-        // write: it copies the page first. (A listener of the guest's own
-        // protection is not told, as userfaultfd's is not of MADV_DONTNEED:
-        // the page keeps its protection, as a marker.)
-        if self.wp.snapshot_running() {
-            for (first, off, run) in self.page_range(gpa, len)? {
-                for page in first..first + (off + run).div_ceil(PAGE_SIZE) {
-                    let e = self.table.get(page);
-                    if e.wp() && !matches!(e, Entry::None | Entry::Marker { .. }) {
-                        self.tell_listener(self.gpa(page));
+        // write: the snapshot copies the page first. That is checked under
+        // the locks that drop the page (a snapshot may protect it between
+        // an earlier check and the drop); a leaf holding such a page is
+        // left alone until the listener, which takes no lock of ours, has
+        // been told, and the walk starts again. (A listener of the guest's
+        // own protection is not told, as userfaultfd's is not of
+        // MADV_DONTNEED: the page keeps its protection, as a marker.)
+        let mut told: Vec<u64> = Vec::new();
+        let mut dropped = 0;
+        loop {
+            let mut tell = Vec::new();
+            let walked = self.for_each_leaf_in(gpa, len, |leaf, at, n| {
+                if self.wp.snapshot_running() {
+                    tell.extend((at..at + n).filter(|p| {
+                        let e = leaf.get(*p);
+                        e.wp()
+                            && !matches!(e, Entry::None | Entry::Marker { .. })
+                            && !told.contains(p)
+                    }));
+                    if !tell.is_empty() {
+                        return Err(MemError::Busy("a live snapshot copies the pages first"));
                     }
                 }
+                dropped += self.discard_leaf(leaf, at, n)?;
+                Ok(())
+            });
+            if tell.is_empty() {
+                walked?;
+                return Ok(dropped);
+            }
+            for p in tell {
+                self.tell_listener(self.gpa(p));
+                told.push(p);
             }
         }
+    }
+
+    /// Drops the entries of pages `[at, at + n)` of `leaf` (its lock held);
+    /// returns the frames it unmapped.
+    fn discard_leaf(&self, leaf: &Leaf, at: u64, n: u64) -> Result<u64, MemError> {
         let mut dropped = 0;
-        self.for_each_leaf_in(gpa, len, |leaf, at, n| {
-            self.host_unmap(at, n)?;
-            for p in at..at + n {
-                let e = leaf.get(p);
-                if matches!(e, Entry::None | Entry::Marker { .. }) {
-                    continue;
-                }
-                // Protection outlives the page's contents (a marker).
-                let wp = e.wp();
-                leaf.set(
-                    p,
-                    if wp {
-                        Entry::Marker { wp }
-                    } else {
-                        Entry::None
-                    },
-                );
-                match e {
-                    // A migration entry keeps the old frame mapped; the
-                    // mover then finds nothing to restore here.
-                    Entry::Present { store, .. } | Entry::Migration { store, .. } => {
-                        self.unmap_entry(store, p);
-                        dropped += 1;
-                    }
-                    Entry::Swap { slot, .. } => self.ctx.swap_in_use().put(slot),
-                    Entry::None | Entry::Marker { .. } => {}
-                }
+        self.host_unmap(at, n)?;
+        for p in at..at + n {
+            let e = leaf.get(p);
+            if matches!(e, Entry::None | Entry::Marker { .. }) {
+                continue;
             }
-            Ok(())
-        })?;
+            // Protection outlives the page's contents (a marker).
+            let wp = e.wp();
+            leaf.set(
+                p,
+                if wp {
+                    Entry::Marker { wp }
+                } else {
+                    Entry::None
+                },
+            );
+            match e {
+                // A migration entry keeps the old frame mapped; the
+                // mover then finds nothing to restore here.
+                Entry::Present { store, .. } | Entry::Migration { store, .. } => {
+                    self.unmap_entry(store, p);
+                    dropped += 1;
+                }
+                Entry::Swap { slot, .. } => self.ctx.swap_in_use().put(slot),
+                Entry::None | Entry::Marker { .. } => {}
+            }
+        }
         Ok(dropped)
     }
 
