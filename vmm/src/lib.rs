@@ -10,6 +10,7 @@ pub mod api;
 pub mod bench;
 pub mod console;
 pub mod elf;
+pub mod fuzz;
 mod fork;
 mod hypercall;
 pub mod kvm;

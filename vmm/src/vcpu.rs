@@ -319,9 +319,9 @@ struct Vcpu {
 #[derive(Debug)]
 pub(crate) struct VcpuState {
     pub(crate) regs: kvm_regs,
-    sregs: kvm_sregs,
-    xsave: kvm_xsave,
-    xcrs: kvm_xcrs,
+    pub(crate) sregs: kvm_sregs,
+    pub(crate) xsave: kvm_xsave,
+    pub(crate) xcrs: kvm_xcrs,
 }
 
 impl VcpuState {
