@@ -16,7 +16,7 @@ fn main() {
 
     // The directory itself, so that a new or removed source triggers a rebuild.
     println!("cargo:rerun-if-changed={}", sources.display());
-    for file in ["guest.h", "virtio.h", "cflags.rs"] {
+    for file in ["guest.h", "virtio.h", "fuzz.h", "cflags.rs"] {
         println!("cargo:rerun-if-changed={}", shared.join(file).display());
     }
 

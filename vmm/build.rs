@@ -10,10 +10,10 @@ fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("..");
     let guests = root.join("resources/guests");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    for shared in ["guest.h", "virtio.h", "cflags.rs"] {
+    for shared in ["guest.h", "virtio.h", "fuzz.h", "cflags.rs"] {
         println!("cargo:rerun-if-changed={}", guests.join(shared).display());
     }
-    for name in ["demo", "bench", "hello"] {
+    for name in ["demo", "bench", "hello", "fuzz_bench"] {
         let src = guests.join(format!("{name}.c"));
         println!("cargo:rerun-if-changed={}", src.display());
         build(&src, &out_dir.join(format!("{name}.elf")));

@@ -50,6 +50,7 @@ fn config(
         memory: memory::Config::default(),
         mem_limit: None,
         devices: Vec::new(),
+        input: None,
     };
     (cfg, console)
 }

@@ -11,14 +11,16 @@
 //! (see `lock.rs`):
 //!
 //! 1. a VM's memory-map lock (`map_lock`, Linux's `mmap_lock`);
-//! 2. the memory-map lock of a VM being created by fork;
+//! 2. the memory-map lock of the second VM of a two-VM operation: a VM
+//!    being created by fork, or the origin a VM is reset to;
 //! 3. a leaf-table lock (Linux's page-table lock);
-//! 4. the forked child's leaf-table lock;
+//! 4. the second VM's leaf-table lock (fork's child, reset's origin);
 //! 5. a VM's store list;
 //! 6. a store's reverse map;
 //! 7. the context's registry of live VMs;
 //! 8. a VM's record of write-protect events;
-//! 9. the swap file's slot allocator.
+//! 9. the swap file's slot allocator;
+//! 10. a VM's record of pages the VMM wrote.
 //!
 //! Frame counts and the anon-exclusive bit are atomics, changed under the
 //! table lock of an entry that maps the frame, or by the holder of a
@@ -32,6 +34,7 @@
 
 mod audit;
 mod context;
+mod dirty;
 mod entry;
 mod fault;
 mod fork;
@@ -41,6 +44,7 @@ mod lock;
 mod migrate;
 mod pin;
 mod reclaim;
+mod reset;
 mod slots;
 mod snapshot;
 mod store;
@@ -59,6 +63,7 @@ pub use layout::{Layout, LayoutError, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_LEAF, Ram
 pub use migrate::{Compactor, MigrateReport};
 pub use pin::{Pin, PinError, PinFlags};
 pub use reclaim::{RECENT as RECENT_FAULTS, SwapOutReport};
+pub use reset::ResetReport;
 pub use snapshot::{LiveSnapshot, SnapshotError, SnapshotReport};
 pub use swap::{MAX_SLOTS as MAX_SWAP_SLOTS, SwapError, open_unlinked};
 pub use view::GuestView;

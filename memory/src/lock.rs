@@ -15,12 +15,14 @@ use std::ops::{Deref, DerefMut};
 pub(crate) enum Rank {
     /// A VM's memory-map lock (Linux's `mmap_lock`).
     MapLock,
-    /// The memory-map lock of a VM being created by fork, taken after its
-    /// parent's.
+    /// The memory-map lock of the second VM of a two-VM operation, taken
+    /// after the first's: the child being created by fork, or the origin a
+    /// VM is reset to.
     ChildMapLock,
     /// A stage-2 leaf table lock (Linux's page-table lock).
     Table,
-    /// The child's leaf table lock during fork, taken after the parent's.
+    /// The second VM's leaf table lock (fork's child, reset's origin),
+    /// taken after the first's.
     ChildTable,
     /// A VM's list of frame stores.
     Stores,
@@ -32,6 +34,8 @@ pub(crate) enum Rank {
     WpEvents,
     /// The swap file's slot allocator.
     SwapSlots,
+    /// A VM's record of pages the VMM wrote (see `dirty.rs`).
+    VmmWrites,
 }
 
 #[cfg(debug_assertions)]
@@ -157,7 +161,12 @@ impl<T> RankedRwLock<T> {
     }
 
     pub(crate) fn read(&self) -> Guard<RwLockReadGuard<'_, T>> {
-        let token = Token::new(self.rank);
+        self.read_as(self.rank)
+    }
+
+    /// Reads under another rank (see [`RankedMutex::lock_as`]).
+    pub(crate) fn read_as(&self, rank: Rank) -> Guard<RwLockReadGuard<'_, T>> {
+        let token = Token::new(rank);
         Guard {
             inner: sync::read(&self.inner),
             _token: token,

@@ -234,6 +234,9 @@ impl VmMemory {
             for (first, off, run) in runs {
                 for page in first..first + (off + run).div_ceil(PAGE_SIZE) {
                     pin.frames.push(pin_page(page)?);
+                    if flags.write {
+                        self.vmm_writes.note(page);
+                    }
                 }
             }
         }

@@ -244,3 +244,24 @@ pub(crate) unsafe fn write_frame(dst: *mut u8, data: &[u8]) {
     // SAFETY: guaranteed by the caller.
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
 }
+
+/// Copies one whole page.
+///
+/// # Safety
+/// `src` and `dst` each address a whole page of a live mapping that stays
+/// mapped for the call; the pages do not overlap, and no one else writes
+/// `dst` meanwhile.
+pub(crate) unsafe fn copy_page(src: *const u8, dst: *mut u8) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, PAGE_SIZE as usize) }
+}
+
+/// Fills one whole page with zeros.
+///
+/// # Safety
+/// `dst` addresses a whole page of a live mapping that stays mapped for the
+/// call, and no one else writes it meanwhile.
+pub(crate) unsafe fn zero_page(dst: *mut u8) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::ptr::write_bytes(dst, 0, PAGE_SIZE as usize) }
+}

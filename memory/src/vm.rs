@@ -173,6 +173,8 @@ pub struct VmMemory {
     pub(crate) wp: WpState,
     /// The resident limit and reclaim's state (see `reclaim.rs`).
     pub(crate) limit: crate::reclaim::Limit,
+    /// Pages the VMM wrote, when a reset needs them (see `dirty.rs`).
+    pub(crate) vmm_writes: crate::dirty::VmmWrites,
 }
 
 impl VmMemory {
@@ -203,6 +205,7 @@ impl VmMemory {
             wp_seq: AtomicU64::new(0),
             wp: WpState::new(),
             limit,
+            vmm_writes: Default::default(),
         });
         ctx.register(&vm);
         Ok(vm)
@@ -623,6 +626,7 @@ impl VmMemory {
                     // duration of this closure; `off + n` ≤ 4K.
                     unsafe { crate::sys::write_frame(ptr.wrapping_add(off as usize), src) }
                 })?;
+                self.vmm_writes.note(page);
                 done += n;
                 left -= n;
                 page += 1;

@@ -15,6 +15,8 @@ pub enum Sink {
     Stdout,
     /// A buffer (for tests and embedders).
     Capture(Arc<Mutex<Vec<u8>>>),
+    /// Nowhere (fuzzing clones, whose runs would repeat the same lines).
+    Discard,
 }
 
 impl Sink {
@@ -36,6 +38,7 @@ impl Sink {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .extend_from_slice(bytes),
+            Sink::Discard => {}
         }
     }
 }

@@ -166,7 +166,8 @@ pub(crate) fn fork(
 
     // 4. The clone.
     let id = machine.next_id();
-    let shared = Arc::new(parent.clone_devices(id, child_mem, kvm, controls, frozen)?);
+    let harness = parent.harness.for_clone();
+    let shared = Arc::new(parent.clone_devices(id, child_mem, kvm, controls, frozen, harness)?);
     // Recorded before it runs: a clone may end (and record its exit) at
     // once.
     machine.add_clone(id, parent.id, shared.clone());

@@ -34,6 +34,9 @@ pub(crate) fn dispatch(shared: &VmShared, nr: u64, args: [u64; 3]) -> Result<i64
         Hypercall::Migrate => migrate(shared, a, b),
         Hypercall::Wp => write_protect(shared, a, b, c),
         Hypercall::WpEvents => wp_events(shared, a, b),
+        Hypercall::CoverageMap if shared.mode == Mode::Program => {
+            crate::x86::program::COVERAGE_MAP as i64
+        }
         _ => -errno::EOPNOTSUPP,
     })
 }

@@ -71,6 +71,11 @@ impl Hypervisor {
         &self.cpuid
     }
 
+    /// The system handle.
+    pub(crate) fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
     /// The largest vCPU count KVM allows.
     pub fn max_vcpus(&self) -> usize {
         self.kvm.get_max_vcpus()
@@ -79,22 +84,28 @@ impl Hypervisor {
     /// Creates a VM whose RAM is `mem`'s host mapping.
     pub fn create_vm(&self, mem: &VmMemory) -> Result<VmFd, KvmError> {
         let vm = ioctl("create a VM", self.kvm.create_vm())?;
-        for (slot, (gpa, len, host)) in mem.host_ranges().into_iter().enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: gpa,
-                memory_size: len,
-                userspace_addr: host,
-            };
-            // SAFETY: the host range belongs to `mem`'s reservation, which
-            // outlives the VM: the VM holds its memory until it is dropped.
-            ioctl("add a memory slot", unsafe {
-                vm.set_user_memory_region(region)
-            })?;
-        }
+        add_memslots(&vm, mem, 0)?;
         Ok(vm)
     }
+}
+
+/// Gives `vm` one memslot per RAM range of `mem`, with `flags`.
+pub(crate) fn add_memslots(vm: &VmFd, mem: &VmMemory, flags: u32) -> Result<(), KvmError> {
+    for (slot, (gpa, len, host)) in mem.host_ranges().into_iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host,
+        };
+        // SAFETY: the host range belongs to `mem`'s reservation, which
+        // outlives the VM: the VM holds its memory until it is dropped.
+        ioctl("add a memory slot", unsafe {
+            vm.set_user_memory_region(region)
+        })?;
+    }
+    Ok(())
 }
 
 /// Creates vCPU `index` with register syncing through `kvm_run` enabled,

@@ -9,9 +9,10 @@ pub mod abi;
 pub mod api;
 pub mod bench;
 pub mod console;
+mod dirty;
 pub mod elf;
-pub mod fuzz;
 mod fork;
+pub mod fuzz;
 mod hypercall;
 pub mod kvm;
 pub mod linux;
@@ -32,6 +33,8 @@ pub mod guests {
     pub const BENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bench.elf"));
     /// One line and exit 0.
     pub const HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
+    /// The fuzzing benchmark's target: each run dirties N pages.
+    pub const FUZZ_BENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fuzz_bench.elf"));
 }
 
 pub use devices::error_chain;

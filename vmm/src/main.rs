@@ -175,6 +175,12 @@ struct RunArgs {
     /// pages scattered by copy-on-write merge back into fewer host mappings.
     #[arg(long)]
     compact: bool,
+
+    /// The input the fuzzing hypercall SNAPSHOT hands the program (default: an empty input),
+    /// to replay a crash or hang a fuzzer saved. DONE(status) then ends the VM with exit code
+    /// `status`, as EXIT does.
+    #[arg(long, value_name = "FILE", requires = "program")]
+    input: Option<PathBuf>,
 }
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
@@ -281,6 +287,11 @@ fn run(args: RunArgs, matches: Option<&ArgMatches>) -> Result<ExitCode, String> 
         },
         mem_limit: args.mem_limit,
         devices,
+        input: args
+            .input
+            .as_ref()
+            .map(|i| read_file("input", i))
+            .transpose()?,
     };
     // Sizes are checked before the host's limits are weighed against them.
     vmm::vm::ram_layout(args.mem).map_err(|e| error_chain(&e))?;

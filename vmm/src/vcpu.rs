@@ -61,6 +61,15 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     });
 }
 
+/// Sends the kick signal to vCPU thread `t`: its `KVM_RUN` returns at once.
+pub(crate) fn kick_thread(t: libc::pthread_t) {
+    // SAFETY: `t` names a vCPU thread of this process whose handle is
+    // joined only after its VM ended (or a fuzzing target's thread, which
+    // owns the target); a signal to a thread that already returned is
+    // harmless (ESRCH is ignored).
+    unsafe { libc::pthread_kill(t, kick_signal()) };
+}
+
 /// Installs the kick signal's handler (once per process).
 pub(crate) fn install_kick_handler() {
     static ONCE: Once = Once::new();
@@ -140,10 +149,7 @@ impl VcpuControl {
 
     fn kick(&self) {
         if let Some(t) = self.thread.get() {
-            // SAFETY: `t` names a vCPU thread of this process; its handle is
-            // joined only after the VM ended, and a signal to a thread that
-            // already returned is harmless (ESRCH is ignored).
-            unsafe { libc::pthread_kill(*t, kick_signal()) };
+            kick_thread(*t);
         }
     }
 
@@ -254,17 +260,10 @@ impl VcpuControl {
 }
 
 /// Runs vCPU `index` until its VM ends.
-pub(crate) fn run(shared: Arc<VmShared>, mut fd: VcpuFd, index: u32) {
-    let run_ptr: *mut kvm_run = fd.get_kvm_run();
-    KVM_RUN.with(|r| r.set(run_ptr));
+pub(crate) fn run(shared: Arc<VmShared>, fd: VcpuFd, index: u32) {
     let control = shared.controls[index as usize].clone();
-    let mut cpu = Vcpu {
-        shared: shared.clone(),
-        fd,
-        index,
-        stuck: 0,
-        decoder: FaultDecoder::default(),
-    };
+    let mut cpu = Vcpu::new(shared.clone(), fd, index);
+    cpu.bind_thread();
     // A bug that panics here must end the VM, not leave it waiting for a
     // vCPU that is gone.
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cpu.run_loop(&control)));
@@ -280,14 +279,39 @@ pub(crate) fn run(shared: Arc<VmShared>, mut fd: VcpuFd, index: u32) {
 }
 
 impl Vcpu {
+    pub(crate) fn new(shared: Arc<VmShared>, fd: VcpuFd, index: u32) -> Self {
+        Self {
+            shared,
+            fd,
+            index,
+            stuck: 0,
+            decoder: FaultDecoder::default(),
+        }
+    }
+
+    /// Makes the calling thread the one a kick reaches: it must be the
+    /// thread that calls [`Vcpu::step`].
+    pub(crate) fn bind_thread(&mut self) {
+        install_kick_handler();
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN.with(|r| r.set(run_ptr));
+    }
+
     fn run_loop(&mut self, control: &VcpuControl) {
         loop {
             match control.next() {
-                Next::Run => {
-                    if !self.step() {
+                Next::Run => match self.step() {
+                    Flow::Go | Flow::DirtyRingFull => {}
+                    Flow::End(exit) => {
+                        self.shared.finish(exit);
                         break;
                     }
-                }
+                    // Outside fuzzing, DONE ends the VM like EXIT.
+                    Flow::Done(status) => {
+                        self.shared.finish(Exit::Code(status));
+                        break;
+                    }
+                },
                 Next::Start(rip, rsp) => {
                     let r = self.enter_at(rip, rsp);
                     control.started();
@@ -306,12 +330,25 @@ impl Vcpu {
     }
 }
 
-struct Vcpu {
-    shared: Arc<VmShared>,
-    fd: VcpuFd,
+pub(crate) struct Vcpu {
+    pub(crate) shared: Arc<VmShared>,
+    pub(crate) fd: VcpuFd,
     index: u32,
     stuck: u32,
     decoder: FaultDecoder,
+}
+
+/// What one exit left the vCPU to do.
+#[derive(Debug)]
+pub(crate) enum Flow {
+    /// Run on.
+    Go,
+    /// The VM ends this way.
+    End(Exit),
+    /// The guest called DONE(status): a fuzzing run ended.
+    Done(u64),
+    /// KVM's dirty ring is full: harvest it before running on.
+    DirtyRingFull,
 }
 
 /// The architectural state of one program-mode vCPU: enough to continue it
@@ -368,7 +405,25 @@ impl Vcpu {
 
     /// Completes any access KVM was emulating (so no exit is half done),
     /// then reads the vCPU's state.
-    fn capture(&mut self) -> Result<VcpuState, String> {
+    pub(crate) fn capture(&mut self) -> Result<VcpuState, String> {
+        self.settle()?;
+        let fail = |what: &str, e: kvm_ioctls::Error| format!("vCPU {}: {what}: {e}", self.index);
+        let s = self.fd.sync_regs();
+        Ok(VcpuState {
+            regs: s.regs,
+            sregs: s.sregs,
+            xsave: self
+                .fd
+                .get_xsave()
+                .map_err(|e| fail("reading vector registers", e))?,
+            xcrs: self.fd.get_xcrs().map_err(|e| fail("reading XCR0", e))?,
+        })
+    }
+
+    /// Completes the exit KVM is waiting on (the rest of an `out` or of an
+    /// emulated access) without running guest code: its registers are then
+    /// final and may be read or replaced.
+    pub(crate) fn settle(&mut self) -> Result<(), String> {
         let fail = |what: &str, e: kvm_ioctls::Error| format!("vCPU {}: {what}: {e}", self.index);
         let mut settled = false;
         for _ in 0..16 {
@@ -397,16 +452,23 @@ impl Vcpu {
                 self.index
             ));
         }
-        let s = self.fd.sync_regs();
-        Ok(VcpuState {
-            regs: s.regs,
-            sregs: s.sregs,
-            xsave: self
-                .fd
-                .get_xsave()
-                .map_err(|e| fail("reading vector registers", e))?,
-            xcrs: self.fd.get_xcrs().map_err(|e| fail("reading XCR0", e))?,
-        })
+        Ok(())
+    }
+
+    /// SNAPSHOT from this vCPU: in a fuzzing session's root VM, takes the
+    /// snapshot and ends the VM; elsewhere, hands over the input.
+    fn snapshot(&mut self, buf: u64, cap: u64) -> Flow {
+        if !matches!(self.shared.harness, crate::fuzz::harness::Harness::Root(_)) {
+            let n = crate::fuzz::harness::plain_snapshot(&self.shared, buf, cap);
+            self.set_rax(n as u64);
+            return Flow::Go;
+        }
+        let taken = self.capture().and_then(|state| {
+            let tsc = crate::fuzz::vm_target::read_tsc(&self.fd);
+            crate::fuzz::vm_target::take(&self.shared, state, tsc, buf, cap)
+        });
+        self.shared.harness.set_taken(taken);
+        Flow::End(Exit::Code(0))
     }
 
     /// FORK from this vCPU: returns the child's id (the child sees 0).
@@ -453,22 +515,21 @@ impl Vcpu {
             .map_err(|e| format!("cannot start vCPU {}: {e}", self.index))
     }
 
-    /// Runs the guest until one exit is handled; false when the vCPU must
-    /// stop.
-    fn step(&mut self) -> bool {
+    /// Runs the guest until one exit is handled.
+    pub(crate) fn step(&mut self) -> Flow {
         let event = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 pio_in(&self.shared, port, data);
-                return true;
+                return Flow::Go;
             }
             Ok(VcpuExit::MmioRead(gpa, data)) => {
                 return match mmio_read(&self.shared, gpa, data) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        self.shared.finish(Exit::Error(e));
-                        false
-                    }
+                    Ok(()) => Flow::Go,
+                    Err(e) => Flow::End(Exit::Error(e)),
                 };
+            }
+            Ok(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => {
+                return Flow::DirtyRingFull;
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 let (b, n) = copy8(data);
@@ -495,7 +556,7 @@ impl Vcpu {
                 if self.shared.mode == Mode::Linux
                     && crate::linux::emulation_failure(&mut self.fd, &self.shared.mem)
                 {
-                    return true;
+                    return Flow::Go;
                 }
                 Event::Stop(Exit::Error(format!(
                     "KVM internal error on vCPU {} (emulation failure?) at rip {:#x}",
@@ -514,38 +575,37 @@ impl Vcpu {
         match event {
             Event::Interrupted => {
                 self.fd.set_kvm_immediate_exit(0);
-                true
+                Flow::Go
             }
-            Event::Stop(exit) => {
-                self.shared.finish(exit);
-                false
-            }
+            Event::Stop(exit) => Flow::End(exit),
             Event::Out(port, data, len) => self.on_out(port, &data[..len]),
             Event::MmioWrite(gpa, data, len) => match mmio_write(&self.shared, gpa, &data[..len]) {
-                Ok(()) => true,
-                Err(e) => {
-                    self.shared.finish(Exit::Error(e));
-                    false
-                }
+                Ok(()) => Flow::Go,
+                Err(e) => Flow::End(Exit::Error(e)),
             },
             Event::MemoryFault => match self.resolve_memory_fault() {
-                Ok(()) => true,
-                Err(e) => {
-                    self.shared.finish(Exit::Error(e));
-                    false
-                }
+                Ok(()) => Flow::Go,
+                Err(e) => Flow::End(Exit::Error(e)),
             },
         }
     }
 
-    fn on_out(&mut self, port: u16, data: &[u8]) -> bool {
+    fn on_out(&mut self, port: u16, data: &[u8]) -> Flow {
         match port {
             HYPERCALL_PORT if data.len() == 4 => {
                 let nr = u64::from(u32::from_le_bytes(data.try_into().expect("4 bytes")));
                 let regs = self.regs().regs;
+                let fuzzing = self.shared.harness.is_fuzzing();
                 let result = match Hypercall::from_nr(nr) {
+                    // A fuzzing clone is reset, not forked; its vCPU is
+                    // driven by the fuzzer, not by the pause protocol.
+                    Some(Hypercall::Fork | Hypercall::VcpuStart) if fuzzing => {
+                        Ok(-errno::EOPNOTSUPP)
+                    }
                     Some(Hypercall::Fork) => Ok(self.fork()),
                     Some(Hypercall::Wait) => Ok(self.wait(regs.rdi)),
+                    Some(Hypercall::Snapshot) => return self.snapshot(regs.rdi, regs.rsi),
+                    Some(Hypercall::Done) => return Flow::Done(regs.rdi),
                     _ => {
                         crate::hypercall::dispatch(&self.shared, nr, [regs.rdi, regs.rsi, regs.r10])
                     }
@@ -553,22 +613,24 @@ impl Vcpu {
                 match result {
                     Ok(ret) => {
                         self.set_rax(ret as u64);
-                        true
+                        Flow::Go
                     }
-                    Err(exit) => {
-                        self.shared.finish(exit);
-                        false
-                    }
+                    Err(exit) => Flow::End(exit),
                 }
             }
             FAULT_PORT if self.shared.mode == Mode::Program => {
                 let s = self.regs();
                 let fault =
                     GuestFault::from_frame(&self.shared.mem, data[0], s.regs.rsp, s.sregs.cr2);
-                self.shared.finish(Exit::Fault(fault));
-                false
+                Flow::End(Exit::Fault(fault))
             }
-            _ => pio_out(&self.shared, port, data),
+            _ => {
+                if pio_out(&self.shared, port, data) {
+                    Flow::Go
+                } else {
+                    Flow::End(Exit::Reset)
+                }
+            }
         }
     }
 
@@ -691,7 +753,7 @@ fn pio_in(shared: &VmShared, port: u16, data: &mut [u8]) {
     data.fill(0xff);
 }
 
-/// Port writes other than hypercalls; false if the VM must stop.
+/// Port writes other than hypercalls; false if the guest asked for a reset.
 fn pio_out(shared: &VmShared, port: u16, data: &[u8]) -> bool {
     if devices::serial::Serial::<crate::console::ConsoleWriter>::handles(port) {
         let mut serial = shared.serial.lock().unwrap_or_else(PoisonError::into_inner);
@@ -701,7 +763,6 @@ fn pio_out(shared: &VmShared, port: u16, data: &[u8]) -> bool {
         return true;
     }
     if shared.mode == Mode::Linux && crate::linux::pio_out_resets(port, data) {
-        shared.finish(Exit::Reset);
         return false;
     }
     true

@@ -247,6 +247,16 @@ pub struct Frozen {
     devices: Vec<Box<dyn VirtioDevice>>,
 }
 
+impl Frozen {
+    /// The device state of a VM without devices.
+    pub(crate) fn none() -> Self {
+        Self {
+            states: Vec::new(),
+            devices: Vec::new(),
+        }
+    }
+}
+
 /// Keeps the devices of a VM being forked still; dropping it lets them go.
 #[derive(Debug)]
 pub struct FreezeGuard<'a> {

@@ -15,6 +15,7 @@ use thiserror::Error;
 
 use crate::console::{Console, ConsoleWriter, Sink};
 use crate::elf::{ElfError, Program};
+use crate::fuzz::harness::Harness;
 use crate::kvm::{Hypervisor, KvmError, create_vcpu, ioctl};
 use crate::machine::Machine;
 use crate::vcpu::{self, VcpuControl};
@@ -139,6 +140,9 @@ pub struct VmConfig {
     pub mem_limit: Option<u64>,
     /// Virtio devices, in slot order.
     pub devices: Vec<crate::virtio::DeviceConfig>,
+    /// The input SNAPSHOT hands the guest (none: an empty input), for
+    /// replaying one fuzzing input outside the fuzzer.
+    pub input: Option<Vec<u8>>,
 }
 
 impl VmConfig {
@@ -152,6 +156,7 @@ impl VmConfig {
             memory: memory::Config::default(),
             mem_limit: None,
             devices: Vec::new(),
+            input: None,
         }
     }
 }
@@ -189,8 +194,8 @@ pub(crate) struct VmShared {
     pub(crate) id: u32,
     pub(crate) machine: Arc<Machine>,
     pub(crate) mem: Arc<VmMemory>,
-    /// Keeps the KVM VM alive as long as its vCPU threads run.
-    _kvm: VmFd,
+    /// The KVM VM; it lives as long as its vCPU threads run.
+    pub(crate) kvm: VmFd,
     pub(crate) console: Arc<Console>,
     pub(crate) serial: Mutex<Serial<ConsoleWriter>>,
     pub(crate) pins: Mutex<PinTest>,
@@ -200,6 +205,8 @@ pub(crate) struct VmShared {
     _vmm_pins: VmmPins,
     pub(crate) mode: Mode,
     pub(crate) controls: Vec<Arc<VcpuControl>>,
+    /// What the fuzzing hypercalls do in this VM.
+    pub(crate) harness: Harness,
     exit: Mutex<Option<Exit>>,
     ended: Condvar,
 }
@@ -251,7 +258,21 @@ impl Vm {
     pub fn new(
         hv: &Hypervisor,
         ctx: &Arc<memory::Context>,
+        mut cfg: VmConfig,
+    ) -> Result<Self, VmmError> {
+        let harness = Harness::Plain {
+            input: cfg.input.take().unwrap_or_default(),
+        };
+        Self::with_harness(hv, ctx, cfg, harness)
+    }
+
+    /// Like [`Vm::new`], with the fuzzing hypercalls doing what `harness`
+    /// says.
+    pub(crate) fn with_harness(
+        hv: &Hypervisor,
+        ctx: &Arc<memory::Context>,
         cfg: VmConfig,
+        harness: Harness,
     ) -> Result<Self, VmmError> {
         let layout = ram_layout(cfg.mem)?;
         let max_vcpus = match cfg.boot {
@@ -336,7 +357,7 @@ impl Vm {
                 id: 0,
                 machine,
                 mem,
-                _kvm: kvm,
+                kvm,
                 console,
                 serial,
                 pins: Mutex::new(PinTest::new()),
@@ -344,6 +365,7 @@ impl Vm {
                 _vmm_pins: vmm_pins,
                 mode,
                 controls,
+                harness,
                 exit: Mutex::new(None),
                 ended: Condvar::new(),
             }),
@@ -459,6 +481,23 @@ impl Vm {
         }
     }
 
+    /// Waits for the VM to end and for its vCPU threads to stop, keeping
+    /// its state (a fuzzing session's root VM).
+    pub(crate) fn wait_keep(&mut self) -> Exit {
+        let exit = self.shared.wait();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+        exit
+    }
+
+    /// What the VM's threads share.
+    pub(crate) fn shared(&self) -> &Arc<VmShared> {
+        &self.shared
+    }
+
     /// Starts the VM and waits for it to end.
     pub fn run(mut self) -> Result<Outcome, VmmError> {
         self.start()?;
@@ -516,13 +555,19 @@ impl VmShared {
         kvm: VmFd,
         controls: Vec<Arc<VcpuControl>>,
         virtio: crate::virtio::Frozen,
+        harness: Harness,
     ) -> Result<VmShared, VmmError> {
         let virtio = VirtioBus::restore(virtio, &mem, &kvm, self.mode)?;
         let vmm_pins = match self.mode {
             Mode::Program => VmmPins::ring0_stacks(&self.machine, &mem, controls.len() as u32)?,
             Mode::Linux => VmmPins::none(&self.machine),
         };
-        let console = Arc::new(Console::new(self.machine.sink.clone(), Some(id)));
+        let sink = if harness.is_fuzzing() {
+            Sink::Discard
+        } else {
+            self.machine.sink.clone()
+        };
+        let console = Arc::new(Console::new(sink, Some(id)));
         let serial = self
             .serial
             .lock()
@@ -532,7 +577,7 @@ impl VmShared {
             id,
             machine: self.machine.clone(),
             mem,
-            _kvm: kvm,
+            kvm,
             console,
             serial: Mutex::new(serial),
             pins: Mutex::new(PinTest::new()),
@@ -540,6 +585,7 @@ impl VmShared {
             _vmm_pins: vmm_pins,
             mode: self.mode,
             controls,
+            harness,
             exit: Mutex::new(None),
             ended: Condvar::new(),
         })

@@ -4,6 +4,7 @@
 //! Guest-side timings use the TSC (read natively in ring 3 here) and are
 //! converted with a rate calibrated against the host clock in the same run.
 
+mod fuzz;
 mod snapshot;
 mod swap;
 mod virtio;
@@ -575,5 +576,6 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
     b.swap(tsc)?;
     b.migration(tsc)?;
     b.snapshots(if opts.quick { 64 << 20 } else { 1 << 30 }, tsc)?;
+    b.fuzz_resets(tsc)?;
     Ok(b.figures)
 }

@@ -8,6 +8,9 @@
 
 use thiserror::Error;
 
+pub(crate) mod harness;
+pub mod vm_target;
+
 /// Bytes in the AFL-style coverage map (one byte per edge).
 pub const MAP_SIZE: usize = 1 << 16;
 

@@ -14,6 +14,7 @@
 //!  0x0c000 I/O bitmap (8 KiB of zeros + 0xff)
 //!  0x10000 ring-0 stacks, 1 KiB per vCPU
 //!  0x50000 PML4, 0x51000 PDPT, 0x52000.. one PD per GiB mapped
+//!  0xe0000 the fuzzing coverage map (64 KiB, see COVERAGE_MAP)
 //! ```
 //!
 //! An exception in the program enters its stub in ring 0 (on the vCPU's
@@ -30,6 +31,10 @@ use memory::{MemError, VmMemory};
 pub const FAULT_PORT: u16 = 0x511;
 /// First byte a program may load at.
 pub const LOW_END: u64 = 1 << 20;
+/// Where the 64 KiB fuzzing coverage map lives (the hypercall
+/// COVERAGE_MAP returns it): guest RAM the program may write, zero at each
+/// fuzzing run's start.
+pub const COVERAGE_MAP: u64 = 0xe0000;
 /// Most vCPUs program mode lays out.
 pub const MAX_VCPUS: u32 = 128;
 /// Most RAM program mode can identity-map.
@@ -63,7 +68,8 @@ const _: () = {
     assert!(IO_BITMAP - TSS < 0x1_0000);
     assert!(IO_BITMAP + IO_BITMAP_LEN < STACKS);
     assert!(STACKS + MAX_VCPUS as u64 * STACK_SIZE <= PML4);
-    assert!(PDS + (MAX_RAM / (1 << 30) + 2) * 0x1000 <= LOW_END);
+    assert!(PDS + (MAX_RAM / (1 << 30) + 2) * 0x1000 <= COVERAGE_MAP);
+    assert!(COVERAGE_MAP + crate::fuzz::MAP_SIZE as u64 <= LOW_END);
     assert!(SEL_TSS0 as u64 + MAX_VCPUS as u64 * 16 <= 0x1000);
 };
 

@@ -1,0 +1,578 @@
+//! The VM-backed [`Target`]: a clone of the snapshot, reset after every
+//! run to exactly the snapshot's state.
+//!
+//! # Taking the snapshot
+//! The root VM runs until the guest calls SNAPSHOT(buf, cap). Its vCPU
+//! saves its state there and the root's memory is forked into the
+//! *origin*, a VM that never runs; the coverage map is dropped from the
+//! origin, so it reads as zeros. The root VM then ends.
+//!
+//! # One run
+//! 1. The input goes into the guest's buffer (a VMM write, recorded) and
+//!    its length into RAX; the vCPU runs until DONE, a guest exception, the
+//!    wall-clock timeout or the exit budget.
+//! 2. Reset: the pages written since the last reset, as KVM's dirty ring
+//!    and the VMM's own record list them, get the origin's bytes again
+//!    ([`memory::VmMemory::reset_pages`]); the coverage map is read from
+//!    those same pages first (the others are zero). Then the registers,
+//!    the FPU/SSE state and the TSC are restored.
+//!
+//! The cost of a reset grows with the pages a run wrote, never with RAM
+//! size: no step walks the VM's memory.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, Msrs, kvm_device_attr, kvm_msr_entry};
+use kvm_ioctls::{SyncReg, VcpuFd};
+use memory::VmMemory;
+
+use super::harness::Harness;
+use super::{Crash, FuzzError, MAP_SIZE, Target, Verdict};
+use crate::dirty::Dirty;
+use crate::kvm::create_vcpu;
+use crate::vcpu::{Flow, Vcpu, VcpuControl, VcpuState};
+use crate::vm::{Exit, Vm, VmConfig, VmShared};
+use crate::x86::cpuid::{self, Guest};
+use crate::x86::program::COVERAGE_MAP;
+
+const MSR_IA32_TSC: u32 = 0x10;
+const MAP_PAGES: u64 = MAP_SIZE as u64 / memory::PAGE_SIZE;
+
+/// What the root's SNAPSHOT produced.
+#[derive(Debug)]
+pub(crate) struct Taken {
+    origin: Arc<VmMemory>,
+    state: VcpuState,
+    tsc: Option<u64>,
+    buf: u64,
+    cap: u64,
+}
+
+/// Reads the guest's TSC.
+pub(crate) fn read_tsc(fd: &VcpuFd) -> Option<u64> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .ok()?;
+    (fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
+}
+
+/// The root's SNAPSHOT: forks its memory into the origin.
+pub(crate) fn take(
+    shared: &VmShared,
+    state: VcpuState,
+    tsc: Option<u64>,
+    buf: u64,
+    cap: u64,
+) -> Result<Box<Taken>, String> {
+    if shared.controls.len() != 1 {
+        return Err("fuzzing targets run on one vCPU (--vcpus 1)".into());
+    }
+    if !shared.virtio.is_empty() {
+        return Err("fuzzing targets with virtio devices are not supported yet".into());
+    }
+    if cap > 0 && !shared.mem.layout().contains(buf, cap) {
+        return Err(format!(
+            "SNAPSHOT's input buffer {buf:#x}+{cap:#x} is not guest RAM"
+        ));
+    }
+    let origin = shared
+        .mem
+        .fork()
+        .map_err(|e| format!("cannot fork the snapshot: {}", crate::error_chain(&e)))?;
+    origin
+        .discard(COVERAGE_MAP, MAP_SIZE as u64)
+        .map_err(|e| format!("cannot clear the coverage map: {}", crate::error_chain(&e)))?;
+    Ok(Box::new(Taken {
+        origin,
+        state,
+        tsc,
+        buf,
+        cap,
+    }))
+}
+
+/// Limits of one run.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Wall-clock time before a run counts as a hang.
+    pub timeout: Duration,
+    /// VM exits before a run counts as a hang.
+    pub exits: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(1),
+            exits: 1_000_000,
+        }
+    }
+}
+
+/// A VM stopped at its reset point, which clones run inputs from.
+#[derive(Debug)]
+pub struct Snapshot {
+    root: Vm,
+    taken: Box<Taken>,
+}
+
+impl Snapshot {
+    /// Runs the program of `cfg` until it calls SNAPSHOT.
+    pub fn take(
+        hv: &crate::Hypervisor,
+        ctx: &Arc<memory::Context>,
+        cfg: VmConfig,
+    ) -> Result<Arc<Snapshot>, FuzzError> {
+        let harness = Harness::Root(Mutex::new(None));
+        let mut root = Vm::with_harness(hv, ctx, cfg, harness)
+            .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
+        root.start()
+            .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
+        let exit = root.wait_keep();
+        match root.shared().harness.take_taken() {
+            Some(Ok(taken)) => Ok(Arc::new(Snapshot { root, taken })),
+            Some(Err(e)) => Err(FuzzError::Vm(e)),
+            None => Err(FuzzError::NoSnapshot(exit_text(&exit))),
+        }
+    }
+
+    /// The origin's memory (the snapshot's pages).
+    pub fn memory(&self) -> &Arc<VmMemory> {
+        &self.taken.origin
+    }
+
+    /// A new clone of the snapshot, ready to run inputs.
+    pub fn target(self: &Arc<Self>, limits: Limits) -> Result<VmTarget, FuzzError> {
+        VmTarget::new(self, limits)
+    }
+}
+
+fn exit_text(exit: &Exit) -> String {
+    match exit {
+        Exit::Code(c) => format!("it exited with code {c}"),
+        Exit::Fault(f) => format!(
+            "guest fault: vector {} at rip {:#x}, error {:#x}, cr2 {:#x}",
+            f.vector, f.rip, f.error, f.cr2
+        ),
+        Exit::Reset => "it reset".into(),
+        Exit::Shutdown(s) | Exit::Error(s) => s.clone(),
+    }
+}
+
+/// How the guest's TSC is put back to the snapshot's value.
+#[derive(Debug, Clone, Copy)]
+enum TscReset {
+    /// Through KVM's TSC offset attribute: offset = snapshot TSC − host TSC.
+    Offset(u64),
+    /// Through the TSC MSR, written twice: KVM takes a write close to the
+    /// TSC it expects as a synchronisation and ignores it, so a far value
+    /// goes first.
+    Msr(u64),
+    /// The snapshot has no TSC reading.
+    None,
+}
+
+/// A clone of a [`Snapshot`] that runs one input at a time.
+pub struct VmTarget {
+    snap: Arc<Snapshot>,
+    vcpu: Vcpu,
+    dirty: Dirty,
+    pages: Vec<u64>,
+    map: Box<[u8]>,
+    /// Map pages that hold bytes from the last run (bit per page).
+    map_filled: u16,
+    tsc: TscReset,
+    limits: Limits,
+    clock: Arc<RunClock>,
+    /// Pages the last reset restored.
+    last_dirty: usize,
+    /// Time spent reading and re-arming KVM's dirty tracking.
+    harvest_time: Duration,
+}
+
+impl std::fmt::Debug for VmTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmTarget")
+            .field("id", &self.vcpu.shared.id)
+            .finish()
+    }
+}
+
+impl VmTarget {
+    fn new(snap: &Arc<Snapshot>, limits: Limits) -> Result<Self, FuzzError> {
+        let vm_err = |what: &str, e: &dyn std::error::Error| {
+            FuzzError::Vm(format!("{what}: {}", crate::error_chain(e)))
+        };
+        let root = snap.root.shared();
+        let hv = &root.machine.hv;
+        let mem = snap
+            .taken
+            .origin
+            .fork()
+            .map_err(|e| vm_err("cannot fork the snapshot", &e))?;
+        mem.track_vmm_writes();
+        let (kvm, tracking) = hv
+            .create_vm_tracked(&mem)
+            .map_err(|e| vm_err("cannot create the clone's VM", &e))?;
+        let cpuid = cpuid::shape(hv.supported_cpuid(), 0, Guest::Program);
+        let fd = create_vcpu(&kvm, 0, &cpuid).map_err(|e| vm_err("cannot create a vCPU", &e))?;
+        snap.taken
+            .state
+            .restore(&fd)
+            .map_err(|e| vm_err("cannot load the snapshot's vCPU state", &e))?;
+        // The register areas KVM syncs through `kvm_run` are filled only
+        // by an exit: fill them, since each run writes RAX through them.
+        let mut fd = fd;
+        fd.sync_regs_mut().regs = snap.taken.state.regs;
+        fd.sync_regs_mut().sregs = snap.taken.state.sregs;
+        let dirty = Dirty::new(&fd, &tracking, &mem).map_err(|e| FuzzError::Io {
+            what: "cannot map the dirty ring".into(),
+            source: e,
+        })?;
+        let tsc = match snap.taken.tsc {
+            Some(t) if tsc_offset_supported(&fd) => TscReset::Offset(t),
+            Some(t) => TscReset::Msr(t),
+            None => TscReset::None,
+        };
+        let id = root.machine.next_id();
+        let controls = vec![Arc::new(VcpuControl::new(true))];
+        let harness = Harness::Clone {
+            input_len: AtomicU64::new(0),
+        };
+        let shared = root
+            .clone_devices(
+                id,
+                mem,
+                kvm,
+                controls,
+                crate::virtio::Frozen::none(),
+                harness,
+            )
+            .map_err(|e| vm_err("cannot set up the clone", &e))?;
+        let vcpu = Vcpu::new(Arc::new(shared), fd, 0);
+        let target = Self {
+            snap: snap.clone(),
+            vcpu,
+            dirty,
+            pages: Vec::new(),
+            map: vec![0u8; MAP_SIZE].into_boxed_slice(),
+            map_filled: 0,
+            tsc,
+            limits,
+            clock: Arc::new(RunClock::default()),
+            last_dirty: 0,
+            harvest_time: Duration::ZERO,
+        };
+        log::debug!("fuzzing clone {id}: TSC reset by {:?}", target.tsc);
+        Ok(target)
+    }
+
+    /// Pages the last reset restored (the run's dirtied pages).
+    pub fn last_dirty(&self) -> usize {
+        self.last_dirty
+    }
+
+    /// Time spent reading and re-arming KVM's dirty tracking, over all
+    /// runs so far.
+    pub fn harvest_time(&self) -> Duration {
+        self.harvest_time
+    }
+
+    /// The clone's memory.
+    pub fn memory(&self) -> &Arc<VmMemory> {
+        &self.vcpu.shared.mem
+    }
+
+    fn vm_error(e: impl std::fmt::Display) -> FuzzError {
+        FuzzError::Vm(e.to_string())
+    }
+
+    /// Runs the vCPU until the run ends.
+    fn drive(&mut self) -> Result<Verdict, FuzzError> {
+        let started = self.clock.start(&self.limits);
+        let mut exits = 0u64;
+        loop {
+            match self.vcpu.step() {
+                Flow::Go => {
+                    exits += 1;
+                    if exits > self.limits.exits || self.clock.expired(started) {
+                        return Ok(Verdict::Hang);
+                    }
+                }
+                Flow::DirtyRingFull => {
+                    let shared = &self.vcpu.shared;
+                    self.dirty
+                        .harvest(&shared.kvm, &shared.mem, &mut self.pages)
+                        .map_err(Self::vm_error)?;
+                }
+                Flow::Done(0) => return Ok(Verdict::Ok),
+                Flow::Done(status) => return Ok(Verdict::Fail(status)),
+                Flow::End(Exit::Fault(f)) => {
+                    return Ok(Verdict::Crash(Crash {
+                        vector: f.vector,
+                        rip: f.rip,
+                        error: f.error,
+                        cr2: f.cr2,
+                    }));
+                }
+                Flow::End(Exit::Code(c)) => return Ok(Verdict::Exit(c)),
+                Flow::End(other) => return Err(FuzzError::Vm(exit_text(&other))),
+            }
+        }
+    }
+
+    /// Puts the clone back to the snapshot's state; reads the coverage the
+    /// run left on the way.
+    fn reset(&mut self) -> Result<(), FuzzError> {
+        self.vcpu.settle().map_err(FuzzError::Vm)?;
+        let shared = self.vcpu.shared.clone();
+        let mem = &shared.mem;
+        let harvest = Instant::now();
+        self.dirty
+            .harvest(&shared.kvm, mem, &mut self.pages)
+            .map_err(Self::vm_error)?;
+        self.harvest_time += harvest.elapsed();
+        mem.take_vmm_writes(&mut self.pages);
+        self.read_coverage(mem)?;
+        mem.reset_pages(&self.snap.taken.origin, &mut self.pages)
+            .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
+        self.last_dirty = self.pages.len();
+        self.pages.clear();
+        self.restore_vcpu()
+    }
+
+    /// Copies the map pages the run wrote into the map buffer, and zeroes
+    /// those the previous run had filled.
+    fn read_coverage(&mut self, mem: &VmMemory) -> Result<(), FuzzError> {
+        let first = COVERAGE_MAP / memory::PAGE_SIZE;
+        let mut filled = 0u16;
+        for &p in &self.pages {
+            if (first..first + MAP_PAGES).contains(&p) {
+                filled |= 1 << (p - first);
+            }
+        }
+        for i in 0..MAP_PAGES as usize {
+            let page = &mut self.map[i * 4096..(i + 1) * 4096];
+            if filled & (1 << i) != 0 {
+                mem.read(COVERAGE_MAP + i as u64 * 4096, page)
+                    .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
+            } else if self.map_filled & (1 << i) != 0 {
+                page.fill(0);
+            }
+        }
+        self.map_filled = filled;
+        Ok(())
+    }
+
+    fn restore_vcpu(&mut self) -> Result<(), FuzzError> {
+        let state = &self.snap.taken.state;
+        let fd = &mut self.vcpu.fd;
+        fd.sync_regs_mut().regs = state.regs;
+        fd.set_sync_dirty_reg(SyncReg::Register);
+        if fd.sync_regs().sregs != state.sregs {
+            fd.sync_regs_mut().sregs = state.sregs;
+            fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+        }
+        // SAFETY: the buffer came from KVM_GET_XSAVE on this host for a
+        // program-mode vCPU (see VcpuState::restore).
+        unsafe { fd.set_xsave(&state.xsave) }
+            .map_err(|e| FuzzError::Vm(format!("cannot restore the FPU state: {e}")))
+    }
+
+    fn restore_tsc(&mut self) -> Result<(), FuzzError> {
+        let fd = &self.vcpu.fd;
+        let fail = |e: kvm_ioctls::Error| FuzzError::Vm(format!("cannot restore the TSC: {e}"));
+        match self.tsc {
+            TscReset::Offset(guest) => {
+                let offset = guest.wrapping_sub(host_tsc());
+                let attr = kvm_device_attr {
+                    group: KVM_VCPU_TSC_CTRL,
+                    attr: u64::from(KVM_VCPU_TSC_OFFSET),
+                    addr: &raw const offset as u64,
+                    flags: 0,
+                };
+                vcpu_attr(fd, KVM_SET_DEVICE_ATTR(), &attr)
+                    .map_err(|e| FuzzError::Vm(format!("cannot restore the TSC offset: {e}")))
+            }
+            TscReset::Msr(guest) => {
+                for value in [guest.wrapping_add(1 << 62), guest] {
+                    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+                        index: MSR_IA32_TSC,
+                        data: value,
+                        ..Default::default()
+                    }])
+                    .map_err(|e| FuzzError::Vm(format!("cannot restore the TSC: {e:?}")))?;
+                    fd.set_msrs(&msrs).map_err(fail)?;
+                }
+                Ok(())
+            }
+            TscReset::None => Ok(()),
+        }
+    }
+}
+
+impl Target for VmTarget {
+    fn run(&mut self, input: &[u8]) -> Result<Verdict, FuzzError> {
+        self.vcpu.bind_thread();
+        self.clock.bind();
+        let taken = &self.snap.taken;
+        let n = (input.len() as u64).min(taken.cap);
+        let shared = self.vcpu.shared.clone();
+        if n > 0 {
+            shared
+                .mem
+                .write(taken.buf, &input[..n as usize])
+                .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
+        }
+        if let Harness::Clone { input_len } = &shared.harness {
+            input_len.store(n, Ordering::Relaxed);
+        }
+        self.vcpu.fd.sync_regs_mut().regs.rax = n;
+        self.vcpu.fd.set_sync_dirty_reg(SyncReg::Register);
+        // Last, so that the guest's clock starts where the snapshot's
+        // stopped however long the target sat idle.
+        self.restore_tsc()?;
+        let verdict = self.drive();
+        self.clock.stop();
+        self.reset()?;
+        verdict
+    }
+
+    fn coverage(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+fn tsc_offset_supported(fd: &VcpuFd) -> bool {
+    let attr = kvm_device_attr {
+        group: KVM_VCPU_TSC_CTRL,
+        attr: u64::from(KVM_VCPU_TSC_OFFSET),
+        addr: 0,
+        flags: 0,
+    };
+    vcpu_attr(fd, KVM_HAS_DEVICE_ATTR(), &attr).is_ok()
+}
+
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_DEVICE_ATTR,
+    kvm_bindings::KVMIO,
+    0xe1,
+    kvm_device_attr
+);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_HAS_DEVICE_ATTR,
+    kvm_bindings::KVMIO,
+    0xe3,
+    kvm_device_attr
+);
+
+/// A device-attribute ioctl on a vCPU (kvm-ioctls offers them on arm64
+/// only).
+fn vcpu_attr(fd: &VcpuFd, nr: libc::c_ulong, attr: &kvm_device_attr) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `attr` is a live kvm_device_attr for the call; KVM reads it
+    // and, for SET, reads the u64 at `attr.addr`, which the caller keeps
+    // alive (or 0 for HAS, which reads nothing there).
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), nr as _, attr) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn host_tsc() -> u64 {
+    // SAFETY: RDTSC has no preconditions on x86-64.
+    unsafe { std::arch::x86_64::_rdtsc() }
+}
+
+/// The watchdog's view of one target's current run.
+#[derive(Debug, Default)]
+struct RunClock {
+    /// When the current run started (ns since the watchdog's epoch; 0: no
+    /// run), and its timeout.
+    started: AtomicU64,
+    timeout: AtomicU64,
+    /// The `started` value of the run the watchdog kicked.
+    kicked: AtomicU64,
+    /// The thread that runs the vCPU.
+    thread: AtomicU64,
+    registered: AtomicBool,
+}
+
+impl RunClock {
+    /// Makes the calling thread the one kicked when a run is too long.
+    fn bind(self: &Arc<Self>) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.thread.store(me, Ordering::Relaxed);
+        if !self.registered.swap(true, Ordering::Relaxed) {
+            watchdog()
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Arc::downgrade(self));
+        }
+    }
+
+    fn start(&self, limits: &Limits) -> u64 {
+        let now = epoch_ns().max(1);
+        self.timeout
+            .store(limits.timeout.as_nanos() as u64, Ordering::Relaxed);
+        self.started.store(now, Ordering::Release);
+        now
+    }
+
+    fn stop(&self) {
+        self.started.store(0, Ordering::Release);
+    }
+
+    fn expired(&self, started: u64) -> bool {
+        self.kicked.load(Ordering::Acquire) == started
+    }
+}
+
+fn epoch_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// The clocks the watchdog thread looks at; it starts with the first.
+fn watchdog() -> &'static Mutex<Vec<std::sync::Weak<RunClock>>> {
+    static CLOCKS: OnceLock<Mutex<Vec<std::sync::Weak<RunClock>>>> = OnceLock::new();
+    CLOCKS.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("fuzz-watchdog".into())
+            .spawn(watch);
+        if let Err(e) = spawned {
+            log::error!("cannot start the fuzzing watchdog: {e}");
+        }
+        Mutex::new(Vec::new())
+    })
+}
+
+/// Kicks every vCPU whose run is past its timeout, a few times per
+/// timeout.
+fn watch() {
+    loop {
+        let mut shortest = Duration::from_millis(50);
+        {
+            let mut clocks = watchdog().lock().unwrap_or_else(PoisonError::into_inner);
+            clocks.retain(|c| c.strong_count() > 0);
+            let now = epoch_ns();
+            for c in clocks.iter().filter_map(std::sync::Weak::upgrade) {
+                let started = c.started.load(Ordering::Acquire);
+                let timeout = c.timeout.load(Ordering::Relaxed);
+                shortest =
+                    shortest.min(Duration::from_nanos(timeout / 4).max(Duration::from_micros(500)));
+                if started != 0 && now.saturating_sub(started) > timeout {
+                    c.kicked.store(started, Ordering::Release);
+                    crate::vcpu::kick_thread(c.thread.load(Ordering::Relaxed));
+                }
+            }
+        }
+        std::thread::sleep(shortest);
+    }
+}
