@@ -4,7 +4,7 @@
 #include "fuzz.h"
 
 #define PAGES 1024
-static u8 __attribute__((aligned(4096))) area[PAGES * 4096];
+static volatile u8 __attribute__((aligned(4096))) area[PAGES * 4096];
 static u8 input[8];
 
 void gmain(u64 ram) {

@@ -75,6 +75,11 @@ struct BenchArgs {
     /// Small sizes and few repetitions: checks that every benchmark runs, measures little.
     #[arg(long)]
     quick: bool,
+
+    /// Run only these groups of figures (comma-separated): startup, hypercall, cow, pin,
+    /// fork, virtio, swap, migration, snapshot, fuzz.
+    #[arg(long, value_name = "GROUP[,GROUP...]", value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 const RUN_HELP: &str = "\
@@ -409,7 +414,10 @@ fn main() -> ExitCode {
             }
         },
         Command::Bench(args) => {
-            match vmm::bench::run(vmm::bench::BenchOptions { quick: args.quick }) {
+            match vmm::bench::run(vmm::bench::BenchOptions {
+                quick: args.quick,
+                only: args.only,
+            }) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("vmm: error: {}", error_chain(&e));

@@ -24,11 +24,27 @@ const GUEST: &[u8] = crate::guests::BENCH;
 const MAILBOX: u64 = 0x20_0000;
 
 /// Knobs for a run.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct BenchOptions {
     /// Smaller sizes and fewer repetitions (a smoke run, not a measurement).
     pub quick: bool,
+    /// Run only the figures of these groups (see [`GROUPS`]); all if empty.
+    pub only: Vec<String>,
 }
+
+/// The groups of figures, in the order they run.
+pub const GROUPS: &[&str] = &[
+    "startup",
+    "hypercall",
+    "cow",
+    "pin",
+    "fork",
+    "virtio",
+    "swap",
+    "migration",
+    "snapshot",
+    "fuzz",
+];
 
 /// One measured figure.
 #[derive(Clone, Debug)]
@@ -554,28 +570,55 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
         figures: Vec::new(),
         console: None,
     };
+    if let Some(bad) = opts.only.iter().find(|g| !GROUPS.contains(&g.as_str())) {
+        return Err(VmmError::Config(format!(
+            "--only {bad}: the groups are {}",
+            GROUPS.join(", ")
+        )));
+    }
+    let on = |g: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == g);
     let tsc = tsc_rate();
     println!("{:<58} {:>14}   verdict", "figure", "value");
-    b.process_wall_time()?;
-    b.first_instruction(tsc)?;
-    b.hypercall_round_trip(tsc)?;
-    b.cow_fault(tsc)?;
-    b.pin_unpin()?;
-    b.fork_rate(tsc)?;
-    b.virtio_blk(tsc)?;
-    b.fork_with_requests_in_flight()?;
-    b.virtio_net(tsc)?;
-    let sizes: &[u64] = if opts.quick {
-        &[32 << 20]
-    } else {
-        &[256 << 20, 1 << 30]
-    };
-    for &bytes in sizes {
-        b.fork_latency(bytes, tsc)?;
+    if on("startup") {
+        b.process_wall_time()?;
+        b.first_instruction(tsc)?;
     }
-    b.swap(tsc)?;
-    b.migration(tsc)?;
-    b.snapshots(if opts.quick { 64 << 20 } else { 1 << 30 }, tsc)?;
-    b.fuzz_resets(tsc)?;
+    if on("hypercall") {
+        b.hypercall_round_trip(tsc)?;
+    }
+    if on("cow") {
+        b.cow_fault(tsc)?;
+    }
+    if on("pin") {
+        b.pin_unpin()?;
+    }
+    if on("fork") {
+        b.fork_rate(tsc)?;
+        let sizes: &[u64] = if opts.quick {
+            &[32 << 20]
+        } else {
+            &[256 << 20, 1 << 30]
+        };
+        for &bytes in sizes {
+            b.fork_latency(bytes, tsc)?;
+        }
+    }
+    if on("virtio") {
+        b.virtio_blk(tsc)?;
+        b.fork_with_requests_in_flight()?;
+        b.virtio_net(tsc)?;
+    }
+    if on("swap") {
+        b.swap(tsc)?;
+    }
+    if on("migration") {
+        b.migration(tsc)?;
+    }
+    if on("snapshot") {
+        b.snapshots(if opts.quick { 64 << 20 } else { 1 << 30 }, tsc)?;
+    }
+    if on("fuzz") {
+        b.fuzz_resets(tsc)?;
+    }
     Ok(b.figures)
 }
