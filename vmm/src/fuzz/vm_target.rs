@@ -576,3 +576,32 @@ fn watch() {
         std::thread::sleep(shortest);
     }
 }
+
+/// What makes one [`Target`] per fuzzing job.
+pub type TargetFactory = Box<dyn FnMut() -> Result<Box<dyn Target>, FuzzError> + Send>;
+
+/// Runs `program` (with `mem` bytes of RAM) to its SNAPSHOT and returns a
+/// factory of clones of that snapshot, each run cut short after `timeout`.
+/// The program's console output up to SNAPSHOT goes to stdout; the
+/// clones' output is dropped.
+pub fn vm_targets(
+    program: Vec<u8>,
+    mem: u64,
+    timeout: Duration,
+) -> Result<TargetFactory, FuzzError> {
+    let hv = crate::Hypervisor::open().map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
+    let ctx = memory::Context::new(memory::Config::default());
+    let cfg = VmConfig {
+        mem,
+        ..VmConfig::program(program)
+    };
+    let snap = Snapshot::take(&hv, &ctx, cfg)?;
+    let limits = Limits {
+        timeout,
+        ..Limits::default()
+    };
+    Ok(Box::new(move || {
+        snap.target(limits)
+            .map(|t| Box::new(t) as Box<dyn Target>)
+    }))
+}
