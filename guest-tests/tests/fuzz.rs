@@ -112,6 +112,30 @@ fn a_hang_is_detected_and_the_next_run_starts_clean() {
 }
 
 #[test]
+fn a_clone_made_anew_after_a_big_run_starts_from_the_snapshot() {
+    let snap = snapshot("fuzz_scribble", 16 * MIB);
+    let limits = Limits {
+        refork_above: Some(100),
+        ..Limits::default()
+    };
+    let ctx = snap.memory().context().clone();
+    let baseline = ctx.stats().resident;
+    let mut t = target(&snap, limits);
+    for round in 0..5u8 {
+        assert_eq!(run(&mut t, &[round]).0, Verdict::Ok, "round {round}");
+        assert!(t.last_dirty() > 100, "{}", t.last_dirty());
+        // The run wrote over 300 pages, but the clone was made anew.
+        let held = ctx.stats().resident - baseline;
+        assert!(
+            held < 100,
+            "the clone holds {held} frames after round {round}"
+        );
+    }
+    drop(t);
+    assert_eq!(ctx.stats().resident, baseline, "frames leaked");
+}
+
+#[test]
 fn a_scribbling_target_is_fully_restored() {
     let snap = snapshot("fuzz_scribble", 16 * MIB);
     let mut a = target(&snap, Limits::default());

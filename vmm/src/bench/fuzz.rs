@@ -1,8 +1,8 @@
 //! Snapshot fuzzing: reset + run of a target that dirties 1, 16 and 256
 //! pages, in a 256 MiB and a 4 GiB VM, next to the floor measured in the
 //! same run (a bare exit round trip, the dirty harvest, copying the pages);
-//! clone creation, the memory 16 clones use, and where re-forking would
-//! beat a reset.
+//! clone creation, the memory 16 clones use, and a reset next to a new
+//! clone per run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -109,8 +109,8 @@ impl Bench {
         self.fuzz_clones()
     }
 
-    /// Clone creation for a 16 MiB VM, the memory 16 clones use, and the
-    /// dirty-page count above which a new clone is cheaper than a reset.
+    /// Clone creation for a 16 MiB VM, the memory 16 clones use, and a
+    /// reset next to a new clone per run as runs dirty more pages.
     fn fuzz_clones(&mut self) -> Result<(), VmmError> {
         let snap = self.fuzz_snapshot(16 << 20)?;
         let n = if self.quick { 5 } else { 30 };
@@ -142,16 +142,23 @@ impl Bench {
             format!("vs {} frames for a whole 16 MiB VM", (16 << 20) / 4096),
         );
         drop(clones);
-        // Reset cost per dirty page, from 256 pages against 16.
-        let (r16, _) = self.reset_rate(&snap, 16)?;
-        let (r256, _) = self.reset_rate(&snap, 256)?;
-        let per_page = (1.0 / r256 - 1.0 / r16) / 240.0;
-        let crossover = create.as_secs_f64() / per_page;
-        self.record(
-            "fuzz: dirty pages above which a new clone beats a reset",
-            format!("{crossover:.0} pages"),
-            format!("{:.2} us per page reset", per_page * 1e6),
-        );
+        // A reset against a new clone per run, for runs that dirty more and
+        // more pages.
+        let n = if self.quick { 3 } else { 20 };
+        for pages in [16u32, 256, 1024] {
+            let (reset, _) = self.reset_rate(&snap, pages)?;
+            let start = Instant::now();
+            for _ in 0..n {
+                let mut t = snap.target(Limits::default()).map_err(fuzz_err)?;
+                t.run(&input(pages)).map_err(fuzz_err)?;
+            }
+            let refork = n as f64 / start.elapsed().as_secs_f64();
+            self.record(
+                &format!("fuzz: reset vs new clone per run, {pages} dirty pages"),
+                format!("{reset:.0}/{refork:.0} /s"),
+                format!("reset {:.1}x faster", reset / refork),
+            );
+        }
         Ok(())
     }
 }

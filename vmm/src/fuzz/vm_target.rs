@@ -102,6 +102,11 @@ pub struct Limits {
     pub timeout: Duration,
     /// VM exits before a run counts as a hang.
     pub exits: u64,
+    /// After a run that dirtied more pages than this, the clone is made
+    /// anew from the snapshot instead of reset (its private frames go
+    /// back). None: always reset, which `vmm bench` measures as the faster
+    /// choice here at any size (see the README).
+    pub refork_above: Option<usize>,
 }
 
 impl Default for Limits {
@@ -109,6 +114,7 @@ impl Default for Limits {
         Self {
             timeout: Duration::from_secs(1),
             exits: 1_000_000,
+            refork_above: None,
         }
     }
 }
@@ -338,11 +344,31 @@ impl VmTarget {
         self.harvest_time += harvest.elapsed();
         mem.take_vmm_writes(&mut self.pages);
         self.read_coverage(mem)?;
+        if self
+            .limits
+            .refork_above
+            .is_some_and(|n| self.pages.len() > n)
+        {
+            return self.refork();
+        }
         mem.reset_pages(&self.snap.taken.origin, &mut self.pages)
             .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
         self.last_dirty = self.pages.len();
         self.pages.clear();
         self.restore_vcpu()
+    }
+
+    /// Replaces the clone by a new one from the snapshot, keeping the
+    /// coverage the run left.
+    fn refork(&mut self) -> Result<(), FuzzError> {
+        let mut fresh = VmTarget::new(&self.snap, self.limits)?;
+        std::mem::swap(&mut fresh.map, &mut self.map);
+        fresh.map_filled = self.map_filled;
+        fresh.last_dirty = self.pages.len();
+        fresh.harvest_time = self.harvest_time;
+        fresh.clock = self.clock.clone();
+        *self = fresh;
+        Ok(())
     }
 
     /// Copies the map pages the run wrote into the map buffer, and zeroes
@@ -601,7 +627,6 @@ pub fn vm_targets(
         ..Limits::default()
     };
     Ok(Box::new(move || {
-        snap.target(limits)
-            .map(|t| Box::new(t) as Box<dyn Target>)
+        snap.target(limits).map(|t| Box::new(t) as Box<dyn Target>)
     }))
 }
