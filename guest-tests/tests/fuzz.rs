@@ -155,3 +155,43 @@ fn a_scribbling_target_is_fully_restored() {
         a.last_dirty()
     );
 }
+
+#[test]
+fn a_clone_takes_a_child_snapshot_resets_to_it_and_drops_it() {
+    let snap = snapshot("fuzz_stages", 16 * MIB);
+    let ctx = snap.memory().context().clone();
+    let baseline = ctx.stats().resident;
+    let mut parent = target(&snap, Limits::default());
+    // Without a child snapshot, the second SNAPSHOT hands the same input.
+    assert_eq!(
+        run(&mut parent, b"AA").0,
+        Verdict::Fail(0x100 + u64::from(b'A'))
+    );
+    let child = parent
+        .take_child(b"Q")
+        .unwrap_or_else(|e| panic!("{}", vmm::error_chain(&e)));
+    assert!(Arc::ptr_eq(child.parent().unwrap(), &snap));
+    let mut c = target(&child, Limits::default());
+    for _ in 0..3 {
+        assert_eq!(run(&mut c, b"Qx").0, Verdict::Fail(0x100 + u64::from(b'Q')));
+        assert_eq!(run(&mut c, b"zz").0, Verdict::Fail(1));
+    }
+    // The parent clone still starts at the first SNAPSHOT.
+    assert_eq!(
+        run(&mut parent, b"BB").0,
+        Verdict::Fail(0x100 + u64::from(b'B'))
+    );
+    // A run that ends before a second SNAPSHOT cannot give a child.
+    let mut grandchild_src = target(&child, Limits::default());
+    assert!(grandchild_src.take_child(b"Q").is_err());
+    assert_eq!(
+        run(&mut grandchild_src, b"Q").0,
+        Verdict::Fail(0x100 + u64::from(b'Q'))
+    );
+    drop((c, grandchild_src, child, parent));
+    assert_eq!(
+        ctx.stats().resident,
+        baseline,
+        "the child snapshot's frames leaked"
+    );
+}

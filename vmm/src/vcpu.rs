@@ -301,7 +301,7 @@ impl Vcpu {
         loop {
             match control.next() {
                 Next::Run => match self.step() {
-                    Flow::Go | Flow::DirtyRingFull => {}
+                    Flow::Go | Flow::DirtyRingFull | Flow::ChildSnapshot(..) => {}
                     Flow::End(exit) => {
                         self.shared.finish(exit);
                         break;
@@ -349,6 +349,8 @@ pub(crate) enum Flow {
     Done(u64),
     /// KVM's dirty ring is full: harvest it before running on.
     DirtyRingFull,
+    /// A fuzzing clone asked for a child snapshot called SNAPSHOT(buf, cap).
+    ChildSnapshot(u64, u64),
 }
 
 /// The architectural state of one program-mode vCPU: enough to continue it
@@ -458,6 +460,9 @@ impl Vcpu {
     /// SNAPSHOT from this vCPU: in a fuzzing session's root VM, takes the
     /// snapshot and ends the VM; elsewhere, hands over the input.
     fn snapshot(&mut self, buf: u64, cap: u64) -> Flow {
+        if self.shared.harness.child_wanted() {
+            return Flow::ChildSnapshot(buf, cap);
+        }
         if !matches!(self.shared.harness, crate::fuzz::harness::Harness::Root(_)) {
             let n = crate::fuzz::harness::plain_snapshot(&self.shared, buf, cap);
             self.set_rax(n as u64);

@@ -5,8 +5,9 @@
 //!   saved input replays outside the fuzzer.
 //! - In the root VM of a fuzzing session, SNAPSHOT takes the snapshot
 //!   every run starts from, and the root VM ends there.
-//! - In a fuzzing clone, DONE ends the run; SNAPSHOT (called again within
-//!   a run) returns the run's input length again.
+//! - In a fuzzing clone, DONE ends the run; SNAPSHOT called again within
+//!   a run hands over the run's input again (or, when the fuzzer asks for
+//!   it, takes a child snapshot there).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -30,6 +31,10 @@ pub(crate) enum Harness {
     Clone {
         /// The length of the current run's input.
         input_len: AtomicU64,
+        /// Where the current run's input is in guest memory.
+        input_at: AtomicU64,
+        /// The next SNAPSHOT within a run takes a child snapshot there.
+        child_wanted: std::sync::atomic::AtomicBool,
     },
 }
 
@@ -48,6 +53,11 @@ impl Harness {
                 _ => Vec::new(),
             },
         }
+    }
+
+    /// Whether a SNAPSHOT in this clone's run takes a child snapshot.
+    pub(crate) fn child_wanted(&self) -> bool {
+        matches!(self, Harness::Clone { child_wanted, .. } if child_wanted.load(Ordering::Relaxed))
     }
 
     /// Records what the root's SNAPSHOT produced.
@@ -80,7 +90,23 @@ pub(crate) fn plain_snapshot(shared: &VmShared, buf: u64, cap: u64) -> i64 {
                 Err(_) => -errno::EFAULT,
             }
         }
-        Harness::Clone { input_len } => input_len.load(Ordering::Relaxed) as i64,
+        // Called again within a run: the run's input, once more.
+        Harness::Clone {
+            input_len,
+            input_at,
+            ..
+        } => {
+            let n = input_len.load(Ordering::Relaxed).min(cap);
+            let mut bytes = vec![0u8; n as usize];
+            let moved = shared
+                .mem
+                .read(input_at.load(Ordering::Relaxed), &mut bytes)
+                .and_then(|()| shared.mem.write(buf, &bytes));
+            match moved {
+                Ok(()) => n as i64,
+                Err(_) => -errno::EFAULT,
+            }
+        }
         Harness::Root(_) => -errno::EINVAL,
     }
 }

@@ -122,7 +122,12 @@ impl Default for Limits {
 /// A VM stopped at its reset point, which clones run inputs from.
 #[derive(Debug)]
 pub struct Snapshot {
-    root: Vm,
+    /// The session's root VM (its devices and machine), shared by every
+    /// snapshot of the tree.
+    root: Arc<Vm>,
+    /// The snapshot this one was taken in a clone of (its frames are
+    /// shared copy-on-write with this one's).
+    parent: Option<Arc<Snapshot>>,
     taken: Box<Taken>,
 }
 
@@ -140,10 +145,19 @@ impl Snapshot {
             .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
         let exit = root.wait_keep();
         match root.shared().harness.take_taken() {
-            Some(Ok(taken)) => Ok(Arc::new(Snapshot { root, taken })),
+            Some(Ok(taken)) => Ok(Arc::new(Snapshot {
+                root: Arc::new(root),
+                parent: None,
+                taken,
+            })),
             Some(Err(e)) => Err(FuzzError::Vm(e)),
             None => Err(FuzzError::NoSnapshot(exit_text(&exit))),
         }
+    }
+
+    /// The snapshot this one was taken from, for a child snapshot.
+    pub fn parent(&self) -> Option<&Arc<Snapshot>> {
+        self.parent.as_ref()
     }
 
     /// The origin's memory (the snapshot's pages).
@@ -248,6 +262,8 @@ impl VmTarget {
         let controls = vec![Arc::new(VcpuControl::new(true))];
         let harness = Harness::Clone {
             input_len: AtomicU64::new(0),
+            input_at: AtomicU64::new(0),
+            child_wanted: AtomicBool::new(false),
         };
         let shared = root
             .clone_devices(
@@ -297,8 +313,76 @@ impl VmTarget {
         FuzzError::Vm(e.to_string())
     }
 
+    /// Writes the input and gets the vCPU ready to run it.
+    fn start_run(&mut self, input: &[u8]) -> Result<(), FuzzError> {
+        self.vcpu.bind_thread();
+        self.clock.bind();
+        let taken = &self.snap.taken;
+        let n = (input.len() as u64).min(taken.cap);
+        let shared = self.vcpu.shared.clone();
+        if n > 0 {
+            shared
+                .mem
+                .write(taken.buf, &input[..n as usize])
+                .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
+        }
+        if let Harness::Clone {
+            input_len,
+            input_at,
+            ..
+        } = &shared.harness
+        {
+            input_len.store(n, Ordering::Relaxed);
+            input_at.store(taken.buf, Ordering::Relaxed);
+        }
+        self.vcpu.fd.sync_regs_mut().regs.rax = n;
+        self.vcpu.fd.set_sync_dirty_reg(SyncReg::Register);
+        // Last, so that the guest's clock starts where the snapshot's
+        // stopped however long the target sat idle.
+        self.restore_tsc()
+    }
+
+    /// Runs `input` until the guest calls SNAPSHOT again and takes a child
+    /// snapshot there: clones of the child start at that second SNAPSHOT,
+    /// each run's input in its buffer, and share the child's pages
+    /// copy-on-write, as the child shares this clone's snapshot's. This
+    /// clone is then reset as after any run. An error if the run ends
+    /// without that SNAPSHOT.
+    pub fn take_child(&mut self, input: &[u8]) -> Result<Arc<Snapshot>, FuzzError> {
+        let shared = self.vcpu.shared.clone();
+        let Harness::Clone { child_wanted, .. } = &shared.harness else {
+            return Err(FuzzError::Vm("not a fuzzing clone".into()));
+        };
+        child_wanted.store(true, Ordering::Relaxed);
+        let started = self.start_run(input);
+        let ended = started.and_then(|()| self.drive());
+        child_wanted.store(false, Ordering::Relaxed);
+        self.clock.stop();
+        let child = match ended {
+            Ok(Ended::Child(buf, cap)) => self.fork_child(buf, cap),
+            Ok(Ended::Verdict(v)) => Err(FuzzError::NoSnapshot(format!(
+                "the run ended ({v}) before a second SNAPSHOT"
+            ))),
+            Err(e) => Err(e),
+        };
+        self.reset()?;
+        child
+    }
+
+    /// The child snapshot at the guest's SNAPSHOT(buf, cap) now.
+    fn fork_child(&mut self, buf: u64, cap: u64) -> Result<Arc<Snapshot>, FuzzError> {
+        let state = self.vcpu.capture().map_err(FuzzError::Vm)?;
+        let tsc = read_tsc(&self.vcpu.fd);
+        let taken = take(&self.vcpu.shared, state, tsc, buf, cap).map_err(FuzzError::Vm)?;
+        Ok(Arc::new(Snapshot {
+            root: self.snap.root.clone(),
+            parent: Some(self.snap.clone()),
+            taken,
+        }))
+    }
+
     /// Runs the vCPU until the run ends.
-    fn drive(&mut self) -> Result<Verdict, FuzzError> {
+    fn drive(&mut self) -> Result<Ended, FuzzError> {
         let started = self.clock.start(&self.limits);
         let mut exits = 0u64;
         loop {
@@ -306,7 +390,7 @@ impl VmTarget {
                 Flow::Go => {
                     exits += 1;
                     if exits > self.limits.exits || self.clock.expired(started) {
-                        return Ok(Verdict::Hang);
+                        return Ok(Ended::Verdict(Verdict::Hang));
                     }
                 }
                 Flow::DirtyRingFull => {
@@ -315,17 +399,18 @@ impl VmTarget {
                         .harvest(&shared.kvm, &shared.mem, &mut self.pages)
                         .map_err(Self::vm_error)?;
                 }
-                Flow::Done(0) => return Ok(Verdict::Ok),
-                Flow::Done(status) => return Ok(Verdict::Fail(status)),
+                Flow::ChildSnapshot(buf, cap) => return Ok(Ended::Child(buf, cap)),
+                Flow::Done(0) => return Ok(Ended::Verdict(Verdict::Ok)),
+                Flow::Done(status) => return Ok(Ended::Verdict(Verdict::Fail(status))),
                 Flow::End(Exit::Fault(f)) => {
-                    return Ok(Verdict::Crash(Crash {
+                    return Ok(Ended::Verdict(Verdict::Crash(Crash {
                         vector: f.vector,
                         rip: f.rip,
                         error: f.error,
                         cr2: f.cr2,
-                    }));
+                    })));
                 }
-                Flow::End(Exit::Code(c)) => return Ok(Verdict::Exit(c)),
+                Flow::End(Exit::Code(c)) => return Ok(Ended::Verdict(Verdict::Exit(c))),
                 Flow::End(other) => return Err(FuzzError::Vm(exit_text(&other))),
             }
         }
@@ -443,34 +528,29 @@ impl VmTarget {
 
 impl Target for VmTarget {
     fn run(&mut self, input: &[u8]) -> Result<Verdict, FuzzError> {
-        self.vcpu.bind_thread();
-        self.clock.bind();
-        let taken = &self.snap.taken;
-        let n = (input.len() as u64).min(taken.cap);
-        let shared = self.vcpu.shared.clone();
-        if n > 0 {
-            shared
-                .mem
-                .write(taken.buf, &input[..n as usize])
-                .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
-        }
-        if let Harness::Clone { input_len } = &shared.harness {
-            input_len.store(n, Ordering::Relaxed);
-        }
-        self.vcpu.fd.sync_regs_mut().regs.rax = n;
-        self.vcpu.fd.set_sync_dirty_reg(SyncReg::Register);
-        // Last, so that the guest's clock starts where the snapshot's
-        // stopped however long the target sat idle.
-        self.restore_tsc()?;
-        let verdict = self.drive();
+        self.start_run(input)?;
+        let ended = self.drive();
         self.clock.stop();
         self.reset()?;
-        verdict
+        match ended? {
+            Ended::Verdict(v) => Ok(v),
+            Ended::Child(..) => Err(FuzzError::Vm(
+                "SNAPSHOT asked for a child snapshot outside take_child".into(),
+            )),
+        }
     }
 
     fn coverage(&self) -> &[u8] {
         &self.map
     }
+}
+
+/// How [`VmTarget::drive`] stopped.
+enum Ended {
+    /// The run ended.
+    Verdict(Verdict),
+    /// The guest called SNAPSHOT(buf, cap) for a child snapshot.
+    Child(u64, u64),
 }
 
 fn tsc_offset_supported(fd: &VcpuFd) -> bool {
