@@ -18,7 +18,8 @@
 //! 6. a store's reverse map;
 //! 7. the context's registry of live VMs;
 //! 8. a VM's record of write-protect events;
-//! 9. the swap file's slot allocator.
+//! 9. the swap file's slot allocator;
+//! 10. the context's table of snapshot image areas.
 //!
 //! Frame counts and the anon-exclusive bit are atomics, changed under the
 //! table lock of an entry that maps the frame, or by the holder of a
@@ -36,6 +37,7 @@ mod entry;
 mod fault;
 mod fork;
 mod frame;
+mod image;
 mod layout;
 mod lock;
 mod migrate;
@@ -55,6 +57,7 @@ mod wp;
 pub use audit::audit;
 pub use context::{Config, Context, StatsSnapshot};
 pub use entry::{Entry, MigrationKind};
+pub use image::{Image, ImageError, ImageRun, MAX_RUN_PAGES, index_image};
 pub use layout::{Layout, LayoutError, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_LEAF, RamRange};
 pub use migrate::{Compactor, MigrateReport};
 pub use pin::{Pin, PinError, PinFlags};

@@ -32,6 +32,8 @@ pub(crate) enum Rank {
     WpEvents,
     /// The swap file's slot allocator.
     SwapSlots,
+    /// The context's table of snapshot image areas.
+    Images,
 }
 
 #[cfg(debug_assertions)]
