@@ -16,6 +16,8 @@ mod hypercall;
 pub mod kvm;
 pub mod linux;
 mod machine;
+mod restore;
+pub mod snapfile;
 pub mod snapshot;
 mod vcpu;
 pub mod virtio;
