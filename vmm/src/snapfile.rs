@@ -236,7 +236,11 @@ impl SnapState {
             .map_err(io("cannot create the snapshot state file"))?;
         f.write_all(&self.encode())
             .and_then(|()| f.sync_all())
-            .map_err(io("cannot write the snapshot state file"))
+            .map_err(|e| {
+                // No half-written state file is left behind.
+                let _ = std::fs::remove_file(path);
+                io("cannot write the snapshot state file")(e)
+            })
     }
 
     /// Reads and checks the state file `path`.

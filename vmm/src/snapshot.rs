@@ -137,6 +137,14 @@ pub(crate) fn save(
         ))
         .into());
     }
+    if state.exists() {
+        return Err(SnapfileError::Io {
+            what: "will not overwrite the existing snapshot state file",
+            path: state.into(),
+            source: std::io::ErrorKind::AlreadyExists.into(),
+        }
+        .into());
+    }
     let started = Instant::now();
     let reader = image.try_clone().map_err(VmmError::Thread)?;
     let (snapshot, at) = if live {
