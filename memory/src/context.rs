@@ -203,8 +203,13 @@ impl Context {
     }
 
     /// The image of `area`, which an entry names.
-    fn image(&self, area: usize) -> Option<Arc<Image>> {
-        self.images.lock().get(area).cloned().flatten()
+    pub(crate) fn image_of(&self, area: usize) -> Result<Arc<Image>, SwapError> {
+        self.images
+            .lock()
+            .get(area)
+            .cloned()
+            .flatten()
+            .ok_or(SwapError::ImageSlot { area, page: 0 })
     }
 
     /// Entries naming each registered image area (for audits).
@@ -336,13 +341,7 @@ impl Slots<'_> {
     pub(crate) fn load(&self, slot: u32, page: &mut PageBuf) -> Result<(), SwapError> {
         match split_slot(slot) {
             (0, _) => self.swap().load(slot, page),
-            (area, offset) => {
-                let image = self.0.image(area).ok_or(SwapError::ImageSlot {
-                    area,
-                    page: u64::from(offset),
-                })?;
-                image.load(area, u64::from(offset), page)
-            }
+            (area, offset) => self.0.image_of(area)?.load(area, u64::from(offset), page),
         }
     }
 }

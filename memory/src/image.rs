@@ -39,11 +39,9 @@ use std::sync::{Arc, OnceLock};
 
 use thiserror::Error;
 
-use crate::Context;
-use crate::entry::Entry;
-use crate::layout::{Layout, PAGE_SIZE, PAGES_PER_LEAF};
+use crate::layout::{Layout, PAGE_SIZE};
 use crate::swap::{MAX_SLOTS, PageBuf, SwapError};
-use crate::vm::{MemError, VmMemory};
+use crate::vm::MemError;
 
 /// Most pages one run of the index covers: verifying a run costs one read
 /// of at most this many pages (256 KiB) on the first access to any of them.
@@ -155,6 +153,14 @@ pub struct Image {
     pages: u64,
 }
 
+/// One run of an image, as restore lays out its entries.
+pub(crate) struct RunPages {
+    /// Page number of the first page.
+    pub(crate) first: u64,
+    /// Pages.
+    pub(crate) pages: u64,
+}
+
 impl Image {
     /// Opens `file` (named `name` in messages) with its index `runs`, for
     /// VMs with RAM `layout`. Runs must be sorted, disjoint, page-aligned,
@@ -246,6 +252,14 @@ impl Image {
         &self.name
     }
 
+    /// The runs, by page number.
+    pub(crate) fn runs(&self) -> impl Iterator<Item = RunPages> + '_ {
+        self.runs.iter().map(|r| RunPages {
+            first: r.first,
+            pages: u64::from(r.pages),
+        })
+    }
+
     fn run_of(&self, page: u64) -> Option<(usize, &Run)> {
         let i = self
             .runs
@@ -262,36 +276,59 @@ impl Image {
             .run_of(page)
             .ok_or(SwapError::ImageSlot { area, page })?;
         let k = (page - run.first) as usize;
-        let corrupt = || SwapError::ImageCorrupt {
-            run: index,
-            gpa: run.gpa,
-            pages: run.pages,
-            path: self.name.clone(),
-        };
         if let Some(crcs) = run.verified.get() {
             self.read_at(out, run.gpa + k as u64 * PAGE_SIZE)?;
             if crc32fast::hash(out) != crcs[k] {
-                return Err(corrupt());
+                return Err(self.corrupt(index, run));
             }
             return Ok(());
         }
+        let (_, bytes) = self.load_run(area, page)?;
+        out.copy_from_slice(&bytes[k * PAGE_SIZE as usize..(k + 1) * PAGE_SIZE as usize]);
+        Ok(())
+    }
+
+    /// Reads the whole run holding page number `page`, checking it;
+    /// returns its first page number and its bytes.
+    pub(crate) fn load_run(&self, area: usize, page: u64) -> Result<(u64, Vec<u8>), SwapError> {
+        let (index, run) = self
+            .run_of(page)
+            .ok_or(SwapError::ImageSlot { area, page })?;
         let mut bytes = vec![0u8; run.pages as usize * PAGE_SIZE as usize];
         self.read_at(&mut bytes, run.gpa)?;
+        let pages = bytes.chunks_exact(PAGE_SIZE as usize);
+        if let Some(crcs) = run.verified.get() {
+            if pages
+                .zip(crcs.iter())
+                .any(|(p, c)| crc32fast::hash(p) != *c)
+            {
+                return Err(self.corrupt(index, run));
+            }
+            return Ok((run.first, bytes));
+        }
         let mut whole = crc32fast::Hasher::new();
         let mut crcs = Vec::with_capacity(run.pages as usize);
-        for chunk in bytes.chunks_exact(PAGE_SIZE as usize) {
+        for chunk in pages {
             let mut one = crc32fast::Hasher::new();
             one.update(chunk);
             crcs.push(one.clone().finalize());
             whole.combine(&one);
         }
         if whole.finalize() != run.crc {
-            return Err(corrupt());
+            return Err(self.corrupt(index, run));
         }
         // Another thread may have verified it meanwhile: same values.
         let _ = run.verified.set(crcs.into());
-        out.copy_from_slice(&bytes[k * PAGE_SIZE as usize..(k + 1) * PAGE_SIZE as usize]);
-        Ok(())
+        Ok((run.first, bytes))
+    }
+
+    fn corrupt(&self, index: usize, run: &Run) -> SwapError {
+        SwapError::ImageCorrupt {
+            run: index,
+            gpa: run.gpa,
+            pages: run.pages,
+            path: self.name.clone(),
+        }
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SwapError> {
@@ -302,43 +339,6 @@ impl Image {
                 offset,
                 source,
             })
-    }
-}
-
-impl VmMemory {
-    /// The memory of a VM restored from `image`: every page the index
-    /// lists starts as an image entry (exclusive: nothing else maps it) and
-    /// is read on its first access; every other page is empty. Costs one
-    /// entry write per listed page; nothing of the file is read.
-    pub fn restore(ctx: &Arc<Context>, image: &Arc<Image>) -> Result<Arc<Self>, ImageError> {
-        let vm = Self::new(ctx, image.layout.clone())?;
-        if image.pages == 0 {
-            return Ok(vm);
-        }
-        let area = ctx.attach_image(image, image.pages)?;
-        let map = vm.map_lock.write();
-        for run in image.runs.iter() {
-            let end = run.first + u64::from(run.pages);
-            let mut page = run.first;
-            while page < end {
-                let stop = end.min((page / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF);
-                let leaf = vm.table.leaf_or_alloc(page);
-                let _ptl = leaf.lock().lock();
-                for p in page..stop {
-                    leaf.set(
-                        p,
-                        Entry::Swap {
-                            slot: image_slot(area, p),
-                            exclusive: true,
-                            wp: false,
-                        },
-                    );
-                }
-                page = stop;
-            }
-        }
-        drop(map);
-        Ok(vm)
     }
 }
 

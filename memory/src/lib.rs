@@ -43,6 +43,7 @@ mod lock;
 mod migrate;
 mod pin;
 mod reclaim;
+mod restore;
 mod slots;
 mod snapshot;
 mod store;

@@ -237,6 +237,10 @@ impl VmMemory {
         slot: u32,
         wp: bool,
     ) -> Result<(), MemError> {
+        if crate::context::Slots::is_image(slot) && self.limit.pages().is_none() {
+            // With the rest of its run (see `restore.rs`).
+            return self.image_in(leaf, page, slot).map(|_| ());
+        }
         let swap = self.ctx.swap_in_use();
         let mut buf: PageBuf = [0; PAGE_SIZE as usize];
         swap.load(slot, &mut buf)
