@@ -16,6 +16,7 @@ mod hypercall;
 pub mod kvm;
 pub mod linux;
 mod machine;
+mod pins;
 mod restore;
 pub mod snapfile;
 pub mod snapshot;

@@ -10,13 +10,14 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::kvm_fpu;
 use kvm_ioctls::{VcpuFd, VmFd};
-use memory::{Layout, LayoutError, MemError, Pin, PinFlags, StatsSnapshot, VmMemory};
+use memory::{Layout, LayoutError, MemError, StatsSnapshot, VmMemory};
 use thiserror::Error;
 
 use crate::console::{Console, ConsoleWriter, Sink};
 use crate::elf::{ElfError, Program};
 use crate::kvm::{Hypervisor, KvmError, create_vcpu, ioctl};
 use crate::machine::Machine;
+pub(crate) use crate::pins::VmmPins;
 use crate::vcpu::{self, VcpuControl};
 use crate::virtio::VirtioBus;
 use crate::x86::cpuid::{self, Guest};
@@ -594,57 +595,6 @@ impl VmShared {
             exit: Mutex::new(None),
             ended: Condvar::new(),
         })
-    }
-}
-
-/// The VMM's own long-term pins in one VM. They are not device pins, so
-/// the counters users see leave them out.
-#[derive(Debug)]
-pub(crate) struct VmmPins {
-    pins: Vec<Pin>,
-    pages: u64,
-    machine: Arc<Machine>,
-}
-
-impl VmmPins {
-    pub(crate) fn none(machine: &Arc<Machine>) -> Self {
-        Self {
-            pins: Vec::new(),
-            pages: 0,
-            machine: machine.clone(),
-        }
-    }
-
-    /// Program mode: the ring-0 stacks (see [`program::ring0_stacks`]).
-    pub(crate) fn ring0_stacks(
-        machine: &Arc<Machine>,
-        mem: &VmMemory,
-        vcpus: u32,
-    ) -> Result<Self, VmmError> {
-        let (gpa, len) = program::ring0_stacks(vcpus);
-        let flags = PinFlags {
-            write: true,
-            longterm: true,
-        };
-        let pin = mem.pin(gpa, len, flags)?;
-        let pages = (gpa + len).div_ceil(memory::PAGE_SIZE) - gpa / memory::PAGE_SIZE;
-        machine
-            .vmm_pinned
-            .fetch_add(pages, std::sync::atomic::Ordering::Relaxed);
-        Ok(Self {
-            pins: vec![pin],
-            pages,
-            machine: machine.clone(),
-        })
-    }
-}
-
-impl Drop for VmmPins {
-    fn drop(&mut self) {
-        self.pins.clear();
-        self.machine
-            .vmm_pinned
-            .fetch_sub(self.pages, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
