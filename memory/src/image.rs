@@ -16,9 +16,9 @@
 //! offset: the top four bits of the slot are the area (0 is the swap file,
 //! whose slots stay below [`MAX_SLOTS`]), the rest the page number. So
 //! everything swap entries already do holds: the first access reads the
-//! page into a fresh exclusive frame (R14), fork copies the entry without
-//! its exclusive bit (R6), write protection is kept in it, DISCARD drops
-//! it. An area is registered with the [`Context`] while entries name it;
+//! page (with the rest of its run, see `restore.rs`) into a fresh
+//! exclusive frame (R14), fork copies the entry without its exclusive bit
+//! (R6), write protection is kept in it, DISCARD drops it. An area is registered with the [`Context`] while entries name it;
 //! entries are counted per area (`dup` and `put` count, nothing is ever
 //! freed or punched in the file).
 //!
