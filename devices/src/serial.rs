@@ -6,6 +6,7 @@
 
 use std::io::Write;
 
+pub use vm_superio::serial::SerialState;
 use vm_superio::{Serial as Uart, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -55,6 +56,19 @@ impl<W: Write> Serial<W> {
         Serial { uart }
     }
 
+    /// The UART's registers and receive buffer (for a snapshot).
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
+    }
+
+    /// A UART in `state`, transmitting to `out` (for a restored VM); an
+    /// error for a state no UART can be in.
+    pub fn from_state(state: &SerialState, irq: Irq, out: W) -> Result<Self, String> {
+        Uart::from_state(state, irq, vm_superio::serial::NoEvents, out)
+            .map(|uart| Self { uart })
+            .map_err(|e| format!("UART state refused: {e}"))
+    }
+
     /// Whether `port` belongs to the UART.
     pub fn handles(port: u16) -> bool {
         (COM1_BASE..COM1_BASE + COM1_PORTS).contains(&port)
@@ -94,5 +108,19 @@ mod tests {
         // Line status: transmitter empty.
         assert_ne!(s.read(COM1_BASE + 5) & 0x20, 0);
         assert!(Serial::<Vec<u8>>::handles(0x3ff) && !Serial::<Vec<u8>>::handles(0x400));
+    }
+
+    #[test]
+    fn a_state_goes_and_comes_back() {
+        let mut s = Serial::new(Irq::None, Vec::new());
+        s.write(COM1_BASE + 7, 0x5a);
+        let state = s.state();
+        let mut t = Serial::from_state(&state, Irq::None, Vec::new()).unwrap();
+        assert_eq!(t.read(COM1_BASE + 7), 0x5a);
+        let full = SerialState {
+            in_buffer: vec![0; 65],
+            ..state
+        };
+        assert!(Serial::from_state(&full, Irq::None, Vec::new()).is_err());
     }
 }

@@ -20,6 +20,8 @@ use crate::vm::VmMemory;
 ///   refcount equals mapcount + pincount;
 /// - each used swap slot's reference count equals the entries naming it,
 ///   and no entry names a free slot;
+/// - each snapshot image area counts the entries naming it, and no entry
+///   names an area that is not registered;
 /// - the context's counters (resident, shared, pins, swapped) match.
 ///
 /// Returns a description of the first violation found.
@@ -28,6 +30,8 @@ pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
     let mut mapped: HashMap<(usize, u64), u32> = HashMap::new();
     // swap slot -> entries naming it.
     let mut slots: HashMap<u32, u32> = HashMap::new();
+    // snapshot image area -> entries naming it.
+    let mut images: HashMap<usize, u64> = HashMap::new();
     for vm in vms {
         let stores = vm.stores.read();
         let mut uses: HashMap<u32, u64> = HashMap::new();
@@ -39,10 +43,16 @@ pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
                     } => (store, writable),
                     // It keeps the old frame mapped until it is restored.
                     Entry::Migration { store, .. } => (store, false),
-                    Entry::Swap { slot, .. } => {
-                        *slots.entry(slot).or_default() += 1;
-                        continue;
-                    }
+                    Entry::Swap { slot, .. } => match crate::image::split_slot(slot) {
+                        (0, _) => {
+                            *slots.entry(slot).or_default() += 1;
+                            continue;
+                        }
+                        (area, _) => {
+                            *images.entry(area).or_default() += 1;
+                            continue;
+                        }
+                    },
                     _ => continue,
                 };
                 let s = stores.get(store).ok_or_else(|| {
@@ -112,6 +122,17 @@ pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
     }
     if let Some((slot, n)) = slots.into_iter().next() {
         return Err(format!("{n} entries name free swap slot {slot}"));
+    }
+    for (area, refs) in ctx.image_areas() {
+        let entries = images.remove(&area).unwrap_or(0);
+        if refs != entries {
+            return Err(format!(
+                "image area {area}: {refs} references, {entries} entries name it"
+            ));
+        }
+    }
+    if let Some((area, n)) = images.into_iter().next() {
+        return Err(format!("{n} entries name unregistered image area {area}"));
     }
     let s = ctx.stats();
     if s.swapped != used.len() as u64 {

@@ -7,8 +7,9 @@ use std::sync::{OnceLock, Weak};
 use crate::lock::{Rank, RankedMutex};
 use std::sync::Arc;
 
+use crate::image::{AREAS, Image, ImageError, split_slot};
 use crate::store::Store;
-use crate::swap::{Swap, SwapError};
+use crate::swap::{PageBuf, Swap, SwapError};
 use crate::sync::{AtomicU64, Ordering};
 use crate::vm::VmMemory;
 
@@ -50,6 +51,7 @@ pub(crate) struct Stats {
     pub(crate) first_touch: AtomicU64,
     pub(crate) reused: AtomicU64,
     pub(crate) host_faults: AtomicU64,
+    pub(crate) image_loads: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -81,12 +83,16 @@ pub struct StatsSnapshot {
     pub host_faults: u64,
     /// The longest any access waited for a page under migration, in ns.
     pub migration_wait_max_ns: u64,
+    /// Pages read from snapshot memory files by restored VMs.
+    pub image_loads: u64,
+    /// Entries that still name a page of a snapshot memory file.
+    pub image_pages: u64,
 }
 
 impl StatsSnapshot {
     /// The counters in the order of the guest ABI's STATS call: the first
     /// eight are fixed by the ABI, later ones are appended.
-    pub fn to_abi(&self) -> [u64; 12] {
+    pub fn to_abi(&self) -> [u64; 14] {
         [
             self.resident,
             self.shared,
@@ -100,6 +106,8 @@ impl StatsSnapshot {
             self.first_touch,
             self.reused,
             self.host_faults,
+            self.image_loads,
+            self.image_pages,
         ]
     }
 }
@@ -115,6 +123,11 @@ pub struct Context {
     vms: RankedMutex<HashMap<u64, Weak<VmMemory>>>,
     stores: RankedMutex<Vec<Weak<Store>>>,
     swap: OnceLock<Swap>,
+    /// Snapshot memory files named by image entries, by area (see
+    /// `image.rs`; area 0 is the swap file).
+    images: RankedMutex<[Option<Arc<Image>>; AREAS + 1]>,
+    /// Entries naming each area, in every VM.
+    image_refs: [AtomicU64; AREAS + 1],
     /// Where accesses to pages under migration wait.
     pub(crate) migration: crate::migrate::Migrations,
 }
@@ -131,6 +144,8 @@ impl Context {
             vms: RankedMutex::new(Rank::Registry, HashMap::new()),
             stores: RankedMutex::new(Rank::Registry, Vec::new()),
             swap: OnceLock::new(),
+            images: RankedMutex::new(Rank::Images, Default::default()),
+            image_refs: std::array::from_fn(|_| AtomicU64::new(0)),
             migration: crate::migrate::Migrations::new(),
         })
     }
@@ -158,11 +173,52 @@ impl Context {
         Ok(self.swap.get().expect("set above"))
     }
 
-    /// The swap file, which must be open because an entry names a slot.
-    pub(crate) fn swap_in_use(&self) -> &Swap {
-        self.swap
-            .get()
-            .expect("a swap entry exists, so the swap file is open")
+    /// The slots swap entries name: of the swap file, which must be open
+    /// if an entry names one of its slots, or of a snapshot image.
+    pub(crate) fn swap_in_use(&self) -> Slots<'_> {
+        Slots(self)
+    }
+
+    /// Registers `image` as an area (or finds it registered) and counts
+    /// `entries` more entries naming it; returns the area.
+    pub(crate) fn attach_image(
+        &self,
+        image: &Arc<Image>,
+        entries: u64,
+    ) -> Result<usize, ImageError> {
+        let mut areas = self.images.lock();
+        let found = (1..=AREAS).find(|&a| areas[a].as_ref().is_some_and(|i| Arc::ptr_eq(i, image)));
+        let area = match found {
+            Some(a) => a,
+            None => {
+                let free = (1..=AREAS)
+                    .find(|&a| areas[a].is_none())
+                    .ok_or(ImageError::TooMany)?;
+                areas[free] = Some(image.clone());
+                free
+            }
+        };
+        self.image_refs[area].fetch_add(entries, Ordering::AcqRel);
+        Ok(area)
+    }
+
+    /// The image of `area`, which an entry names.
+    pub(crate) fn image_of(&self, area: usize) -> Result<Arc<Image>, SwapError> {
+        self.images
+            .lock()
+            .get(area)
+            .cloned()
+            .flatten()
+            .ok_or(SwapError::ImageSlot { area, page: 0 })
+    }
+
+    /// Entries naming each registered image area (for audits).
+    pub(crate) fn image_areas(&self) -> Vec<(usize, u64)> {
+        let areas = self.images.lock();
+        (1..=AREAS)
+            .filter(|&a| areas[a].is_some())
+            .map(|a| (a, self.image_refs[a].load(Ordering::Acquire)))
+            .collect()
     }
 
     /// Remembers a new store (for scans over every frame: audits now,
@@ -228,6 +284,64 @@ impl Context {
             reused: l(&s.reused),
             host_faults: l(&s.host_faults),
             migration_wait_max_ns: l(&s.migration_wait_max_ns),
+            image_loads: l(&s.image_loads),
+            image_pages: self.image_refs.iter().map(l).sum(),
+        }
+    }
+}
+
+/// The slots swap entries name, whichever area holds them (see
+/// [`Context::swap_in_use`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Slots<'a>(&'a Context);
+
+impl Slots<'_> {
+    fn swap(&self) -> &Swap {
+        self.0
+            .swap
+            .get()
+            .expect("a swap entry exists, so the swap file is open")
+    }
+
+    /// Whether `slot` names a page of a snapshot image.
+    pub(crate) fn is_image(slot: u32) -> bool {
+        split_slot(slot).0 != 0
+    }
+
+    /// Counts one more entry naming `slot`.
+    pub(crate) fn dup(&self, slot: u32) {
+        match split_slot(slot) {
+            (0, _) => self.swap().dup(slot),
+            (area, _) => {
+                let old = self.0.image_refs[area].fetch_add(1, Ordering::AcqRel);
+                debug_assert!(old > 0, "dup of an entry of unused image area {area}");
+            }
+        }
+    }
+
+    /// Drops one entry naming `slot`: a swap slot is freed after its last;
+    /// an image area is released after its last.
+    pub(crate) fn put(&self, slot: u32) {
+        let area = match split_slot(slot) {
+            (0, _) => return self.swap().put(slot),
+            (area, _) => area,
+        };
+        let old = self.0.image_refs[area].fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(old > 0, "put of an entry of unused image area {area}");
+        if old == 1 {
+            let mut areas = self.0.images.lock();
+            // A restore of the same image may have counted new entries.
+            if self.0.image_refs[area].load(Ordering::Acquire) == 0 {
+                areas[area] = None;
+            }
+        }
+    }
+
+    /// Reads the page `slot` names into `page`, checking it.
+    pub(crate) fn load(&self, slot: u32, page: &mut PageBuf) -> Result<(), SwapError> {
+        match split_slot(slot) {
+            (0, _) => self.swap().load(slot, page),
+            (area, offset) => self.0.image_of(area)?.load(area, u64::from(offset), page),
         }
     }
 }

@@ -20,7 +20,8 @@
 //! 7. the context's registry of live VMs;
 //! 8. a VM's record of write-protect events;
 //! 9. the swap file's slot allocator;
-//! 10. a VM's record of pages the VMM wrote.
+//! 10. the context's table of snapshot image areas;
+//! 11. a VM's record of pages the VMM wrote.
 //!
 //! Frame counts and the anon-exclusive bit are atomics, changed under the
 //! table lock of an entry that maps the frame, or by the holder of a
@@ -39,12 +40,14 @@ mod entry;
 mod fault;
 mod fork;
 mod frame;
+mod image;
 mod layout;
 mod lock;
 mod migrate;
 mod pin;
 mod reclaim;
 mod reset;
+mod restore;
 mod slots;
 mod snapshot;
 mod store;
@@ -59,6 +62,7 @@ mod wp;
 pub use audit::audit;
 pub use context::{Config, Context, StatsSnapshot};
 pub use entry::{Entry, MigrationKind};
+pub use image::{Image, ImageError, ImageRun, MAX_RUN_PAGES, index_image};
 pub use layout::{Layout, LayoutError, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_LEAF, RamRange};
 pub use migrate::{Compactor, MigrateReport};
 pub use pin::{Pin, PinError, PinFlags};

@@ -34,6 +34,8 @@ pub(crate) enum Rank {
     WpEvents,
     /// The swap file's slot allocator.
     SwapSlots,
+    /// The context's table of snapshot image areas.
+    Images,
     /// A VM's record of pages the VMM wrote (see `dirty.rs`).
     VmmWrites,
 }

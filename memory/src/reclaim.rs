@@ -19,7 +19,8 @@
 //!   meanwhile) keeps the frame; nothing is lost, less is reclaimed.
 //!
 //! Swap-in (R14) reads the slot into a fresh frame of the faulting VM,
-//! checking the slot's checksum. The fresh frame is this VM's alone, so it
+//! checking the slot's checksum (or, for a restored VM's image entry, the
+//! page's run in the snapshot memory file, see `image.rs`). The fresh frame is this VM's alone, so it
 //! is exclusive whatever the entry said, and writable unless a write
 //! listener protects the page. Other VMs naming the same slot read their
 //! own copies when they touch it.
@@ -236,6 +237,10 @@ impl VmMemory {
         slot: u32,
         wp: bool,
     ) -> Result<(), MemError> {
+        if crate::context::Slots::is_image(slot) && self.limit.pages().is_none() {
+            // With the rest of its run (see `restore.rs`).
+            return self.image_in(leaf, page, slot).map(|_| ());
+        }
         let swap = self.ctx.swap_in_use();
         let mut buf: PageBuf = [0; PAGE_SIZE as usize];
         swap.load(slot, &mut buf)
@@ -245,7 +250,12 @@ impl VmMemory {
             .and_then(|p| self.table.get(p).present_store());
         self.install_fresh(leaf, page, hint, wp, Some(&buf))?;
         swap.put(slot);
-        self.ctx.stats.swap_ins.fetch_add(1, Ordering::Relaxed);
+        let counter = if crate::context::Slots::is_image(slot) {
+            &self.ctx.stats.image_loads
+        } else {
+            &self.ctx.stats.swap_ins
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

@@ -80,6 +80,40 @@ pub enum SwapError {
         /// The file.
         path: String,
     },
+    /// A run of a snapshot memory file does not match its checksum.
+    #[error(
+        "run {run} of the snapshot memory file {path} (guest {gpa:#x}, {pages} pages) fails its \
+         checksum: the file changed after the snapshot, or the disk failed"
+    )]
+    ImageCorrupt {
+        /// The run's position in the file's index.
+        run: usize,
+        /// Its first guest-physical address.
+        gpa: u64,
+        /// Its pages.
+        pages: u32,
+        /// The file.
+        path: String,
+    },
+    /// Reading a snapshot memory file failed.
+    #[error("cannot read the snapshot memory file {path} at offset {offset:#x}")]
+    ImageIo {
+        /// The file.
+        path: String,
+        /// Where.
+        offset: u64,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// An image entry names a page its image does not hold.
+    #[error("an entry names page {page:#x} of snapshot image area {area}, which does not hold it")]
+    ImageSlot {
+        /// The area.
+        area: usize,
+        /// The page number.
+        page: u64,
+    },
 }
 
 #[derive(Debug, Default)]

@@ -46,6 +46,35 @@ pub(crate) fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Resul
     })
 }
 
+/// The first offset at or after `offset` that holds data in a sparse file
+/// (`SEEK_DATA`), or `None` past the last data.
+pub(crate) fn seek_data(fd: BorrowedFd<'_>, offset: u64) -> io::Result<Option<u64>> {
+    seek(fd, offset, libc::SEEK_DATA)
+}
+
+/// The first hole at or after `offset` (`SEEK_HOLE`; the end of the file
+/// counts as one), or `None` if `offset` is past the end.
+pub(crate) fn seek_hole(fd: BorrowedFd<'_>, offset: u64) -> io::Result<Option<u64>> {
+    seek(fd, offset, libc::SEEK_HOLE)
+}
+
+fn seek(fd: BorrowedFd<'_>, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: lseek on a valid fd touches no memory of ours. It moves the
+    // file offset, which no one here relies on (all I/O is positioned).
+    let at = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
+    if at >= 0 {
+        return Ok(Some(at as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
 /// A range of host virtual memory owned by this process: unmapped on drop.
 #[derive(Debug)]
 pub(crate) struct Mapping {

@@ -25,7 +25,10 @@
            moved); vCPU 1's slowest write in ticks in [8], its writes in
            [9].
    mode 20: touch count pages, set [3] to 1, then write them over and
-           over for ever, counting pages written in [2]. */
+           over for ever, counting pages written in [2].
+   mode 21: touch count pages, set [3] to 1, then spin until [5] is not
+           0 (in a VM restored from a snapshot); if [6] is not 0, read the
+           pages back ([2] ticks); then EXIT. */
 #include "guest.h"
 #include "virtio.h"
 #define MB ((volatile u64 *)0x200000)
@@ -241,6 +244,18 @@ void gmain(u64 ram) {
                 AREA[i * PAGE] = gen;
                 MB[2]++;
             }
+    }
+    if (mode == 21) {
+        for (u64 i = 0; i < n; i++) AREA[i * PAGE] = 1;
+        MB[3] = 1;
+        while (!MB[5]) asm volatile("pause");
+        if (MB[6]) {
+            u64 t0 = rdtsc(), sum = 0;
+            for (u64 i = 0; i < n; i++) sum += AREA[i * PAGE];
+            MB[2] = rdtsc() - t0;
+            G_CHECK(sum == n, "restored pages read back wrong");
+        }
+        g_exit(0);
     }
     if (mode == 1) {
         static char none;

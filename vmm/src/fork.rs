@@ -186,7 +186,7 @@ pub(crate) fn fork(
 
 /// A KVM VM over `mem` with vCPUs in `states` (None: a vCPU that never
 /// started, parked again); returns them and which ones run.
-fn build_vcpus(
+pub(crate) fn build_vcpus(
     hv: &Hypervisor,
     mem: &VmMemory,
     states: &[Option<VcpuState>],

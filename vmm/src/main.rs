@@ -40,6 +40,10 @@ enum Command {
     /// Snapshot a running VM's memory while it runs, through its API socket.
     #[command(after_long_help = SNAPSHOT_HELP)]
     Snapshot(SnapshotArgs),
+    /// Run a VM again from the files `vmm snapshot --state` wrote, from the instant of the
+    /// snapshot; its memory is read from the memory file as the guest touches it.
+    #[command(after_long_help = RESTORE_HELP)]
+    Restore(RestoreArgs),
 }
 
 const SNAPSHOT_HELP: &str = "\
@@ -51,9 +55,22 @@ pin are copied at the start, so a VM with busy virtio devices snapshots consiste
 The image is a sparse file: guest-physical byte A at offset A, holes for pages that were never \
 touched or hold zeros. The file must not exist yet.
 
+With --state FILE the VM's state at that instant (its vCPUs' registers, the UART, and an index of \
+the image's pages with a checksum per run of pages) goes to FILE too, a new file: the two files \
+are what `vmm restore` runs the VM again from. Program-mode VMs without virtio devices only, for \
+now.
+
 Example:
   vmm run --program server.elf --api-sock /tmp/vm.sock &
-  vmm snapshot --api-sock /tmp/vm.sock --live --out /tmp/vm.mem";
+  vmm snapshot --api-sock /tmp/vm.sock --live --out /tmp/vm.mem --state /tmp/vm.state
+  vmm restore --state /tmp/vm.state --mem-file /tmp/vm.mem";
+
+const RESTORE_HELP: &str = "\
+The state file is checked whole first (magic, version, length, CRC-64) and refused with a message \
+if anything is wrong. The memory file is not read ahead: each page is read on the guest's (or a \
+device's) first access to it, and the first access to a run of pages checks the run's checksum; \
+a page that fails it ends the VM with an error naming the run and the file, never with wrong \
+data. The memory file must not change while the restored VM runs. Exit status as for `vmm run`.";
 
 #[derive(Args, Debug)]
 struct SnapshotArgs {
@@ -68,6 +85,34 @@ struct SnapshotArgs {
     /// The memory image to write: a new file.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+
+    /// Also write the VM's state at the snapshot's instant to FILE, a new file (what
+    /// `vmm restore` needs besides the memory image).
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// The state file `vmm snapshot --state` wrote.
+    #[arg(long, value_name = "FILE")]
+    state: PathBuf,
+
+    /// The memory image `vmm snapshot --out` wrote with it.
+    #[arg(long, value_name = "FILE")]
+    mem_file: PathBuf,
+
+    /// Print memory counters when the VM ends.
+    #[arg(long)]
+    stats: bool,
+
+    /// Swap file for pages swapped out, as for `vmm run`.
+    #[arg(long, value_name = "FILE")]
+    swap: Option<PathBuf>,
+
+    /// Listen on the Unix socket PATH (which must not exist) for `vmm snapshot`.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -77,7 +122,7 @@ struct BenchArgs {
     quick: bool,
 
     /// Run only these groups of figures (comma-separated): startup, hypercall, cow, pin,
-    /// fork, virtio, swap, migration, snapshot, fuzz.
+    /// fork, virtio, swap, migration, snapshot, fuzz, restore.
     #[arg(long, value_name = "GROUP[,GROUP...]", value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -324,9 +369,18 @@ fn run(args: RunArgs, matches: Option<&ArgMatches>) -> Result<ExitCode, String> 
         .then(|| memory::Compactor::start(&ctx, std::time::Duration::from_millis(100), 256))
         .transpose()
         .map_err(|e| format!("cannot start the compactor: {e}"))?;
-    let mut vm = vm;
+    serve_and_wait(vm, args.api_sock.as_deref(), args.stats)
+}
+
+/// Starts `vm`, serves its API socket if asked, waits for its end and
+/// reports it; the process's exit status.
+fn serve_and_wait(
+    mut vm: Vm,
+    api_sock: Option<&std::path::Path>,
+    stats: bool,
+) -> Result<ExitCode, String> {
     vm.start().map_err(|e| error_chain(&e))?;
-    let _api = match &args.api_sock {
+    let _api = match api_sock {
         Some(path) => match vmm::api::ApiSocket::serve(path, vm.stop_handle()) {
             Ok(api) => Some(api),
             Err(e) => {
@@ -344,12 +398,13 @@ fn run(args: RunArgs, matches: Option<&ArgMatches>) -> Result<ExitCode, String> 
         Exit::Error(why) => eprintln!("vmm: error: {why}"),
         Exit::Code(_) | Exit::Reset => {}
     }
-    if args.stats {
+    if stats {
         let s = outcome.stats;
         eprintln!(
             "memory: frames resident {}, shared {}, copied {}, pinned {}, first-touch faults {}, \
              frames reused on write {}, faults resolved {}, stores {}, pages in swap {}, \
-             swap-ins {}, pages migrated {}, write-protect events {}",
+             swap-ins {}, pages migrated {}, write-protect events {}, pages loaded from snapshot \
+             files {}",
             s.resident,
             s.shared,
             s.copied,
@@ -361,7 +416,8 @@ fn run(args: RunArgs, matches: Option<&ArgMatches>) -> Result<ExitCode, String> 
             s.swapped,
             s.swap_ins,
             s.migrated,
-            s.wp_events
+            s.wp_events,
+            s.image_loads
         );
     }
     Ok(ExitCode::from(outcome.exit.status() as u8))
@@ -381,15 +437,42 @@ fn snapshot(args: &SnapshotArgs) -> Result<(), String> {
         ));
     }
     let mut shown = 0;
-    let summary = vmm::api::request_snapshot_live(&args.api_sock, &args.out, |done, total| {
-        let pct = done * 100 / total.max(1);
+    let progress = |done, total| {
+        let pct = done * 100 / u64::max(total, 1);
         if pct >= shown + 10 || done == total {
             shown = pct;
             eprintln!("snapshot: {done}/{total} pages ({pct}%)");
         }
-    })?;
+    };
+    let summary = match &args.state {
+        Some(state) => {
+            if state.exists() {
+                return Err(format!(
+                    "{} exists; choose a new file for the state",
+                    state.display()
+                ));
+            }
+            vmm::api::request_snapshot_files(&args.api_sock, &args.out, state, progress)?
+        }
+        None => vmm::api::request_snapshot_live(&args.api_sock, &args.out, progress)?,
+    };
     println!("snapshot {}: {summary}", args.out.display());
     Ok(())
+}
+
+/// `vmm restore`: runs a VM again from snapshot files.
+fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
+    let hv = Hypervisor::open().map_err(|e| error_chain(&e))?;
+    let ctx = memory::Context::new(memory::Config {
+        swap_file: args.swap.clone(),
+        ..memory::Config::default()
+    });
+    if args.swap.is_some() {
+        ctx.open_swap().map_err(|e| error_chain(&e))?;
+    }
+    let vm = Vm::restore(&hv, &ctx, &args.state, &args.mem_file, Sink::Stdout)
+        .map_err(|e| error_chain(&e))?;
+    serve_and_wait(vm, args.api_sock.as_deref(), args.stats)
 }
 
 fn main() -> ExitCode {
@@ -408,6 +491,13 @@ fn main() -> ExitCode {
         },
         Command::Snapshot(args) => match snapshot(&args) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                eprintln!("vmm: error: {msg}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Restore(args) => match restore(&args) {
+            Ok(code) => code,
             Err(msg) => {
                 eprintln!("vmm: error: {msg}");
                 ExitCode::from(1)

@@ -12,12 +12,16 @@
 //! fork, and no copy but of device-writable pages.
 
 use std::fs::File;
+use std::path::Path;
+use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
 use memory::{LiveSnapshot, SnapshotReport};
 
 use crate::fork::{Paused, pause_vcpus};
-use crate::vm::{VmShared, VmmError};
+use crate::snapfile::{SnapState, SnapfileError};
+use crate::vcpu::VcpuState;
+use crate::vm::{Mode, VmShared, VmmError};
 
 /// What a live snapshot did and how long it took.
 #[derive(Clone, Copy, Debug)]
@@ -34,22 +38,38 @@ pub struct LiveReport {
     pub memory: SnapshotReport,
 }
 
+/// The state of the VM at a snapshot's instant, besides its memory.
+pub(crate) struct AtInstant {
+    /// Each vCPU's state; None for one that never started.
+    states: Vec<Option<VcpuState>>,
+    /// The UART's.
+    uart: devices::serial::SerialState,
+}
+
 /// Writes the image of `vm`'s memory into `image` while the guest runs.
 pub(crate) fn live(
     vm: &VmShared,
     image: File,
     progress: impl FnMut(u64, u64),
 ) -> Result<LiveReport, VmmError> {
+    live_saving(vm, image, progress).map(|(report, _)| report)
+}
+
+fn live_saving(
+    vm: &VmShared,
+    image: File,
+    progress: impl FnMut(u64, u64),
+) -> Result<(LiveReport, AtInstant), VmmError> {
     let snap = LiveSnapshot::prepare(&vm.mem, image)?;
     // While the guest runs, take write access from every page: the pause
     // then only covers pages written since.
     if let Err(e) = vm.mem.demote_writable() {
         log::debug!("snapshot: demoting pages ahead: {}", crate::error_chain(&e));
     }
-    let (mut report, started) = paused(vm, |resume| Ok(snap.begin(&vm.mem, resume)?))?;
+    let (mut report, started, at) = paused(vm, |resume| Ok(snap.begin(&vm.mem, resume)?))?;
     report.memory = snap.copy_rest(&vm.mem, progress)?;
     report.total = started.elapsed();
-    Ok(report)
+    Ok((report, at))
 }
 
 /// Writes the image of `vm`'s memory into `image` with the guest paused
@@ -59,23 +79,111 @@ pub(crate) fn stopped(
     image: File,
     progress: impl FnMut(u64, u64),
 ) -> Result<LiveReport, VmmError> {
+    stopped_saving(vm, image, progress).map(|(report, _)| report)
+}
+
+fn stopped_saving(
+    vm: &VmShared,
+    image: File,
+    progress: impl FnMut(u64, u64),
+) -> Result<(LiveReport, AtInstant), VmmError> {
     let mut memory = SnapshotReport::default();
-    let (mut report, _) = paused(vm, |resume| {
+    let (mut report, _, at) = paused(vm, |resume| {
         memory = LiveSnapshot::copy_stopped(&vm.mem, image, progress)?;
         resume();
         Ok(())
     })?;
     report.memory = memory;
-    Ok(report)
+    Ok((report, at))
+}
+
+/// What saving a snapshot to files did.
+#[derive(Clone, Copy, Debug)]
+pub struct SaveReport {
+    /// The memory image's part.
+    pub snapshot: LiveReport,
+    /// Listing the memory file's pages with contents, with checksums.
+    pub index: Duration,
+    /// Pages the index lists.
+    pub pages: u64,
+    /// Runs it lists them in.
+    pub runs: usize,
+    /// From the pause request to both files on disk.
+    pub total: Duration,
+}
+
+/// Saves `vm` as snapshot files: its memory into `image` (live, or with
+/// the guest paused throughout), then its state file at the new path
+/// `state` (see [`crate::snapfile`]). Program mode without virtio devices
+/// only, for now.
+pub(crate) fn save(
+    vm: &VmShared,
+    image: File,
+    state: &Path,
+    live: bool,
+    progress: impl FnMut(u64, u64),
+) -> Result<SaveReport, VmmError> {
+    if vm.mode != Mode::Program {
+        return Err(SnapfileError::Unsupported(
+            "snapshot files are written for program-mode VMs only (not Linux guests) for now"
+                .into(),
+        )
+        .into());
+    }
+    if !vm.virtio.is_empty() {
+        return Err(SnapfileError::Unsupported(format!(
+            "snapshot files are written for VMs without virtio devices only for now; this VM has {}",
+            vm.virtio.len()
+        ))
+        .into());
+    }
+    if state.exists() {
+        return Err(SnapfileError::Io {
+            what: "will not overwrite the existing snapshot state file",
+            path: state.into(),
+            source: std::io::ErrorKind::AlreadyExists.into(),
+        }
+        .into());
+    }
+    let started = Instant::now();
+    let reader = image.try_clone().map_err(VmmError::Thread)?;
+    let (snapshot, at) = if live {
+        live_saving(vm, image, progress)?
+    } else {
+        stopped_saving(vm, image, progress)?
+    };
+    let t = Instant::now();
+    let layout = vm.mem.layout();
+    let runs = memory::index_image(&reader, layout).map_err(|source| SnapfileError::Io {
+        what: "cannot read back the memory image to index it for",
+        path: state.into(),
+        source,
+    })?;
+    let index = t.elapsed();
+    let file = SnapState {
+        ram: layout.ranges().iter().map(|r| (r.gpa, r.len)).collect(),
+        vcpus: at.states,
+        uart: at.uart,
+        runs,
+    };
+    file.write(state)?;
+    Ok(SaveReport {
+        snapshot,
+        index,
+        pages: file.runs.iter().map(|r| u64::from(r.pages)).sum(),
+        runs: file.runs.len(),
+        total: started.elapsed(),
+    })
 }
 
 /// Runs `f` with every vCPU paused (its state saved) and the devices held
 /// still, until `f` calls the resume function it is given (or returns); a
-/// report with the pause's timings, and when the pause began.
+/// report with the pause's timings, when the pause began, and the state
+/// saved at its start.
 fn paused(
     vm: &VmShared,
     f: impl FnOnce(&mut dyn FnMut()) -> Result<(), VmmError>,
-) -> Result<(LiveReport, Instant), VmmError> {
+) -> Result<(LiveReport, Instant, AtInstant), VmmError> {
     let started = Instant::now();
     let Paused {
         paused,
@@ -83,6 +191,12 @@ fn paused(
         failure,
     } = pause_vcpus(vm, None);
     let vcpu_save = started.elapsed();
+    // The vCPUs, the only users of the UART, are paused.
+    let uart = vm
+        .serial
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .state();
     let mut still = Some(vm.virtio.hold());
     let mut pause = None;
     let mut resume = || {
@@ -108,5 +222,5 @@ fn paused(
         vcpus: states.iter().flatten().count(),
         memory: SnapshotReport::default(),
     };
-    Ok((report, started))
+    Ok((report, started, AtInstant { states, uart }))
 }

@@ -368,9 +368,11 @@ impl VcpuState {
     pub(crate) fn restore(&self, fd: &VcpuFd) -> Result<(), KvmError> {
         ioctl("set system registers", fd.set_sregs(&self.sregs))?;
         ioctl("set XCR0", fd.set_xcrs(&self.xcrs))?;
-        // SAFETY: the buffer came from KVM_GET_XSAVE on this host, and
-        // program-mode guests enable only x87, SSE and AVX state in XCR0,
-        // which fits the 4 KiB `kvm_xsave` the kernel reads.
+        // SAFETY: the kernel reads as many bytes as the guest's XSAVE
+        // features need; the CPUID the VMM gives program-mode guests offers
+        // only x87, SSE and AVX state, which fits the 4 KiB `kvm_xsave`.
+        // KVM checks the contents itself (a buffer read from a snapshot
+        // file included).
         ioctl("set the FPU and vector registers", unsafe {
             fd.set_xsave(&self.xsave)
         })?;

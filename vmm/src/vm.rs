@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::kvm_fpu;
 use kvm_ioctls::{VcpuFd, VmFd};
-use memory::{Layout, LayoutError, MemError, Pin, PinFlags, StatsSnapshot, VmMemory};
+use memory::{Layout, LayoutError, MemError, StatsSnapshot, VmMemory};
 use thiserror::Error;
 
 use crate::console::{Console, ConsoleWriter, Sink};
@@ -18,6 +18,7 @@ use crate::elf::{ElfError, Program};
 use crate::fuzz::harness::Harness;
 use crate::kvm::{Hypervisor, KvmError, create_vcpu, ioctl};
 use crate::machine::Machine;
+pub(crate) use crate::pins::VmmPins;
 use crate::vcpu::{self, VcpuControl};
 use crate::virtio::VirtioBus;
 use crate::x86::cpuid::{self, Guest};
@@ -64,6 +65,12 @@ pub enum VmmError {
     /// A virtio device could not be set up.
     #[error("virtio devices")]
     Virtio(#[from] crate::virtio::VirtioError),
+    /// A snapshot state file could not be written or used.
+    #[error("snapshot files")]
+    Snapfile(#[from] crate::snapfile::SnapfileError),
+    /// A snapshot memory file could not be used.
+    #[error("snapshot memory file")]
+    Image(#[from] memory::ImageError),
 }
 
 /// How a VM ended.
@@ -244,7 +251,22 @@ impl VmShared {
     }
 }
 
-/// A VM: the root VM made by [`Vm::new`], or a clone made by [`Vm::fork`].
+/// What a root VM is made of (by [`Vm::new`] or a restore).
+pub(crate) struct RootParts {
+    pub(crate) machine: Arc<Machine>,
+    pub(crate) mem: Arc<VmMemory>,
+    pub(crate) kvm: VmFd,
+    pub(crate) console: Arc<Console>,
+    pub(crate) serial: Mutex<Serial<ConsoleWriter>>,
+    pub(crate) virtio: VirtioBus,
+    pub(crate) vmm_pins: VmmPins,
+    pub(crate) mode: Mode,
+    pub(crate) controls: Vec<Arc<VcpuControl>>,
+    pub(crate) harness: Harness,
+}
+
+/// A VM: the root VM made by [`Vm::new`] or [`Vm::restore`], or a clone
+/// made by [`Vm::fork`].
 #[derive(Debug)]
 pub struct Vm {
     shared: Arc<VmShared>,
@@ -352,26 +374,43 @@ impl Vm {
         // Loading is done: from here on, the limit holds.
         mem.set_resident_limit(cfg.mem_limit.map(|b| b.div_ceil(memory::PAGE_SIZE)));
 
-        Ok(Self {
+        let parts = RootParts {
+            machine,
+            mem,
+            kvm,
+            console,
+            serial,
+            virtio,
+            vmm_pins,
+            mode,
+            controls,
+            harness,
+        };
+        Ok(Self::root(parts, vcpus))
+    }
+
+    /// The root VM made of `parts`, with its vCPUs not started.
+    pub(crate) fn root(parts: RootParts, vcpus: Vec<VcpuFd>) -> Self {
+        Self {
             shared: Arc::new(VmShared {
                 id: 0,
-                machine,
-                mem,
-                kvm,
-                console,
-                serial,
+                machine: parts.machine,
+                mem: parts.mem,
+                kvm: parts.kvm,
+                console: parts.console,
+                serial: parts.serial,
                 pins: Mutex::new(PinTest::new()),
-                virtio,
-                _vmm_pins: vmm_pins,
-                mode,
-                controls,
-                harness,
+                virtio: parts.virtio,
+                _vmm_pins: parts.vmm_pins,
+                mode: parts.mode,
+                controls: parts.controls,
+                harness: parts.harness,
                 exit: Mutex::new(None),
                 ended: Condvar::new(),
             }),
             idle: vcpus,
             threads: Vec::new(),
-        })
+        }
     }
 
     /// The VM's id: 0 for the root VM, the clone id otherwise.
@@ -515,6 +554,17 @@ impl StopHandle {
         self.0.finish(exit);
     }
 
+    /// Like [`Vm::snapshot_to_files`], from any thread.
+    pub fn snapshot_to_files(
+        &self,
+        image: std::fs::File,
+        state: &std::path::Path,
+        live: bool,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<crate::snapshot::SaveReport, VmmError> {
+        crate::snapshot::save(&self.0, image, state, live, progress)
+    }
+
     /// Like [`Vm::snapshot_live`], from any thread.
     pub fn snapshot_live(
         &self,
@@ -589,53 +639,6 @@ impl VmShared {
             exit: Mutex::new(None),
             ended: Condvar::new(),
         })
-    }
-}
-
-/// The VMM's own long-term pins in one VM. They are not device pins, so
-/// the counters users see leave them out.
-#[derive(Debug)]
-struct VmmPins {
-    pins: Vec<Pin>,
-    pages: u64,
-    machine: Arc<Machine>,
-}
-
-impl VmmPins {
-    fn none(machine: &Arc<Machine>) -> Self {
-        Self {
-            pins: Vec::new(),
-            pages: 0,
-            machine: machine.clone(),
-        }
-    }
-
-    /// Program mode: the ring-0 stacks (see [`program::ring0_stacks`]).
-    fn ring0_stacks(machine: &Arc<Machine>, mem: &VmMemory, vcpus: u32) -> Result<Self, VmmError> {
-        let (gpa, len) = program::ring0_stacks(vcpus);
-        let flags = PinFlags {
-            write: true,
-            longterm: true,
-        };
-        let pin = mem.pin(gpa, len, flags)?;
-        let pages = (gpa + len).div_ceil(memory::PAGE_SIZE) - gpa / memory::PAGE_SIZE;
-        machine
-            .vmm_pinned
-            .fetch_add(pages, std::sync::atomic::Ordering::Relaxed);
-        Ok(Self {
-            pins: vec![pin],
-            pages,
-            machine: machine.clone(),
-        })
-    }
-}
-
-impl Drop for VmmPins {
-    fn drop(&mut self) {
-        self.pins.clear();
-        self.machine
-            .vmm_pinned
-            .fetch_sub(self.pages, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -5,6 +5,7 @@
 //! converted with a rate calibrated against the host clock in the same run.
 
 mod fuzz;
+mod restore;
 mod snapshot;
 mod swap;
 mod virtio;
@@ -197,18 +198,7 @@ impl Bench {
         for _ in 0..runs {
             let t = Instant::now();
             let mut vm = self.vm(64 << 20, 5, 0, tsc)?;
-            let mut fd = vm.take_idle().remove(0);
-            loop {
-                match fd.run() {
-                    // The first instruction ran: it called out, or it
-                    // touched a page not yet present (a fault exit).
-                    Ok(VcpuExit::IoOut(..)) => break,
-                    Err(e) if e.errno() == libc::EFAULT => break,
-                    Ok(VcpuExit::IoIn(_, data)) => data.fill(0xff),
-                    Ok(other) => return Err(VmmError::Config(format!("first exit was {other:?}"))),
-                    Err(e) => return Err(VmmError::Config(format!("KVM_RUN: {e}"))),
-                }
-            }
+            first_exit(&mut vm)?;
             times.push(t.elapsed());
         }
         let m = median(times);
@@ -460,6 +450,22 @@ impl Bench {
     }
 }
 
+/// Runs vCPU 0 of the VM `vm` (not started) until the exit of the guest's
+/// first instruction: it called out, or it touched a page not yet present
+/// (a fault exit).
+fn first_exit(vm: &mut Vm) -> Result<(), VmmError> {
+    let mut fd = vm.take_idle().remove(0);
+    loop {
+        match fd.run() {
+            Ok(VcpuExit::IoOut(..)) => return Ok(()),
+            Err(e) if e.errno() == libc::EFAULT => return Ok(()),
+            Ok(VcpuExit::IoIn(_, data)) => data.fill(0xff),
+            Ok(other) => return Err(VmmError::Config(format!("first exit was {other:?}"))),
+            Err(e) => return Err(VmmError::Config(format!("KVM_RUN: {e}"))),
+        }
+    }
+}
+
 /// Waits (up to two minutes) until `touched` says the started `vm` has
 /// touched its memory; stops the VM if it does not.
 fn wait_touched(vm: &Vm, touched: impl Fn(&Vm) -> bool) -> Result<(), VmmError> {
@@ -619,6 +625,9 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
     }
     if on("fuzz") {
         b.fuzz_resets(tsc)?;
+    }
+    if on("restore") {
+        b.restore(tsc)?;
     }
     Ok(b.figures)
 }

@@ -488,8 +488,8 @@ impl VmTarget {
             fd.sync_regs_mut().sregs = state.sregs;
             fd.set_sync_dirty_reg(SyncReg::SystemRegister);
         }
-        // SAFETY: the buffer came from KVM_GET_XSAVE on this host for a
-        // program-mode vCPU (see VcpuState::restore).
+        // SAFETY: a 4 KiB `kvm_xsave` for a program-mode vCPU, whose CPUID
+        // offers no state beyond it (see VcpuState::restore).
         unsafe { fd.set_xsave(&state.xsave) }
             .map_err(|e| FuzzError::Vm(format!("cannot restore the FPU state: {e}")))
     }
