@@ -13,7 +13,7 @@ fn main() {
     for shared in ["guest.h", "virtio.h", "fuzz.h", "cflags.rs"] {
         println!("cargo:rerun-if-changed={}", guests.join(shared).display());
     }
-    for name in ["demo", "bench", "hello", "fuzz_bench"] {
+    for name in ["demo", "bench", "hello", "fuzz_bench", "fuzz_planted"] {
         let src = guests.join(format!("{name}.c"));
         println!("cargo:rerun-if-changed={}", src.display());
         build(&src, &out_dir.join(format!("{name}.elf")));

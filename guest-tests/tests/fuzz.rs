@@ -13,10 +13,14 @@ use vmm::{Sink, VmConfig};
 fn snapshot(name: &str, mem: u64) -> Arc<Snapshot> {
     let ctx = memory::Context::new(memory::Config::default());
     let (sink, _) = Sink::capture();
+    let program = match name {
+        "fuzz_planted" => vmm::guests::FUZZ_PLANTED.to_vec(),
+        _ => guest(name),
+    };
     let cfg = VmConfig {
         mem,
         sink,
-        ..VmConfig::program(guest(name))
+        ..VmConfig::program(program)
     };
     Snapshot::take(&hypervisor(), &ctx, cfg)
         .unwrap_or_else(|e| panic!("cannot snapshot {name}: {}", vmm::error_chain(&e)))

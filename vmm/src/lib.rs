@@ -38,6 +38,9 @@ pub mod guests {
     pub const HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
     /// The fuzzing benchmark's target: each run dirties N pages.
     pub const FUZZ_BENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fuzz_bench.elf"));
+    /// A fuzzing target with a planted bug (the input "FUZZ!" fails,
+    /// "FUZZ?" crashes, "HANG" hangs), for examples, tests and benchmarks.
+    pub const FUZZ_PLANTED: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fuzz_planted.elf"));
 }
 
 pub use devices::error_chain;

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use guest_tests::{VmmOutput, guest_path};
+use guest_tests::VmmOutput;
 
 fn replay(input: &[u8]) -> VmmOutput {
     let file: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
@@ -12,7 +12,8 @@ fn replay(input: &[u8]) -> VmmOutput {
         input.len()
     ));
     std::fs::write(&file, input).unwrap();
-    let program = guest_path("fuzz_planted");
+    let program = file.with_extension("elf");
+    std::fs::write(&program, vmm::guests::FUZZ_PLANTED).unwrap();
     let out = guest_tests::run_vmm(
         Path::new(env!("CARGO_BIN_EXE_vmm")),
         &[
