@@ -8,6 +8,13 @@
 
 use thiserror::Error;
 
+pub mod corpus;
+pub mod mock;
+pub mod mutate;
+mod vm_target;
+
+pub use vm_target::{TargetFactory, vm_targets};
+
 /// Bytes in the AFL-style coverage map (one byte per edge).
 pub const MAP_SIZE: usize = 1 << 16;
 
