@@ -88,15 +88,32 @@ impl Trace {
 /// The non-zero bytes of `map` with their indices, skipping zero words fast.
 fn nonzero(map: &[u8]) -> impl Iterator<Item = (usize, u8)> + '_ {
     let map = &map[..map.len().min(MAP_SIZE)];
-    map.chunks(8)
+    let words = map.chunks_exact(8);
+    let tail = words.remainder();
+    words
         .enumerate()
-        .filter(|(_, c)| c.iter().any(|&b| b != 0))
-        .flat_map(|(w, c)| {
-            c.iter()
+        .filter(|(_, c)| word(c) != 0)
+        .flat_map(|(w, c)| c.iter().enumerate().map(move |(j, &b)| (w * 8 + j, b)))
+        .chain(
+            tail.iter()
                 .enumerate()
-                .filter(|(_, b)| **b != 0)
-                .map(move |(j, &b)| (w * 8 + j, b))
-        })
+                .map(move |(j, &b)| (map.len() - tail.len() + j, b)),
+        )
+        .filter(|(_, b)| *b != 0)
+}
+
+/// Eight map bytes as one word.
+fn word(c: &[u8]) -> u64 {
+    c.try_into().map_or(0, u64::from_ne_bytes)
+}
+
+/// `0x80` in each byte of `w` that is not zero, `0x01` in each that is
+/// (AFL's simplified trace, a word at a time).
+fn simplify_word(w: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let taken = (((w & LOW7) + LOW7) | w) & HIGH;
+    taken | ((!taken & HIGH) >> 7)
 }
 
 /// The bits of each map byte that no input has shown yet.
@@ -123,6 +140,15 @@ impl Virgin {
             }
         }
         new
+    }
+
+    /// Whether a raw map, simplified as for crashes and hangs, would add
+    /// anything (without recording it).
+    pub fn check_raw_simplified(&self, raw: &[u8]) -> bool {
+        self.0.chunks_exact(8).enumerate().any(|(w, v)| {
+            let r = raw.get(w * 8..w * 8 + 8).map_or(0, word);
+            simplify_word(r) & word(v) != 0
+        })
     }
 
     /// What a trace adds; its bits are no longer virgin afterwards (AFL's
@@ -432,6 +458,24 @@ mod tests {
             NewBits::Edges
         );
         assert_eq!(v.covered(), 1);
+    }
+
+    #[test]
+    fn the_fast_checks_agree_with_classifying() {
+        let mut rng = Rng::new(4);
+        let mut v = Virgin::default();
+        let mut s = Virgin::default();
+        for _ in 0..300 {
+            let mut raw = vec![0u8; MAP_SIZE];
+            for _ in 0..rng.below(6) {
+                raw[rng.below(64)] = rng.next_u64() as u8;
+            }
+            let t = Trace::classify(&raw);
+            let (fast, fast_simple) = (v.check_raw(&raw), s.check_raw_simplified(&raw));
+            assert_eq!(fast, v.merge(&t));
+            assert_eq!(fast_simple, s.merge(&t.simplified()) != NewBits::None);
+        }
+        assert_eq!(simplify_word(0x0080_0100_ff00_0007), 0x0180_8001_8001_0180);
     }
 
     #[test]

@@ -143,6 +143,15 @@ impl Target for Maze {
     }
 }
 
+/// A fresh, empty scratch directory for a test.
+#[cfg(test)]
+pub(crate) fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("vmm-fuzz-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("a scratch directory");
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@
 
 use thiserror::Error;
 
+pub mod campaign;
 pub mod corpus;
 pub mod mock;
 pub mod mutate;

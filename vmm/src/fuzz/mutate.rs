@@ -166,6 +166,8 @@ impl Mutator {
 
     /// AFL's splice: the head of `a` and the tail of `b`, cut somewhere
     /// between the first and the last byte where they differ, then havoc.
+    /// Unlike AFL, half of the splices are left without havoc, so two
+    /// entries that each hold half of what a path needs can meet intact.
     /// None when the two are too alike to give anything new.
     pub fn splice(&mut self, a: &[u8], b: &[u8]) -> Option<(Vec<u8>, Mutation)> {
         let n = a.len().min(b.len());
@@ -179,7 +181,11 @@ impl Mutator {
         out.extend_from_slice(&a[..cut]);
         out.extend_from_slice(&b[cut..]);
         out.truncate(self.max_len);
-        let reps = self.havoc(&mut out).reps;
+        let reps = if self.rng.one_in(2) {
+            0
+        } else {
+            self.havoc(&mut out).reps
+        };
         Some((
             out,
             Mutation {
