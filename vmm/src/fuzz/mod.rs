@@ -10,6 +10,7 @@ use thiserror::Error;
 
 pub mod campaign;
 pub mod corpus;
+pub mod forkserver;
 pub mod mock;
 pub mod mutate;
 mod vm_target;
