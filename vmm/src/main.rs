@@ -1,5 +1,7 @@
 //! `vmm`: the command line.
 
+mod fuzz_cli;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -40,6 +42,12 @@ enum Command {
     /// Snapshot a running VM's memory while it runs, through its API socket.
     #[command(after_long_help = SNAPSHOT_HELP)]
     Snapshot(SnapshotArgs),
+    /// Fuzz a program from its SNAPSHOT reset point: coverage-guided, one VM per job.
+    #[command(after_long_help = fuzz_cli::FUZZ_HELP)]
+    Fuzz(Box<fuzz_cli::FuzzArgs>),
+    /// Serve afl-fuzz (AFL++'s forkserver protocol) with a program's VM, or run one input.
+    #[command(after_long_help = fuzz_cli::FUZZ_TARGET_HELP)]
+    FuzzTarget(fuzz_cli::FuzzTargetArgs),
 }
 
 const SNAPSHOT_HELP: &str = "\
@@ -397,6 +405,8 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Fuzz(args) => fuzz_cli::fuzz(*args),
+        Command::FuzzTarget(args) => fuzz_cli::fuzz_target(args),
         Command::Bench(args) => {
             match vmm::bench::run(vmm::bench::BenchOptions { quick: args.quick }) {
                 Ok(_) => ExitCode::SUCCESS,
