@@ -265,7 +265,9 @@ impl Corpus {
     /// time and the map bytes that varied between its runs.
     pub fn calibrated(&mut self, index: usize, trace: &Trace, exec_us: u64, varied: &[u32]) {
         for &i in varied {
-            self.var_bytes[i as usize] = true;
+            if let Some(v) = self.var_bytes.get_mut(i as usize) {
+                *v = true;
+            }
         }
         let Some(e) = self.entries.get_mut(index) else {
             return;

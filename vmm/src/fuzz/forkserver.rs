@@ -262,11 +262,10 @@ impl Sentinel {
     /// Its wait status once it is dead (without waiting unless `block`).
     fn status(&mut self, block: bool) -> std::io::Result<Option<u32>> {
         let mut status = 0;
+        let flags = if block { 0 } else { libc::WNOHANG };
         loop {
             // SAFETY: waits for our own child and writes into `status`.
-            let r = unsafe {
-                libc::waitpid(self.pid, &mut status, if block { 0 } else { libc::WNOHANG })
-            };
+            let r = unsafe { libc::waitpid(self.pid, &mut status, flags) };
             match r {
                 0 => return Ok(None),
                 -1 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {
@@ -332,6 +331,8 @@ pub struct Forkserver {
     input: Input,
     sentinel: Option<Sentinel>,
     buf: Vec<u8>,
+    /// Our parent (afl-fuzz) when we started: if it dies, no one kills a hang.
+    parent: u32,
 }
 
 impl Forkserver {
@@ -343,6 +344,7 @@ impl Forkserver {
             input,
             sentinel: None,
             buf: Vec::new(),
+            parent: std::os::unix::process::parent_id(),
         }
     }
 
@@ -400,11 +402,19 @@ impl Forkserver {
             .sentinel
             .as_mut()
             .ok_or_else(|| ForkserverError::Protocol("ran without a sentinel".into()))?;
+        let wait = |e| io("cannot wait for the sentinel process")(e);
         // A hang is answered once afl-fuzz has timed it out and killed the
         // sentinel; any run it timed out meanwhile ends the same way.
-        let dead = sentinel
-            .status(*verdict == Verdict::Hang)
-            .map_err(io("cannot wait for the sentinel process"))?;
+        let mut dead = sentinel.status(false).map_err(wait)?;
+        while dead.is_none() && *verdict == Verdict::Hang {
+            if std::os::unix::process::parent_id() != self.parent {
+                return Err(ForkserverError::Protocol(
+                    "went away while a run waited for its timeout".into(),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            dead = sentinel.status(false).map_err(wait)?;
+        }
         Ok(dead.unwrap_or(match verdict {
             Verdict::Ok | Verdict::Hang => 0,
             Verdict::Exit(code) => ((code & 0xff) as u32) << 8,
