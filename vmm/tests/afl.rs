@@ -107,8 +107,8 @@ fn afl_fuzz_finds_the_planted_bug_and_the_hang() {
         .arg(&me)
         .arg("@@")
         .env(TARGET_ENV, "1")
-        // This host: no tty, a core_pattern that pipes to a handler, CPU
-        // frequency scaling unknown, cores shared with other jobs.
+        // Any host: no tty, perhaps a core_pattern that pipes to a crash
+        // handler (afl-fuzz refuses that), no cpufreq, cores shared.
         .env("AFL_NO_UI", "1")
         .env("AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES", "1")
         .env("AFL_SKIP_CPUFREQ", "1")
