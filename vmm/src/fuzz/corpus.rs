@@ -85,20 +85,18 @@ impl Trace {
     }
 }
 
-/// The non-zero bytes of `map` with their indices, skipping zero words fast.
+/// Map bytes compared at once with a block of zeros (a `memcmp`).
+const BLOCK: usize = 512;
+static ZEROS: [u8; BLOCK] = [0; BLOCK];
+
+/// The non-zero bytes of `map` with their indices, skipping zero blocks
+/// fast (maps are sparse).
 fn nonzero(map: &[u8]) -> impl Iterator<Item = (usize, u8)> + '_ {
     let map = &map[..map.len().min(MAP_SIZE)];
-    let words = map.chunks_exact(8);
-    let tail = words.remainder();
-    words
+    map.chunks(BLOCK)
         .enumerate()
-        .filter(|(_, c)| word(c) != 0)
-        .flat_map(|(w, c)| c.iter().enumerate().map(move |(j, &b)| (w * 8 + j, b)))
-        .chain(
-            tail.iter()
-                .enumerate()
-                .map(move |(j, &b)| (map.len() - tail.len() + j, b)),
-        )
+        .filter(|(_, c)| *c != &ZEROS[..c.len()])
+        .flat_map(|(k, c)| c.iter().enumerate().map(move |(j, &b)| (k * BLOCK + j, b)))
         .filter(|(_, b)| *b != 0)
 }
 

@@ -1,6 +1,7 @@
 //! AFL-style input mutations: bit and byte flips, arithmetic, interesting
-//! values, block deletion, insertion and overwrite, stacked the way AFL's
-//! havoc stage stacks them, and splicing with another corpus entry.
+//! values, block deletion, insertion and overwrite, byte insertion, stacked
+//! the way AFL++'s havoc stage stacks them, and splicing with another
+//! corpus entry.
 //!
 //! Everything is deterministic given a seed: the same seed and the same
 //! inputs give the same mutants, so a campaign's finds can be replayed.
@@ -25,7 +26,7 @@ const INTERESTING_32: [i32; 8] = [
 ];
 /// Largest delta of the arithmetic mutations (AFL's `ARITH_MAX`).
 const ARITH_MAX: u32 = 35;
-/// Havoc stacks 2, 4, ... 2^HAVOC_STACK_POW2 mutations on one input.
+/// Havoc stacks at most 2, 4, ... 2^HAVOC_STACK_POW2 mutations on one input.
 const HAVOC_STACK_POW2: u32 = 7;
 
 /// A small, fast pseudo-random generator (wyrand). Not for cryptography.
@@ -84,13 +85,15 @@ pub enum Op {
     DeleteBlock,
     /// Insert a block: a copy of another part of the input, or one repeated byte.
     InsertBlock,
+    /// Insert one random byte (newer AFL++'s havoc has it too).
+    InsertByte,
     /// Overwrite a block with another part of the input, or one repeated byte.
     OverwriteBlock,
 }
 
 impl Op {
     /// Every mutation, in the order havoc draws from.
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 12] = [
         Op::FlipBit,
         Op::Interesting8,
         Op::Interesting16,
@@ -101,13 +104,14 @@ impl Op {
         Op::RandomByte,
         Op::DeleteBlock,
         Op::InsertBlock,
+        Op::InsertByte,
         Op::OverwriteBlock,
     ];
 
     /// The fewest input bytes the mutation needs.
     fn min_len(self) -> usize {
         match self {
-            Op::InsertBlock => 0,
+            Op::InsertBlock | Op::InsertByte => 0,
             Op::Interesting16 | Op::Arith16 | Op::DeleteBlock | Op::OverwriteBlock => 2,
             Op::Interesting32 | Op::Arith32 => 4,
             _ => 1,
@@ -151,9 +155,12 @@ impl Mutator {
         &mut self.rng
     }
 
-    /// AFL's havoc: 2 to 128 random mutations stacked on `data`.
+    /// AFL++'s havoc: 1 to 128 random mutations stacked on `data`, small
+    /// stacks the most likely (a bound of 2, 4, ... 128 is drawn first,
+    /// then a count up to it).
     pub fn havoc(&mut self, data: &mut Vec<u8>) -> Mutation {
-        let reps = 1u32 << (1 + self.rng.below(HAVOC_STACK_POW2 as usize) as u32);
+        let max = 1usize << (1 + self.rng.below(HAVOC_STACK_POW2 as usize));
+        let reps = 1 + self.rng.below(max) as u32;
         for _ in 0..reps {
             let op = self.pick(data.len());
             self.apply(op, data);
@@ -199,7 +206,8 @@ impl Mutator {
     fn pick(&mut self, len: usize) -> Op {
         loop {
             let op = Op::ALL[self.rng.below(Op::ALL.len())];
-            if len >= op.min_len() && (op != Op::InsertBlock || len < self.max_len) {
+            let grows = matches!(op, Op::InsertBlock | Op::InsertByte);
+            if len >= op.min_len() && (!grows || len < self.max_len) {
                 return op;
             }
         }
@@ -210,7 +218,7 @@ impl Mutator {
     pub fn apply(&mut self, op: Op, data: &mut Vec<u8>) {
         let len = data.len();
         if len < op.min_len() {
-            if op == Op::InsertBlock || len == 0 {
+            if len == 0 {
                 self.insert(data);
             }
             return;
@@ -262,6 +270,12 @@ impl Mutator {
                 data.drain(at..at + n);
             }
             Op::InsertBlock => self.insert(data),
+            Op::InsertByte => {
+                if len < self.max_len {
+                    let at = self.rng.below(len + 1);
+                    data.insert(at, self.rng.next_u64() as u8);
+                }
+            }
             Op::OverwriteBlock => {
                 let n = self.block_len(len - 1);
                 let to = self.rng.below(len - n + 1);
@@ -423,6 +437,10 @@ mod tests {
             let mut d = base.clone();
             m.apply(Op::InsertBlock, &mut d);
             assert!(d.len() > 64);
+
+            let mut d = base.clone();
+            m.apply(Op::InsertByte, &mut d);
+            assert_eq!(d.len(), 65);
 
             let mut d = base.clone();
             m.apply(Op::OverwriteBlock, &mut d);

@@ -55,11 +55,21 @@ fn two_jobs_find_every_planted_bug_in_afl_layout() {
     let dir = scratch_dir("campaign-bugs");
     let (corpus, out) = (dir.join("in"), dir.join("out"));
     std::fs::create_dir_all(corpus.join("sub")).unwrap();
-    std::fs::write(corpus.join("hello"), b"hello").unwrap();
+    // Seeds two bytes short of each bug (each byte matched is an edge, so
+    // coverage leads there), and one that crashes by itself.
+    for (name, seed) in [
+        ("hello", &b"hello"[..]),
+        ("magic", b"MAGIC"),
+        ("cra", b"CRA"),
+        ("ha", b"HA"),
+    ] {
+        std::fs::write(corpus.join(name), seed).unwrap();
+    }
     std::fs::write(corpus.join("sub/crashes"), b"CRASH!").unwrap();
+    // A few seconds in release builds, up to a minute or so in debug ones.
     let opts = Options {
         jobs: 2,
-        max_time: Some(Duration::from_secs(120)),
+        max_time: Some(Duration::from_secs(300)),
         ..options(&corpus, &out)
     };
     let stop = AtomicBool::new(false);
@@ -67,11 +77,11 @@ fn two_jobs_find_every_planted_bug_in_afl_layout() {
     let hangs = out.join("default/hangs");
     let (summary, found) = std::thread::scope(|s| {
         let h = s.spawn(|| run(&opts, &mut mazes(false), &stop));
-        let found = wait_for(Duration::from_secs(90), &stop, || {
+        let found = wait_for(Duration::from_secs(240), &stop, || {
             let c = names(&crashes);
-            c.iter().any(|n| n.contains(",sig:06,"))
-                && c.iter().any(|n| n.contains(",sig:11,vec:14,"))
-                && !names(&hangs).is_empty()
+            c.iter().any(|n| n.contains(",sig:06,src:"))
+                && c.iter().any(|n| n.contains(",sig:11,vec:14,src:"))
+                && names(&hangs).iter().any(|n| n.contains(",src:"))
         });
         (h.join().unwrap(), found)
     });
@@ -84,11 +94,14 @@ fn two_jobs_find_every_planted_bug_in_afl_layout() {
 
     // The seed that crashes is saved as a crash, the other queued.
     let queue = names(&out.join("default/queue"));
-    assert_eq!(queue[0], "id:000000,time:0,execs:0,orig:hello", "{queue:?}");
+    let seeds = ["cra", "ha", "hello", "magic"].map(|s| format!("time:0,execs:0,orig:{s}"));
+    for (i, s) in seeds.iter().enumerate() {
+        assert_eq!(queue[i], format!("id:{i:06},{s}"), "{queue:?}");
+    }
     assert!(
         queue
             .iter()
-            .skip(1)
+            .skip(4)
             .all(|n| n.contains(",src:") && n.contains(",op:"))
     );
     assert!(queue.iter().any(|n| n.ends_with(",+cov")));
@@ -143,7 +156,7 @@ fn two_jobs_find_every_planted_bug_in_afl_layout() {
     assert!(stats.contains("stability         : 100.00%\n"), "{stats}");
     assert_eq!(summary.corpus, queue.len());
     // The seed corpus is as it was.
-    assert_eq!(names(&corpus), ["hello", "sub"]);
+    assert_eq!(names(&corpus), ["cra", "ha", "hello", "magic", "sub"]);
     assert_eq!(names(&corpus.join("sub")), ["crashes"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
