@@ -1,5 +1,7 @@
 //! `vmm`: the command line.
 
+mod fuzz_cli;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -44,6 +46,12 @@ enum Command {
     /// snapshot; its memory is read from the memory file as the guest touches it.
     #[command(after_long_help = RESTORE_HELP)]
     Restore(RestoreArgs),
+    /// Fuzz a program from its SNAPSHOT reset point: coverage-guided, one VM per job.
+    #[command(after_long_help = fuzz_cli::FUZZ_HELP)]
+    Fuzz(Box<fuzz_cli::FuzzArgs>),
+    /// Serve afl-fuzz (AFL++'s forkserver protocol) with a program's VM, or run one input.
+    #[command(after_long_help = fuzz_cli::FUZZ_TARGET_HELP)]
+    FuzzTarget(fuzz_cli::FuzzTargetArgs),
 }
 
 const SNAPSHOT_HELP: &str = "\
@@ -503,6 +511,8 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Fuzz(args) => fuzz_cli::fuzz(*args),
+        Command::FuzzTarget(args) => fuzz_cli::fuzz_target(args),
         Command::Bench(args) => {
             match vmm::bench::run(vmm::bench::BenchOptions {
                 quick: args.quick,

@@ -8,8 +8,15 @@
 
 use thiserror::Error;
 
+pub mod campaign;
+pub mod corpus;
+pub mod forkserver;
 pub(crate) mod harness;
+pub mod mock;
+pub mod mutate;
 pub mod vm_target;
+
+pub use vm_target::{TargetFactory, vm_targets};
 
 /// Bytes in the AFL-style coverage map (one byte per edge).
 pub const MAP_SIZE: usize = 1 << 16;
