@@ -332,6 +332,8 @@ pub fn run_vmm(bin: &Path, args: &[&str]) -> VmmOutput {
 }
 
 /// Reading and patching ELF64 files (built guests) for tests.
+pub mod fuzzing;
+
 pub mod elf {
     fn u16_at(b: &[u8], at: usize) -> u16 {
         u16::from_le_bytes(b[at..at + 2].try_into().unwrap())

@@ -1,6 +1,6 @@
 /* The planted-bug fuzzing target (guest-tests/guests/fuzz_planted.c) as a
    host program, for `vmm bench`'s baseline: AFL++ fuzzing the same logic
-   compiled natively (afl-gcc-fast) in forkserver mode. Reads the input
+   compiled natively (afl-cc) in forkserver mode. Reads the input
    from the file named by argv[1], or stdin. */
 #include <signal.h>
 #include <stdio.h>

@@ -7,9 +7,10 @@
 //! `vmm fuzz-target` does, over `vmm::fuzz::mock::Maze` instead of a VM.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use guest_tests::fuzzing::{afl_fuzz, files, stop};
 use vmm::fuzz::mock::{self, Maze};
 use vmm::fuzz::{Target, Verdict, forkserver};
 
@@ -43,47 +44,6 @@ fn main() {
     println!("running 1 test");
     afl_fuzz_finds_the_planted_bug_and_the_hang();
     println!("test {TEST} ... ok");
-}
-
-fn afl_fuzz() -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("afl-fuzz"))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "afl-fuzz is missing: install AFL++ (`apt-get install afl++`, as scripts/setup does)"
-        )
-    })
-}
-
-fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("id:"))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-/// Stops afl-fuzz the way Ctrl-C does, so it removes its shared memory.
-fn stop(child: &mut Child) {
-    // SAFETY: kill has no memory effects; the pid is our unreaped child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(10) {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn afl_fuzz_finds_the_planted_bug_and_the_hang() {

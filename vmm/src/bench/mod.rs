@@ -5,6 +5,7 @@
 //! converted with a rate calibrated against the host clock in the same run.
 
 mod fuzz;
+mod fuzz_e2e;
 mod restore;
 mod snapshot;
 mod swap;
@@ -625,6 +626,7 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
     }
     if on("fuzz") {
         b.fuzz_resets(tsc)?;
+        b.fuzz_end_to_end()?;
     }
     if on("restore") {
         b.restore(tsc)?;

@@ -1,0 +1,152 @@
+//! Both front ends on a real VM: the built-in fuzzer and AFL++'s afl-fuzz
+//! find the planted bug of `vmm::guests::FUZZ_PLANTED` (the input must
+//! spell "FUZZ" byte by byte, then "!" fails and "?" crashes) from the seed
+//! "hello" within a bounded time, and what they save replays to the same
+//! verdict with `vmm fuzz-target` and `vmm run --input`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use guest_tests::fuzzing::{afl_fuzz, files, stop};
+
+const VMM: &str = env!("CARGO_BIN_EXE_vmm");
+/// How long a fuzzer may take to find both bugs (it takes seconds here).
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A fresh directory with the planted program and a seed corpus.
+fn workdir(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let seeds = dir.join("seeds");
+    std::fs::create_dir_all(&seeds).unwrap();
+    std::fs::write(seeds.join("hello"), b"hello").unwrap();
+    let program = dir.join("planted.elf");
+    std::fs::write(&program, vmm::guests::FUZZ_PLANTED).unwrap();
+    (dir, seeds, program)
+}
+
+/// Waits until `crashes` holds a failure (sig:06) and a #UD crash
+/// (sig:11, vector 6), or the fuzzer ends, or LIMIT passes; then stops it.
+fn wait_for_both(child: &mut Child, crashes: &Path, log: &Path) -> (String, String) {
+    let start = Instant::now();
+    let found = loop {
+        let names = files(crashes);
+        let fail = names.iter().find(|n| n.contains(",sig:06,")).cloned();
+        let crash = names.iter().find(|n| n.contains(",sig:11,")).cloned();
+        if let (Some(f), Some(c)) = (fail, crash) {
+            break Some((f, c));
+        }
+        if start.elapsed() > LIMIT || matches!(child.try_wait(), Ok(Some(_))) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    stop(child);
+    found.unwrap_or_else(|| {
+        panic!(
+            "not both bugs within {LIMIT:?}: {:?}\n{}",
+            files(crashes),
+            std::fs::read_to_string(log).unwrap_or_default()
+        )
+    })
+}
+
+/// Runs a saved input again both ways; returns the two exit statuses.
+fn replay(program: &Path, input: &Path) -> (Option<i32>, Option<i32>) {
+    let target = Command::new(VMM)
+        .args(["fuzz-target", "--program"])
+        .arg(program)
+        .arg(input)
+        .output()
+        .unwrap();
+    let run = Command::new(VMM)
+        .args(["run", "--program"])
+        .arg(program)
+        .arg("--input")
+        .arg(input)
+        .output()
+        .unwrap();
+    (target.status.code(), run.status.code())
+}
+
+fn check_replays(program: &Path, crashes: &Path, (fail, crash): (String, String)) {
+    // fuzz-target: 4 for a failure, 3 for a guest exception; vmm run:
+    // DONE(7) exits 7, a guest fault exits 3.
+    assert_eq!(
+        replay(program, &crashes.join(&fail)),
+        (Some(4), Some(7)),
+        "{fail}"
+    );
+    assert_eq!(
+        replay(program, &crashes.join(&crash)),
+        (Some(3), Some(3)),
+        "{crash}"
+    );
+}
+
+#[test]
+fn the_built_in_fuzzer_finds_the_planted_bug() {
+    let (dir, seeds, program) = workdir("fuzz-builtin");
+    let out = dir.join("out");
+    let log = dir.join("log");
+    let mut child = Command::new(VMM)
+        .args(["fuzz", "--program"])
+        .arg(&program)
+        .arg("--corpus")
+        .arg(&seeds)
+        .arg("--out")
+        .arg(&out)
+        .args(["--jobs", "2", "--max-time", &LIMIT.as_secs().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let crashes = out.join("default/crashes");
+    let found = wait_for_both(&mut child, &crashes, &log);
+    assert!(
+        found.1.contains(",vec:06,"),
+        "the crash names its vector: {}",
+        found.1
+    );
+    check_replays(&program, &crashes, found);
+}
+
+#[test]
+fn afl_fuzz_finds_the_planted_bug_in_a_vm() {
+    let afl = afl_fuzz();
+    let (dir, seeds, program) = workdir("fuzz-afl");
+    let out = dir.join("out");
+    let log = dir.join("log");
+    let mut child = Command::new(afl)
+        .args(["-i", seeds.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args([
+            "-t",
+            "1000",
+            "-m",
+            "none",
+            "-V",
+            &LIMIT.as_secs().to_string(),
+            "--",
+        ])
+        .args([
+            VMM,
+            "fuzz-target",
+            "--program",
+            program.to_str().unwrap(),
+            "@@",
+        ])
+        .env("AFL_NO_UI", "1")
+        .env("AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES", "1")
+        .env("AFL_SKIP_CPUFREQ", "1")
+        .env("AFL_NO_AFFINITY", "1")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let crashes = out.join("default/crashes");
+    let found = wait_for_both(&mut child, &crashes, &log);
+    check_replays(&program, &crashes, found);
+}
