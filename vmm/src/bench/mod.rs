@@ -46,6 +46,7 @@ pub const GROUPS: &[&str] = &[
     "migration",
     "snapshot",
     "fuzz",
+    "restore",
 ];
 
 /// One measured figure.
