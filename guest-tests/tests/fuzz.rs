@@ -199,3 +199,18 @@ fn a_clone_takes_a_child_snapshot_resets_to_it_and_drops_it() {
         "the child snapshot's frames leaked"
     );
 }
+
+#[test]
+fn a_triple_fault_is_a_crash_and_the_next_run_starts_clean() {
+    let snap = snapshot("fuzz_triple", 16 * MIB);
+    let mut t = target(&snap, Limits::default());
+    let (v, plain) = run(&mut t, b"x");
+    assert_eq!(v, Verdict::Ok);
+    for _ in 0..3 {
+        match run(&mut t, b"T").0 {
+            Verdict::Crash(c) => assert_eq!(c.vector, 8, "{c:?}"),
+            other => panic!("a triple fault must be a crash: {other}"),
+        }
+        assert_eq!(run(&mut t, b"x"), (Verdict::Ok, plain.clone()));
+    }
+}

@@ -411,6 +411,18 @@ impl VmTarget {
                     })));
                 }
                 Flow::End(Exit::Code(c)) => return Ok(Ended::Verdict(Verdict::Exit(c))),
+                // The guest destroyed its own exception handling (its
+                // descriptor tables are guest memory): a crash of the
+                // target, reported as the double fault it could not take.
+                Flow::End(Exit::Shutdown(_)) => {
+                    let s = self.vcpu.fd.sync_regs();
+                    return Ok(Ended::Verdict(Verdict::Crash(Crash {
+                        vector: 8,
+                        rip: s.regs.rip,
+                        error: 0,
+                        cr2: s.sregs.cr2,
+                    })));
+                }
                 Flow::End(other) => return Err(FuzzError::Vm(exit_text(&other))),
             }
         }
