@@ -43,29 +43,16 @@ impl Verdict {
     }
 }
 
-/// A guest exception that ended a run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Crash {
-    /// Exception vector.
-    pub vector: u8,
-    /// Faulting instruction.
-    pub rip: u64,
-    /// Error code (0 for vectors without one).
-    pub error: u64,
-    /// CR2 (the address of a page fault).
-    pub cr2: u64,
-}
+/// A guest exception that ended a run: the fault the program-mode
+/// exception stubs report.
+pub use crate::x86::program::GuestFault as Crash;
 
 impl std::fmt::Display for Verdict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Verdict::Ok => write!(f, "ok"),
             Verdict::Fail(s) => write!(f, "the target reported failure {s}"),
-            Verdict::Crash(c) => write!(
-                f,
-                "guest fault: vector {} at rip {:#x}, error {:#x}, cr2 {:#x}",
-                c.vector, c.rip, c.error, c.cr2
-            ),
+            Verdict::Crash(c) => write!(f, "{c}"),
             Verdict::Hang => write!(f, "hang"),
             Verdict::Exit(c) => write!(f, "the guest exited with code {c}"),
         }

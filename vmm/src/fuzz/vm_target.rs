@@ -174,10 +174,7 @@ impl Snapshot {
 fn exit_text(exit: &Exit) -> String {
     match exit {
         Exit::Code(c) => format!("it exited with code {c}"),
-        Exit::Fault(f) => format!(
-            "guest fault: vector {} at rip {:#x}, error {:#x}, cr2 {:#x}",
-            f.vector, f.rip, f.error, f.cr2
-        ),
+        Exit::Fault(f) => f.to_string(),
         Exit::Reset => "it reset".into(),
         Exit::Shutdown(s) | Exit::Error(s) => s.clone(),
     }
@@ -403,12 +400,7 @@ impl VmTarget {
                 Flow::Done(0) => return Ok(Ended::Verdict(Verdict::Ok)),
                 Flow::Done(status) => return Ok(Ended::Verdict(Verdict::Fail(status))),
                 Flow::End(Exit::Fault(f)) => {
-                    return Ok(Ended::Verdict(Verdict::Crash(Crash {
-                        vector: f.vector,
-                        rip: f.rip,
-                        error: f.error,
-                        cr2: f.cr2,
-                    })));
+                    return Ok(Ended::Verdict(Verdict::Crash(f)));
                 }
                 Flow::End(Exit::Code(c)) => return Ok(Ended::Verdict(Verdict::Exit(c))),
                 // The guest destroyed its own exception handling (its
