@@ -96,19 +96,23 @@ impl VmMemory {
         let _origin_ptl = origin_leaf.map(|l| l.lock().lock_as(Rank::ChildTable));
         for &p in group {
             let theirs = origin_leaf.map_or(Entry::None, |l| l.get(p));
+            let mine = leaf.get(p);
             let Entry::Present {
                 store,
                 writable: true,
                 wp: false,
                 ..
-            } = leaf.get(p)
+            } = mine
             else {
-                if leaf.get(p) == theirs && self.same_frame(origin, leaf.get(p), theirs) {
+                // Unchanged: nothing mapped in either, or the origin's own
+                // frame (entries name stores by each VM's own slot
+                // numbers, so the frames are compared, not the entries).
+                if (mine == Entry::None && theirs == Entry::None)
+                    || self.same_frame(origin, mine, theirs)
+                {
                     report.same += 1;
-                } else if !(leaf.get(p) == Entry::None && theirs == Entry::None) {
-                    slow.push(p);
                 } else {
-                    report.same += 1;
+                    slow.push(p);
                 }
                 continue;
             };
