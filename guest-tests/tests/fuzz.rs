@@ -6,23 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guest_tests::{MIB, guest, hypervisor};
+use vmm::Sink;
 use vmm::fuzz::vm_target::{Limits, Snapshot, VmTarget};
 use vmm::fuzz::{Target, Verdict};
-use vmm::{Sink, VmConfig};
 
 fn snapshot(name: &str, mem: u64) -> Arc<Snapshot> {
-    let ctx = memory::Context::new(memory::Config::default());
-    let (sink, _) = Sink::capture();
     let program = match name {
         "fuzz_planted" => vmm::guests::FUZZ_PLANTED.to_vec(),
         _ => guest(name),
     };
-    let cfg = VmConfig {
-        mem,
-        sink,
-        ..VmConfig::program(program)
-    };
-    Snapshot::take(&hypervisor(), &ctx, cfg)
+    let (sink, _) = Sink::capture();
+    Snapshot::of_program(&hypervisor(), program, mem, sink)
         .unwrap_or_else(|e| panic!("cannot snapshot {name}: {}", vmm::error_chain(&e)))
 }
 

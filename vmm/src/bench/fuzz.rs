@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::{Bench, copy_4k_cost, goal, median};
 use crate::fuzz::Target;
 use crate::fuzz::vm_target::{Limits, Snapshot};
-use crate::vm::{VmConfig, VmmError};
+use crate::vm::VmmError;
 
 fn fuzz_err(e: crate::fuzz::FuzzError) -> VmmError {
     VmmError::Config(format!("fuzzing benchmark: {}", crate::error_chain(&e)))
@@ -22,14 +22,8 @@ fn input(pages: u32) -> [u8; 4] {
 
 impl Bench {
     fn fuzz_snapshot(&self, mem: u64) -> Result<Arc<Snapshot>, VmmError> {
-        let ctx = memory::Context::new(memory::Config::default());
-        let (sink, _) = crate::Sink::capture();
-        let cfg = VmConfig {
-            mem,
-            sink,
-            ..VmConfig::program(crate::guests::FUZZ_BENCH.to_vec())
-        };
-        Snapshot::take(&self.hv, &ctx, cfg).map_err(fuzz_err)
+        let program = crate::guests::FUZZ_BENCH.to_vec();
+        Snapshot::of_program(&self.hv, program, mem, crate::Sink::Discard).map_err(fuzz_err)
     }
 
     /// Runs per second of the benchmark target dirtying `pages`, and the

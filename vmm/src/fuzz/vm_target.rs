@@ -155,6 +155,23 @@ impl Snapshot {
         }
     }
 
+    /// Runs `program` with `mem` bytes of RAM, in a memory context of its
+    /// own and with its console going to `sink`, until it calls SNAPSHOT.
+    pub fn of_program(
+        hv: &crate::Hypervisor,
+        program: Vec<u8>,
+        mem: u64,
+        sink: crate::Sink,
+    ) -> Result<Arc<Snapshot>, FuzzError> {
+        let ctx = memory::Context::new(memory::Config::default());
+        let cfg = VmConfig {
+            mem,
+            sink,
+            ..VmConfig::program(program)
+        };
+        Self::take(hv, &ctx, cfg)
+    }
+
     /// The snapshot this one was taken from, for a child snapshot.
     pub fn parent(&self) -> Option<&Arc<Snapshot>> {
         self.parent.as_ref()
@@ -700,12 +717,7 @@ pub fn vm_targets(
     timeout: Duration,
 ) -> Result<TargetFactory, FuzzError> {
     let hv = crate::Hypervisor::open().map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
-    let ctx = memory::Context::new(memory::Config::default());
-    let cfg = VmConfig {
-        mem,
-        ..VmConfig::program(program)
-    };
-    let snap = Snapshot::take(&hv, &ctx, cfg)?;
+    let snap = Snapshot::of_program(&hv, program, mem, crate::Sink::Stdout)?;
     let limits = Limits {
         timeout,
         ..Limits::default()
