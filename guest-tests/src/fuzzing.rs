@@ -2,7 +2,7 @@
 //! campaign leaves in AFL's output layout.
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// The `afl-fuzz` on PATH, or the test fails saying how to install it.
@@ -17,6 +17,18 @@ pub fn afl_fuzz() -> PathBuf {
             "afl-fuzz is missing: install AFL++ (`apt-get install afl++`, as scripts/setup does)"
         )
     })
+}
+
+/// `afl-fuzz` with the environment it needs on any test host: no tty for
+/// its screen, perhaps a core_pattern that pipes to a crash handler (which
+/// it refuses), no cpufreq control, cores shared with other work.
+pub fn afl_command() -> Command {
+    let mut cmd = Command::new(afl_fuzz());
+    cmd.env("AFL_NO_UI", "1")
+        .env("AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES", "1")
+        .env("AFL_SKIP_CPUFREQ", "1")
+        .env("AFL_NO_AFFINITY", "1");
+    cmd
 }
 
 /// The names of the saved inputs (`id:...`) in `dir`, sorted.

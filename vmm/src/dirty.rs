@@ -96,8 +96,8 @@ impl Dirty {
     }
 
     /// Appends the page numbers written since the last harvest to `out`
-    /// and write-protects them again in KVM. `firsts` maps a memslot to its
-    /// first page number.
+    /// and write-protects them again in KVM (memslot `i` is `mem`'s RAM
+    /// range `i`).
     pub(crate) fn harvest(
         &mut self,
         vm: &VmFd,

@@ -7,10 +7,10 @@
 //! `vmm fuzz-target` does, over `vmm::fuzz::mock::Maze` instead of a VM.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use guest_tests::fuzzing::{afl_fuzz, files, stop};
+use guest_tests::fuzzing::{afl_command, files, stop};
 use vmm::fuzz::mock::{self, Maze};
 use vmm::fuzz::{Target, Verdict, forkserver};
 
@@ -47,7 +47,6 @@ fn main() {
 }
 
 fn afl_fuzz_finds_the_planted_bug_and_the_hang() {
-    let afl = afl_fuzz();
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("afl-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (input, out) = (dir.join("in"), dir.join("out"));
@@ -61,18 +60,12 @@ fn afl_fuzz_finds_the_planted_bug_and_the_hang() {
     std::fs::write(input.join("near-hang"), b"HANF").unwrap();
     let log = dir.join("afl-fuzz.log");
     let me = std::env::current_exe().unwrap();
-    let mut child = Command::new(&afl)
+    let mut child = afl_command()
         .args(["-i", input.to_str().unwrap(), "-o", out.to_str().unwrap()])
         .args(["-t", "300", "-m", "none", "-V", "120", "-D", "--"])
         .arg(&me)
         .arg("@@")
         .env(TARGET_ENV, "1")
-        // Any host: no tty, perhaps a core_pattern that pipes to a crash
-        // handler (afl-fuzz refuses that), no cpufreq, cores shared.
-        .env("AFL_NO_UI", "1")
-        .env("AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES", "1")
-        .env("AFL_SKIP_CPUFREQ", "1")
-        .env("AFL_NO_AFFINITY", "1")
         .env("AFL_FAST_CAL", "1")
         // A hang is kept at -t without a second, longer run.
         .env("AFL_HANG_TMOUT", "300")
@@ -82,7 +75,7 @@ fn afl_fuzz_finds_the_planted_bug_and_the_hang() {
             std::fs::File::options().append(true).open(&log).unwrap(),
         ))
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", afl.display()));
+        .unwrap_or_else(|e| panic!("cannot start afl-fuzz: {e}"));
 
     let (crashes, hangs) = (out.join("default/crashes"), out.join("default/hangs"));
     let start = Instant::now();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use guest_tests::fuzzing::{afl_fuzz, files, stop};
+use guest_tests::fuzzing::{afl_command, files, stop};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 /// How long a fuzzer may take to find both bugs (it takes seconds here).
@@ -115,11 +115,10 @@ fn the_built_in_fuzzer_finds_the_planted_bug() {
 
 #[test]
 fn afl_fuzz_finds_the_planted_bug_in_a_vm() {
-    let afl = afl_fuzz();
     let (dir, seeds, program) = workdir("fuzz-afl");
     let out = dir.join("out");
     let log = dir.join("log");
-    let mut child = Command::new(afl)
+    let mut child = afl_command()
         .args(["-i", seeds.to_str().unwrap(), "-o", out.to_str().unwrap()])
         .args([
             "-t",
@@ -137,10 +136,6 @@ fn afl_fuzz_finds_the_planted_bug_in_a_vm() {
             program.to_str().unwrap(),
             "@@",
         ])
-        .env("AFL_NO_UI", "1")
-        .env("AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES", "1")
-        .env("AFL_SKIP_CPUFREQ", "1")
-        .env("AFL_NO_AFFINITY", "1")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(Stdio::null())
