@@ -1,7 +1,8 @@
 /* A fuzzing target that checks, at the start of every run, that all a run
    changed was restored, then changes all of it again:
    - its data area (a pattern written before SNAPSHOT; runs overwrite all
-     of it and discard one page),
+     of it and discard one page), and a page runs discard without writing
+     it (a discard is a change the reset must undo too),
    - pages first touched by a run (they must read zeros again),
    - general registers rbx, r12-r15 and all 16 XMM registers (set before
      SNAPSHOT, trashed by runs).
@@ -13,6 +14,7 @@
 #define FRESH 64
 static u8 __attribute__((aligned(4096))) area[AREA * 4096];
 static u8 __attribute__((aligned(4096))) fresh[FRESH * 4096];
+static u64 __attribute__((aligned(4096))) kept[512];
 static u64 __attribute__((aligned(16))) pattern[32];
 static u64 __attribute__((aligned(16))) seen[32];
 static u64 gpr_seen[5];
@@ -77,6 +79,8 @@ static void trash_registers(u64 seed) {
 static u64 check(void) {
     for (u64 i = 0; i < AREA * 4096 / 8; i++)
         if (((u64 *)area)[i] != mix(i)) return 1;
+    for (u64 i = 0; i < 512; i++)
+        if (kept[i] != mix(i + 7)) return 1;
     for (u64 i = 0; i < FRESH * 4096 / 8; i++)
         if (((u64 *)fresh)[i] != 0) return 2;
     for (int i = 0; i < 32; i++)
@@ -94,6 +98,7 @@ void gmain(u64 ram) {
     fz_init();
     for (u64 i = 0; i < AREA * 4096 / 8; i++) ((u64 *)area)[i] = mix(i);
     for (int i = 0; i < 32; i++) pattern[i] = mix(1000 + i);
+    for (u64 i = 0; i < 512; i++) kept[i] = mix(i + 7);
     g_puts("scribble: ready\n");
     u64 n = snapshot_with_registers();
     u64 bad = check();
@@ -102,6 +107,7 @@ void gmain(u64 ram) {
     for (u64 i = 0; i < AREA * 4096 / 8; i++) ((u64 *)area)[i] = seed * i;
     for (u64 i = 0; i < FRESH; i++) fresh[i * 4096 + seed % 4096] = (u8)seed;
     hc(HC_DISCARD, (u64)&area[7 * 4096], 4096, 0);
+    hc(HC_DISCARD, (u64)kept, 4096, 0);
     trash_registers(seed * 0x0101010101010101ul);
     fz_done(bad);
     g_exit(0);

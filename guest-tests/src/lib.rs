@@ -532,3 +532,27 @@ mod tests {
         assert!(!changed.is_empty() && changed.len() <= 8, "{changed:?}");
     }
 }
+
+/// A scratch file in the temporary directory, removed when dropped.
+#[derive(Debug)]
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// A file named after `name` and this process, holding `bytes`.
+    pub fn new(name: &str, bytes: &[u8]) -> Self {
+        let path = std::env::temp_dir().join(format!("vmm-{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        Self(path)
+    }
+
+    /// The file's contents now.
+    pub fn read(&self) -> Vec<u8> {
+        std::fs::read(&self.0).unwrap()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use guest_tests::{MIB, guest, hypervisor};
+use guest_tests::{MIB, Scratch, guest, hypervisor};
 use vmm::Sink;
 use vmm::fuzz::vm_target::{Limits, Snapshot, VmTarget};
 use vmm::fuzz::{Target, Verdict};
@@ -133,20 +133,28 @@ fn a_clone_made_anew_after_a_big_run_starts_from_the_snapshot() {
     assert_eq!(ctx.stats().resident, baseline, "frames leaked");
 }
 
+/// Runs inputs `[0]`, `[1]`, ... `[rounds - 1]` on two clones of `snap`
+/// (every third on the second), each of which must end in DONE(0); else
+/// the verdict means what `codes` says.
+fn runs_on_two_clones(snap: &Arc<Snapshot>, rounds: u8, codes: &str) -> (VmTarget, VmTarget) {
+    let mut a = target(snap, Limits::default());
+    let mut b = target(snap, Limits::default());
+    for round in 0..rounds {
+        let t = if round % 3 == 0 { &mut b } else { &mut a };
+        let (v, _) = run(t, &[round]);
+        assert_eq!(v, Verdict::Ok, "round {round}: {codes}");
+    }
+    (a, b)
+}
+
 #[test]
 fn a_scribbling_target_is_fully_restored() {
     let snap = snapshot("fuzz_scribble", 16 * MIB);
-    let mut a = target(&snap, Limits::default());
-    let mut b = target(&snap, Limits::default());
-    for round in 0..20u8 {
-        let t = if round % 3 == 0 { &mut b } else { &mut a };
-        let (v, _) = run(t, &[round]);
-        assert_eq!(
-            v,
-            Verdict::Ok,
-            "round {round}: not restored: 1 area, 2 fresh pages, 3 XMM, 4 registers"
-        );
-    }
+    let (a, _) = runs_on_two_clones(
+        &snap,
+        20,
+        "not restored: 1 area, 2 fresh pages, 3 XMM, 4 registers",
+    );
     assert!(
         a.last_dirty() >= 256,
         "the run wrote its whole area: {}",
@@ -207,4 +215,60 @@ fn a_triple_fault_is_a_crash_and_the_next_run_starts_clean() {
         }
         assert_eq!(run(&mut t, b"x"), (Verdict::Ok, plain.clone()));
     }
+}
+
+/// A snapshot of `name` with `devices`, or why SNAPSHOT refused it.
+fn snapshot_with(
+    name: &str,
+    devices: Vec<vmm::virtio::DeviceConfig>,
+) -> Result<Arc<Snapshot>, String> {
+    let (sink, _) = Sink::capture();
+    let ctx = memory::Context::new(memory::Config::default());
+    let cfg = vmm::VmConfig {
+        mem: 16 * MIB,
+        sink,
+        devices,
+        ..vmm::VmConfig::program(guest(name))
+    };
+    Snapshot::take(&hypervisor(), &ctx, cfg).map_err(|e| vmm::error_chain(&e))
+}
+
+fn blk(s: &Scratch) -> vmm::virtio::DeviceConfig {
+    vmm::virtio::DeviceConfig::Blk(devices::virtio::blk::BlockConfig::new(s.0.clone()))
+}
+
+#[test]
+fn a_target_finds_its_block_device_as_at_the_snapshot_every_run() {
+    let disk = Scratch::new("fuzz-blk.img", &[0x5a; 64 << 10]);
+    let snap = snapshot_with("fuzz_blk", vec![blk(&disk)]).unwrap();
+    let pattern: Vec<u8> = (0..16 * 512u64).map(|i| (i * 13 + 1) as u8).collect();
+    // Inputs 0, 1, 2 (mod 3): overwrite the disk; and leave writes in
+    // flight; and reset the device.
+    drop(runs_on_two_clones(
+        &snap,
+        30,
+        "not as at the snapshot (1 disk contents, 2 device or queue)",
+    ));
+    let file = disk.read();
+    assert_eq!(&file[..pattern.len()], &pattern[..], "the root's writes");
+    assert!(
+        file[pattern.len()..].iter().all(|&b| b == 0x5a),
+        "a clone's write reached the image file"
+    );
+}
+
+#[test]
+fn a_device_that_cannot_go_back_is_refused_at_snapshot() {
+    let disk = Scratch::new("fuzz-blk-refused.img", &[0x5a; 64 << 10]);
+    let uds = std::env::temp_dir().join(format!("vmm-{}-fuzz-vsock.sock", std::process::id()));
+    let vsock = vmm::virtio::DeviceConfig::Vsock {
+        cid: 3,
+        uds: uds.clone(),
+    };
+    let e = snapshot_with("fuzz_blk", vec![blk(&disk), vsock]).unwrap_err();
+    let _ = std::fs::remove_file(&uds);
+    assert!(
+        e.contains("virtio-vsock device in slot 1 cannot be part of a fuzzing target"),
+        "{e}"
+    );
 }

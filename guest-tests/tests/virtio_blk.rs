@@ -1,32 +1,8 @@
 //! virtio-blk in real VMs: a program-mode guest drives the device with its
 //! own driver (guests/virtio.h) and the host checks the disk files.
-
-use std::path::PathBuf;
-
 use devices::virtio::blk::BlockConfig;
-use guest_tests::{MIB, Options, Running, assert_exit, guest};
+use guest_tests::{MIB, Options, Running, Scratch, assert_exit, guest};
 use vmm::virtio::DeviceConfig;
-
-/// A scratch file that is removed when dropped.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(name: &str, bytes: &[u8]) -> Self {
-        let path = std::env::temp_dir().join(format!("vmm-{}-{name}", std::process::id()));
-        std::fs::write(&path, bytes).unwrap();
-        Self(path)
-    }
-
-    pub fn read(&self) -> Vec<u8> {
-        std::fs::read(&self.0).unwrap()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn blk(s: &Scratch, read_only: bool) -> DeviceConfig {
     DeviceConfig::Blk(BlockConfig {

@@ -1,31 +1,14 @@
 //! virtio-balloon, and virtio-blk across VM fork, in real VMs.
 
-use std::path::PathBuf;
 use std::sync::PoisonError;
 use std::time::Duration;
 
 use devices::virtio::balloon::Balloon;
 use devices::virtio::blk::BlockConfig;
-use guest_tests::{MIB, Running, assert_exit, guest};
+use guest_tests::{MIB, Running, Scratch, assert_exit, guest};
 use vmm::virtio::DeviceConfig;
 
 /// A scratch file that is removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str, bytes: &[u8]) -> Self {
-        let path = std::env::temp_dir().join(format!("vmm-{}-{name}", std::process::id()));
-        std::fs::write(&path, bytes).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[test]
 fn balloon_inflates_and_deflates_and_reports_statistics() {
     let vm = Running::start_with(

@@ -718,6 +718,9 @@ impl VmMemory {
             if matches!(e, Entry::None | Entry::Marker { .. }) {
                 continue;
             }
+            // Dropping the contents is a change a reset to a snapshot
+            // must undo, as the VMM's writes are.
+            self.vmm_writes.note(p);
             // Protection outlives the page's contents (a marker).
             let wp = e.wp();
             leaf.set(

@@ -5,11 +5,12 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{ArgMatches, Args};
 use vmm::error_chain;
 use vmm::fuzz::campaign::{self, Options, Role};
 use vmm::fuzz::forkserver::{self, Outcome};
 use vmm::fuzz::{FuzzError, Target, TargetFactory, Verdict, vm_targets};
+use vmm::virtio::DeviceConfig;
 
 use crate::parse_size;
 
@@ -20,6 +21,11 @@ anything else is a failure. A guest exception is a crash, a run longer than --ti
 program marks the edges it takes in the 64 KiB coverage map at the address COVERAGE_MAP returns;
 inputs that reach new edges (or new hit counts) are kept and mutated further (AFL's havoc and
 splice). Each job is a VM of its own; all share one queue.
+
+Devices: --blk and --balloon give the program virtio devices, which it sets up before SNAPSHOT.
+Each run starts with them as they were there: a disk's writes during a run go to a copy-on-write
+overlay that the reset drops (the image file only ever sees the writes made before SNAPSHOT), and
+every request still in flight when a run ends is waited for before the reset.
 
 Output, in AFL++'s layout (AFL++'s tools read it), under OUT/NAME (NAME: `default`, or -M/-S):
   queue/         inputs with new coverage: id:NNNNNN,time:0,execs:0,orig:SEED for the seeds,
@@ -65,6 +71,33 @@ Not started by afl-fuzz, it runs FILE (or stdin) once, prints what happened and 
 Example, to run a saved crash again:
   vmm fuzz-target --program parser.elf 'findings/default/crashes/id:000000,sig:06,...'";
 
+/// The devices a fuzzing target may have: those whose host side a reset
+/// can take back to the snapshot.
+#[derive(Args, Debug, Clone)]
+pub struct TargetDevices {
+    /// A virtio block device on the file PATH (`,ro` refuses writes); repeatable, slots in
+    /// the order given. The program's writes before SNAPSHOT reach the file; each run's go to
+    /// a copy-on-write overlay that every reset drops.
+    #[arg(long, value_name = "PATH[,ro]", value_parser = DeviceConfig::parse_blk)]
+    blk: Vec<DeviceConfig>,
+
+    /// A virtio memory balloon; every reset takes it back to its state at SNAPSHOT.
+    #[arg(long)]
+    balloon: bool,
+}
+
+impl TargetDevices {
+    /// The devices, in the order their flags appear in `matches`.
+    fn in_order(&self, matches: Option<&ArgMatches>) -> Vec<DeviceConfig> {
+        crate::in_flag_order(vec![("blk", self.blk.clone())], self.balloon, matches)
+    }
+}
+
+/// The flags that give a fuzzing target `devices` again.
+fn device_flags(devices: &[DeviceConfig]) -> String {
+    devices.iter().map(|d| format!(" {}", d.flag())).collect()
+}
+
 #[derive(Args, Debug)]
 pub struct FuzzArgs {
     /// The target: a static x86-64 ELF program that calls SNAPSHOT, then DONE for each input.
@@ -106,6 +139,9 @@ pub struct FuzzArgs {
     /// Guest RAM of each VM: a multiple of 2 MiB, with a K, M, G or T suffix.
     #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_size)]
     mem: u64,
+
+    #[command(flatten)]
+    devices: TargetDevices,
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +161,9 @@ pub struct FuzzTargetArgs {
     /// The input file (afl-fuzz's `@@`); stdin when absent.
     #[arg(value_name = "FILE")]
     file: Option<PathBuf>,
+
+    #[command(flatten)]
+    devices: TargetDevices,
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -146,15 +185,16 @@ fn size_arg(bytes: u64) -> String {
 }
 
 /// `vmm fuzz`.
-pub fn fuzz(args: FuzzArgs) -> ExitCode {
-    match run_fuzz(args) {
+pub fn fuzz(args: FuzzArgs, matches: Option<&ArgMatches>) -> ExitCode {
+    match run_fuzz(args, matches) {
         Ok(code) => code,
         Err(msg) => fail(&msg),
     }
 }
 
-fn run_fuzz(args: FuzzArgs) -> Result<ExitCode, String> {
+fn run_fuzz(args: FuzzArgs, matches: Option<&ArgMatches>) -> Result<ExitCode, String> {
     let program = read_program(&args.program)?;
+    let devices = args.devices.in_order(matches);
     let role = match (args.main, args.secondary) {
         (Some(name), _) => Role::Main(name),
         (None, Some(name)) => Role::Secondary(name),
@@ -162,10 +202,11 @@ fn run_fuzz(args: FuzzArgs) -> Result<ExitCode, String> {
     };
     let timeout = Duration::from_millis(args.timeout);
     let reproduce = format!(
-        "vmm fuzz-target --program {} --mem {} --timeout {} FILE",
+        "vmm fuzz-target --program {} --mem {} --timeout {}{} FILE",
         args.program.display(),
         size_arg(args.mem),
-        args.timeout
+        args.timeout,
+        device_flags(&devices),
     );
     let options = Options {
         role,
@@ -183,7 +224,7 @@ fn run_fuzz(args: FuzzArgs) -> Result<ExitCode, String> {
     let mut make = || -> Result<Box<dyn Target>, FuzzError> {
         let f = match &mut factory {
             Some(f) => f,
-            None => factory.insert(vm_targets(program.clone(), mem, timeout)?),
+            None => factory.insert(vm_targets(program.clone(), mem, timeout, devices.clone())?),
         };
         f()
     };
@@ -200,17 +241,18 @@ fn run_fuzz(args: FuzzArgs) -> Result<ExitCode, String> {
 }
 
 /// `vmm fuzz-target`.
-pub fn fuzz_target(args: FuzzTargetArgs) -> ExitCode {
-    match run_fuzz_target(args) {
+pub fn fuzz_target(args: FuzzTargetArgs, matches: Option<&ArgMatches>) -> ExitCode {
+    match run_fuzz_target(args, matches) {
         Ok(code) => code,
         Err(msg) => fail(&msg),
     }
 }
 
-fn run_fuzz_target(args: FuzzTargetArgs) -> Result<ExitCode, String> {
+fn run_fuzz_target(args: FuzzTargetArgs, matches: Option<&ArgMatches>) -> Result<ExitCode, String> {
     let program = read_program(&args.program)?;
     let timeout = Duration::from_millis(args.timeout);
-    let mut make = vm_targets(program, args.mem, timeout).map_err(|e| error_chain(&e))?;
+    let devices = args.devices.in_order(matches);
+    let mut make = vm_targets(program, args.mem, timeout, devices).map_err(|e| error_chain(&e))?;
     let mut target = make().map_err(|e| error_chain(&e))?;
     let outcome =
         forkserver::run(target.as_mut(), args.file.as_deref()).map_err(|e| error_chain(&e))?;

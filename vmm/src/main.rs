@@ -292,8 +292,27 @@ fn read_file(what: &str, path: &PathBuf) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
 }
 
-/// The device flags in the order they appear on the command line.
+/// The device flags of `run` in the order they appear on the command line.
 fn devices_in_order(args: &RunArgs, matches: Option<&ArgMatches>) -> Vec<DeviceConfig> {
+    in_flag_order(
+        vec![
+            ("blk", args.blk.clone()),
+            ("net", args.net.clone()),
+            ("vsock", args.vsock.clone().into_iter().collect()),
+        ],
+        args.balloon,
+        matches,
+    )
+}
+
+/// Devices given by the flags `flags` (id, values) and `--balloon`, in the
+/// order the flags appear in `matches` (the subcommand's); without
+/// matches, in the order given.
+pub(crate) fn in_flag_order(
+    flags: Vec<(&str, Vec<DeviceConfig>)>,
+    balloon: bool,
+    matches: Option<&ArgMatches>,
+) -> Vec<DeviceConfig> {
     let mut found: Vec<(usize, DeviceConfig)> = Vec::new();
     let mut add = |id: &str, values: Vec<DeviceConfig>| {
         let indices: Vec<usize> = matches
@@ -304,10 +323,10 @@ fn devices_in_order(args: &RunArgs, matches: Option<&ArgMatches>) -> Vec<DeviceC
             found.push((indices.get(i).copied().unwrap_or(usize::MAX), v));
         }
     };
-    add("blk", args.blk.clone());
-    add("net", args.net.clone());
-    add("vsock", args.vsock.clone().into_iter().collect());
-    let balloon = args.balloon
+    for (id, values) in flags {
+        add(id, values);
+    }
+    let balloon = balloon
         && matches.is_none_or(|m| m.value_source("balloon") == Some(ValueSource::CommandLine));
     if balloon {
         add("balloon", vec![DeviceConfig::Balloon]);
@@ -511,8 +530,10 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Fuzz(args) => fuzz_cli::fuzz(*args),
-        Command::FuzzTarget(args) => fuzz_cli::fuzz_target(args),
+        Command::Fuzz(args) => fuzz_cli::fuzz(*args, matches.subcommand_matches("fuzz")),
+        Command::FuzzTarget(args) => {
+            fuzz_cli::fuzz_target(args, matches.subcommand_matches("fuzz-target"))
+        }
         Command::Bench(args) => {
             match vmm::bench::run(vmm::bench::BenchOptions {
                 quick: args.quick,

@@ -605,8 +605,9 @@ impl Vcpu {
                 let fuzzing = self.shared.harness.is_fuzzing();
                 let result = match Hypercall::from_nr(nr) {
                     // A fuzzing clone is reset, not forked; its vCPU is
-                    // driven by the fuzzer, not by the pause protocol.
-                    Some(Hypercall::Fork | Hypercall::VcpuStart) if fuzzing => {
+                    // driven by the fuzzer, not by the pause protocol; a
+                    // reset does not take write protection back.
+                    Some(Hypercall::Fork | Hypercall::VcpuStart | Hypercall::Wp) if fuzzing => {
                         Ok(-errno::EOPNOTSUPP)
                     }
                     Some(Hypercall::Fork) => Ok(self.fork()),

@@ -20,7 +20,7 @@
 //! of them again.
 
 use std::path::PathBuf;
-use std::sync::{Arc, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use devices::virtio::balloon::Balloon;
 use devices::virtio::blk::{Block, BlockConfig};
@@ -169,6 +169,20 @@ impl DeviceConfig {
         })
     }
 
+    /// The command-line flag that gives this device.
+    pub fn flag(&self) -> String {
+        match self {
+            Self::Blk(c) if c.read_only => format!("--blk {},ro", c.path.display()),
+            Self::Blk(c) => format!("--blk {}", c.path.display()),
+            Self::Net { tap, mac } => {
+                let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+                format!("--net tap={tap},mac={}", mac.join(":"))
+            }
+            Self::Vsock { cid, uds } => format!("--vsock cid={cid},uds={}", uds.display()),
+            Self::Balloon => "--balloon".into(),
+        }
+    }
+
     fn what(&self) -> &'static str {
         match self {
             Self::Blk(_) => "virtio-blk",
@@ -247,13 +261,71 @@ pub struct Frozen {
     devices: Vec<Box<dyn VirtioDevice>>,
 }
 
-impl Frozen {
-    /// The device state of a VM without devices.
-    pub(crate) fn none() -> Self {
-        Self {
-            states: Vec::new(),
-            devices: Vec::new(),
+/// The device state of a fuzzing snapshot: what each of its clones starts
+/// from, and what a clone's reset puts back.
+#[derive(Debug)]
+pub struct Template {
+    states: Vec<MmioState>,
+    devices: Mutex<Vec<Box<dyn VirtioDevice>>>,
+}
+
+impl Template {
+    /// The template of `frozen`, whose devices must all be able to go back
+    /// to it (a block device's overlay can; a network link cannot).
+    pub(crate) fn new(frozen: Frozen) -> Result<Self, String> {
+        let Frozen {
+            states,
+            mut devices,
+        } = frozen;
+        for (i, d) in devices.iter_mut().enumerate() {
+            if let Err(e) = d.rewind() {
+                return Err(format!(
+                    "the {} device in slot {i} cannot be part of a fuzzing target: {}",
+                    type_name(d.device_type()),
+                    crate::error_chain(&e)
+                ));
+            }
         }
+        Ok(Self {
+            states,
+            devices: Mutex::new(devices),
+        })
+    }
+
+    /// The device state a new clone starts from: the same transport state
+    /// over devices forked from the template's.
+    pub(crate) fn fork(&self) -> Result<Frozen, VirtioError> {
+        let devices = self
+            .devices
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|d| d.fork())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| VirtioError::Device {
+                what: "forked",
+                source: e.into(),
+            })?;
+        Ok(Frozen {
+            states: self.states.clone(),
+            devices,
+        })
+    }
+
+    /// The transports' state at the snapshot.
+    pub(crate) fn states(&self) -> &[MmioState] {
+        &self.states
+    }
+}
+
+/// The name of a virtio device type, for messages.
+fn type_name(device_type: u32) -> &'static str {
+    match device_type {
+        devices::virtio::id::BLOCK => "virtio-blk",
+        devices::virtio::id::NET => "virtio-net",
+        devices::virtio::id::VSOCK => "virtio-vsock",
+        devices::virtio::id::BALLOON => "virtio-balloon",
+        _ => "virtio",
     }
 }
 
@@ -385,15 +457,31 @@ impl VirtioBus {
 
     /// Stops every device (its lock held) and saves what a clone starts
     /// from: each transport's state and a device over the clone's own
-    /// host side. Hold the guard until memory is snapshotted.
+    /// host side. Hold the guard until memory is snapshotted. Requests in
+    /// flight go on into this VM's memory; the clone serves its own copy
+    /// of them again.
     pub fn freeze(&self) -> Result<(Frozen, FreezeGuard<'_>), VirtioError> {
+        self.freeze_with(false)
+    }
+
+    /// As [`VirtioBus::freeze`], after waiting for every request in flight
+    /// to be done with guest memory and the disk (a snapshot's instant:
+    /// no buffer is caught half-written).
+    pub fn freeze_drained(&self) -> Result<(Frozen, FreezeGuard<'_>), VirtioError> {
+        self.freeze_with(true)
+    }
+
+    fn freeze_with(&self, drain: bool) -> Result<(Frozen, FreezeGuard<'_>), VirtioError> {
         let mut locks = Vec::with_capacity(self.slots.len());
         let mut frozen = Frozen {
             states: Vec::new(),
             devices: Vec::new(),
         };
         for s in &self.slots {
-            let t = s.transport.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut t = s.transport.lock().unwrap_or_else(PoisonError::into_inner);
+            if drain {
+                t.quiesce();
+            }
             frozen.states.push(t.state());
             frozen
                 .devices
@@ -418,6 +506,23 @@ impl VirtioBus {
         }
     }
 
+    /// The first half of a fuzzing clone's reset: every device reset,
+    /// drained and put back as at its fork (see `Transport::rewind`),
+    /// and held still until [`Rewound::restore`] after the clone's memory
+    /// was reset.
+    pub(crate) fn rewind(&self) -> Result<Rewound<'_>, VirtioError> {
+        let mut locks = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            let mut t = s.transport.lock().unwrap_or_else(PoisonError::into_inner);
+            t.rewind().map_err(|e| VirtioError::Device {
+                what: "reset",
+                source: e.into(),
+            })?;
+            locks.push(t);
+        }
+        Ok(Rewound { locks })
+    }
+
     /// The clone's bus: its devices from `frozen`, their rings pinned in
     /// the clone's memory `mem`, wired into its KVM VM.
     pub fn restore(
@@ -437,6 +542,22 @@ impl VirtioBus {
                 .push(Self::plug(i, device, mem, kvm, mode, Some(state))?);
         }
         Ok(bus)
+    }
+}
+
+/// A fuzzing clone's devices between their rewind and the memory reset.
+#[derive(Debug)]
+pub(crate) struct Rewound<'a> {
+    locks: Vec<MutexGuard<'a, Transport>>,
+}
+
+impl Rewound<'_> {
+    /// Puts each transport back into the snapshot's state `states` (its
+    /// rings pinned again in the reset memory) and lets the devices go.
+    pub(crate) fn restore(mut self, states: &[MmioState]) {
+        for (t, state) in self.locks.iter_mut().zip(states) {
+            t.restore(state);
+        }
     }
 }
 
@@ -496,6 +617,19 @@ mod tests {
         assert!(DeviceConfig::parse_vsock("cid=2,uds=/x").is_err());
         assert!(DeviceConfig::parse_vsock("cid=3").is_err());
         assert!(DeviceConfig::parse_vsock("uds=/x,cid=x").is_err());
+        for (flag, parse) in [
+            ("--blk /tmp/a.img", DeviceConfig::parse_blk as fn(&str) -> _),
+            ("--blk /tmp/a.img,ro", DeviceConfig::parse_blk),
+            (
+                "--net tap=t1,mac=02:00:00:00:00:0a",
+                DeviceConfig::parse_net,
+            ),
+            ("--vsock cid=3,uds=/tmp/v.sock", DeviceConfig::parse_vsock),
+        ] {
+            let (_, value) = flag.split_once(' ').unwrap();
+            assert_eq!(parse(value).unwrap().flag(), flag);
+        }
+        assert_eq!(DeviceConfig::Balloon.flag(), "--balloon");
     }
 
     #[test]

@@ -41,3 +41,28 @@ fn a_saved_input_replays_to_the_same_verdict() {
     let ok = replay(b"hello");
     assert_eq!(ok.status, Some(0), "{ok}");
 }
+
+#[test]
+fn a_fuzz_target_with_a_block_device_runs_from_the_command_line() {
+    let disk = guest_tests::Scratch::new("replay-blk.img", &[0x5a; 64 << 10]);
+    let input = guest_tests::Scratch::new("replay-blk.input", b"x");
+    let program = guest_tests::guest_path("fuzz_blk");
+    let vmm = Path::new(env!("CARGO_BIN_EXE_vmm"));
+    let args = |with_disk: bool| {
+        let mut a = vec!["fuzz-target", "--program", program.to_str().unwrap()];
+        a.extend(["--mem", "16M"]);
+        if with_disk {
+            a.extend(["--blk", disk.0.to_str().unwrap()]);
+        }
+        a.push(input.0.to_str().unwrap());
+        a
+    };
+    let out = guest_tests::run_vmm(vmm, &args(true));
+    assert_eq!(out.status, Some(0), "{out}");
+    assert!(out.stderr.contains("ok"), "{out}");
+    // Without its disk the program gives up before SNAPSHOT.
+    let out = guest_tests::run_vmm(vmm, &args(false));
+    assert_eq!(out.status, Some(1), "{out}");
+    assert!(out.stderr.contains("SNAPSHOT"), "{out}");
+    assert!(!out.stderr.contains("panicked"), "{out}");
+}

@@ -54,6 +54,9 @@ pub struct BalloonState {
 #[derive(Debug)]
 pub struct Balloon {
     state: BalloonState,
+    /// The state when [`VirtioDevice::fork`] made this device, which a
+    /// rewind goes back to.
+    at_fork: BalloonState,
     /// The statistics buffer the device holds.
     stats_head: Option<u16>,
     /// Pages below this address are never discarded (the VMM's own
@@ -67,6 +70,7 @@ impl Balloon {
     pub fn new(protect_below: u64) -> Self {
         Self {
             state: BalloonState::default(),
+            at_fork: BalloonState::default(),
             stats_head: None,
             protect_below,
         }
@@ -221,9 +225,18 @@ impl VirtioDevice for Balloon {
     fn fork(&self) -> Result<Box<dyn VirtioDevice>, DeviceError> {
         Ok(Box::new(Balloon {
             state: self.state.clone(),
+            at_fork: self.state.clone(),
             stats_head: None,
             protect_below: self.protect_below,
         }))
+    }
+
+    /// The inflated pages were discarded through `memory`, which the
+    /// clone's memory reset puts back; the counters go back here.
+    fn rewind(&mut self) -> Result<(), DeviceError> {
+        self.state = self.at_fork.clone();
+        self.stats_head = None;
+        Ok(())
     }
 
     fn resume(&mut self, ctx: &mut Ctx<'_>) {

@@ -150,6 +150,25 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     fn host_event(&mut self, _ctx: &mut Ctx<'_>, _token: u64, _events: u32) {}
     /// Device reset: drop every request and buffer; keep the backend.
     fn reset(&mut self, ctx: &mut Ctx<'_>);
+    /// Waits until no request of this device is in its backend's hands:
+    /// every pin a request in flight held into guest memory is dropped and
+    /// everything it wrote (guest memory, the disk) is written. Requests
+    /// that end meanwhile complete as usual. Called with the transport
+    /// locked, so it must not wait for the transport; a completion that
+    /// needs the transport's lock is delivered after it is released (or
+    /// dropped, after a reset). Devices that serve every request on the
+    /// device thread have nothing to wait for.
+    fn quiesce(&mut self, _ctx: &mut Ctx<'_>) {}
+    /// Puts the device's own state back to what it was when
+    /// [`VirtioDevice::fork`] made it: a fuzzing clone's reset to its
+    /// snapshot (a block overlay drops the clone's writes). Called after a
+    /// device reset and [`VirtioDevice::quiesce`]. A device whose host side
+    /// cannot go back (a network link, host sockets) refuses.
+    fn rewind(&mut self) -> Result<(), DeviceError> {
+        Err(DeviceError::Unsupported(
+            "its host side cannot go back to a snapshot".into(),
+        ))
+    }
     /// The device a fork's clone gets: the same configuration over the
     /// clone's own host side (a block device's overlay, an unplugged
     /// network link...). Called while the transport is locked, at the

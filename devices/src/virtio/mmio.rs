@@ -417,6 +417,24 @@ impl Transport {
         self.interrupt.clear();
     }
 
+    /// Waits until the device's backend holds no request (see
+    /// [`VirtioDevice::quiesce`]): nothing writes guest memory or the disk
+    /// behind the transport's back while it stays locked.
+    pub fn quiesce(&mut self) {
+        self.with_device(|d, ctx| d.quiesce(ctx));
+    }
+
+    /// The first half of a fuzzing clone's reset to its snapshot: a device
+    /// reset (the rings' pins are dropped, completions still on their way
+    /// are dropped), then the backend drained and the device's own state
+    /// put back as at its fork. The clone's memory is reset next, then
+    /// [`Transport::restore`] puts the snapshot's transport state back.
+    pub fn rewind(&mut self) -> Result<(), DeviceError> {
+        self.reset();
+        self.quiesce();
+        self.device.rewind()
+    }
+
     /// The state a fork or a snapshot keeps.
     pub fn state(&self) -> MmioState {
         let mut regs = self.regs;

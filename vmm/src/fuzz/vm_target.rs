@@ -3,27 +3,40 @@
 //!
 //! # Taking the snapshot
 //! The root VM runs until the guest calls SNAPSHOT(buf, cap). Its vCPU
-//! saves its state there and the root's memory is forked into the
-//! *origin*, a VM that never runs; the coverage map is dropped from the
-//! origin, so it reads as zeros. The root VM then ends.
+//! saves its state there; its virtio devices are drained (no request
+//! still writes memory or a disk) and held still while the root's memory
+//! is forked into the *origin*, a VM that never runs, and their state is
+//! kept as the snapshot's device *template* (transport state, and devices
+//! over copy-on-write views of their host side: a block device's
+//! overlay). The coverage map is dropped from the origin, so it reads as
+//! zeros. The root VM then ends. Devices whose host side cannot go back
+//! to the snapshot (network links, host sockets) are refused there.
 //!
 //! # One run
 //! 1. The input goes into the guest's buffer (a VMM write, recorded) and
 //!    its length into RAX; the vCPU runs until DONE, a guest exception, the
 //!    wall-clock timeout or the exit budget.
-//! 2. Reset: the pages written since the last reset, as KVM's dirty ring
-//!    and the VMM's own record list them, get the origin's bytes again
-//!    ([`memory::VmMemory::reset_pages`]); the coverage map is read from
-//!    those same pages first (the others are zero). Then the registers,
-//!    the FPU/SSE state and the TSC are restored.
+//! 2. Reset:
+//!    - each device is reset, drained and put back as the template has it
+//!      (a block overlay drops the run's writes), then held still; the
+//!      pin-test device drops its pins;
+//!    - the pages written since the last reset, as KVM's dirty ring and
+//!      the VMM's own record list them (devices write through pins, which
+//!      the record lists, and discards are listed too), get the origin's
+//!      bytes again ([`memory::VmMemory::reset_pages`]); the coverage map
+//!      is read from those same pages first (the others are zero);
+//!    - each transport gets the template's state back, its rings pinned
+//!      again in the reset memory;
+//!    - the registers, the FPU/SSE state and the TSC are restored.
 //!
-//! The cost of a reset grows with the pages a run wrote, never with RAM
-//! size: no step walks the VM's memory.
+//! The cost of a reset grows with the pages (and disk blocks) a run wrote,
+//! never with RAM or disk size: no step walks the VM's memory.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use devices::pin_test::PinTest;
 use kvm_bindings::{KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, Msrs, kvm_device_attr, kvm_msr_entry};
 use kvm_ioctls::{SyncReg, VcpuFd};
 use memory::VmMemory;
@@ -33,6 +46,7 @@ use super::{Crash, FuzzError, MAP_SIZE, Target, Verdict};
 use crate::dirty::Dirty;
 use crate::kvm::create_vcpu;
 use crate::vcpu::{Flow, Vcpu, VcpuControl, VcpuState};
+use crate::virtio::Template;
 use crate::vm::{Exit, Vm, VmConfig, VmShared};
 use crate::x86::cpuid::{self, Guest};
 use crate::x86::program::COVERAGE_MAP;
@@ -44,6 +58,7 @@ const MAP_PAGES: u64 = MAP_SIZE as u64 / memory::PAGE_SIZE;
 #[derive(Debug)]
 pub(crate) struct Taken {
     origin: Arc<VmMemory>,
+    devices: Template,
     state: VcpuState,
     tsc: Option<u64>,
     buf: u64,
@@ -71,23 +86,29 @@ pub(crate) fn take(
     if shared.controls.len() != 1 {
         return Err("fuzzing targets run on one vCPU (--vcpus 1)".into());
     }
-    if !shared.virtio.is_empty() {
-        return Err("fuzzing targets with virtio devices are not supported yet".into());
-    }
     if cap > 0 && !shared.mem.layout().contains(buf, cap) {
         return Err(format!(
             "SNAPSHOT's input buffer {buf:#x}+{cap:#x} is not guest RAM"
         ));
     }
+    // The devices are drained and held still while memory is forked, so
+    // the snapshot holds no buffer a request was still writing.
+    let (frozen, still) = shared
+        .virtio
+        .freeze_drained()
+        .map_err(|e| format!("cannot save the devices' state: {}", crate::error_chain(&e)))?;
     let origin = shared
         .mem
         .fork()
         .map_err(|e| format!("cannot fork the snapshot: {}", crate::error_chain(&e)))?;
+    drop(still);
+    let devices = Template::new(frozen)?;
     origin
         .discard(COVERAGE_MAP, MAP_SIZE as u64)
         .map_err(|e| format!("cannot clear the coverage map: {}", crate::error_chain(&e)))?;
     Ok(Box::new(Taken {
         origin,
+        devices,
         state,
         tsc,
         buf,
@@ -279,15 +300,13 @@ impl VmTarget {
             input_at: AtomicU64::new(0),
             child_wanted: AtomicBool::new(false),
         };
+        let devices = snap
+            .taken
+            .devices
+            .fork()
+            .map_err(|e| vm_err("cannot fork the snapshot's devices", &e))?;
         let shared = root
-            .clone_devices(
-                id,
-                mem,
-                kvm,
-                controls,
-                crate::virtio::Frozen::none(),
-                harness,
-            )
+            .clone_devices(id, mem, kvm, controls, devices, harness)
             .map_err(|e| vm_err("cannot set up the clone", &e))?;
         let vcpu = Vcpu::new(Arc::new(shared), fd, 0);
         let target = Self {
@@ -443,6 +462,13 @@ impl VmTarget {
         self.vcpu.settle().map_err(FuzzError::Vm)?;
         let shared = self.vcpu.shared.clone();
         let mem = &shared.mem;
+        // Devices first: once they are drained, nothing but this thread
+        // writes the clone's memory until they are restored.
+        let devices = shared
+            .virtio
+            .rewind()
+            .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
+        *shared.pins.lock().unwrap_or_else(PoisonError::into_inner) = PinTest::new();
         let harvest = Instant::now();
         self.dirty
             .harvest(&shared.kvm, mem, &mut self.pages)
@@ -455,10 +481,12 @@ impl VmTarget {
             .refork_above
             .is_some_and(|n| self.pages.len() > n)
         {
+            drop(devices);
             return self.refork();
         }
         mem.reset_pages(&self.snap.taken.origin, &mut self.pages)
             .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
+        devices.restore(self.snap.taken.devices.states());
         self.last_dirty = self.pages.len();
         self.pages.clear();
         self.restore_vcpu()
@@ -707,17 +735,24 @@ fn watch() {
 /// What makes one [`Target`] per fuzzing job.
 pub type TargetFactory = Box<dyn FnMut() -> Result<Box<dyn Target>, FuzzError> + Send>;
 
-/// Runs `program` (with `mem` bytes of RAM) to its SNAPSHOT and returns a
-/// factory of clones of that snapshot, each run cut short after `timeout`.
-/// The program's console output up to SNAPSHOT goes to stdout; the
-/// clones' output is dropped.
+/// Runs `program` (with `mem` bytes of RAM and `devices`) to its SNAPSHOT
+/// and returns a factory of clones of that snapshot, each run cut short
+/// after `timeout`. The program's console output up to SNAPSHOT goes to
+/// stdout; the clones' output is dropped.
 pub fn vm_targets(
     program: Vec<u8>,
     mem: u64,
     timeout: Duration,
+    devices: Vec<crate::virtio::DeviceConfig>,
 ) -> Result<TargetFactory, FuzzError> {
     let hv = crate::Hypervisor::open().map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
-    let snap = Snapshot::of_program(&hv, program, mem, crate::Sink::Stdout)?;
+    let ctx = memory::Context::new(memory::Config::default());
+    let cfg = VmConfig {
+        mem,
+        devices,
+        ..VmConfig::program(program)
+    };
+    let snap = Snapshot::take(&hv, &ctx, cfg)?;
     let limits = Limits {
         timeout,
         ..Limits::default()

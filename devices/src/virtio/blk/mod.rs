@@ -35,7 +35,7 @@ use virtio_bindings::virtio_blk::{
 };
 
 use self::disk::{Disk, SECTOR};
-use self::pool::Pool;
+use self::pool::{Outstanding, Pool};
 use self::request::{Env, ID_BYTES, MAX_SEGMENTS, MAX_ZERO_SECTORS};
 use self::uring::Uring;
 use super::buffers::PinCache;
@@ -103,6 +103,8 @@ pub struct Block {
     done: Vec<(u16, u32)>,
     /// The pages of the current pass's headers and status bytes.
     pins: PinCache,
+    /// Requests on the I/O threads that still hold their pins.
+    outstanding: Arc<Outstanding>,
 }
 
 impl Block {
@@ -140,6 +142,7 @@ impl Block {
             polled: false,
             done: Vec::new(),
             pins: PinCache::default(),
+            outstanding: Arc::default(),
         })
     }
 
@@ -303,6 +306,7 @@ impl Block {
         let (disk, id, latency) = (self.disk.clone(), self.id, self.config.latency);
         let transport = ctx.this.clone();
         let generation = ctx.queues[q].generation();
+        let ticket = self.outstanding.enter();
         pool.submit(Box::new(move || {
             if let Some(l) = latency {
                 std::thread::sleep(l);
@@ -314,6 +318,7 @@ impl Block {
             };
             let len = request::serve(env, &bufs);
             drop(bufs);
+            drop(ticket);
             if let Some(t) = transport.upgrade() {
                 t.lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -439,6 +444,34 @@ impl VirtioDevice for Block {
         // completions.
     }
 
+    fn quiesce(&mut self, ctx: &mut Ctx<'_>) {
+        let mut done = std::mem::take(&mut self.done);
+        while let Some(u) = self.uring.as_mut().filter(|u| u.in_flight() > 0) {
+            if let Err(e) = u.wait() {
+                log::error!("virtio-blk: cannot wait for io_uring reads: {e}");
+                break;
+            }
+            for q in 0..ctx.queues.len() {
+                self.reap(ctx, q, &mut done);
+                ctx.complete_all(q, &done);
+                done.clear();
+            }
+        }
+        self.done = done;
+        self.outstanding.wait_idle();
+    }
+
+    fn rewind(&mut self) -> Result<(), DeviceError> {
+        if !self.disk.is_overlay() {
+            return Err(DeviceError::Unsupported(
+                "it writes its image file directly".into(),
+            ));
+        }
+        self.disk.reset();
+        self.pins.clear();
+        Ok(())
+    }
+
     fn fork(&self) -> Result<Box<dyn VirtioDevice>, DeviceError> {
         let config = BlockConfig {
             latency: None,
@@ -519,6 +552,53 @@ mod tests {
         );
         d.desc(r, first + 2, base + 0x10, 1, F_WRITE, 0);
         d.publish(r, k, first);
+    }
+
+    /// When `quiesce` returns, every request in flight has written its
+    /// buffers and its status byte, whether it waited on an I/O thread or
+    /// in the io_uring (both slowed down here), so guest memory can be
+    /// reset under a locked transport.
+    #[test]
+    fn quiesce_waits_for_the_requests_in_flight() {
+        let path = image();
+        for io_uring in [true, false] {
+            let config = BlockConfig {
+                latency: Some(Duration::from_millis(100)),
+                io_uring,
+                ..BlockConfig::new(path.clone())
+            };
+            let d = Driver::new(Box::new(Block::new(config).unwrap()), &memory());
+            d.standard(1, 16);
+            let r = Rings::standard(0, 16);
+            let sectors = [8u64, 16, 24];
+            for (k, s) in sectors.iter().enumerate() {
+                read_request(&d, r, k as u16, *s);
+            }
+            d.notify(0);
+            let status = |k: usize| {
+                let mut b = [0u8];
+                d.mem.read(0x1000 * (k as u64 + 1) + 0x10, &mut b).unwrap();
+                b[0]
+            };
+            let mut t = d.lock();
+            assert!(
+                (0..3).any(|k| status(k) == 0xff),
+                "the requests were meant to be in flight (io_uring: {io_uring})"
+            );
+            t.quiesce();
+            for (k, s) in sectors.iter().enumerate() {
+                assert_eq!(status(k), 0, "request {k} (io_uring: {io_uring})");
+                let mut data = vec![0u8; 4096];
+                d.mem.read(0x20000 + 0x1000 * k as u64, &mut data).unwrap();
+                assert!(
+                    data.iter()
+                        .enumerate()
+                        .all(|(i, &b)| b == ((s + i as u64 / SECTOR) as u8) ^ (i as u8)),
+                    "request {k} (io_uring: {io_uring})"
+                );
+            }
+        }
+        let _ = std::fs::remove_file(&path);
     }
 
     /// Reads the image misses in the page cache go to the io_uring and

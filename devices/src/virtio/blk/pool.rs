@@ -9,6 +9,46 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
+/// The requests handed to the I/O threads whose pins are still held (a
+/// count that a job's [`Ticket`] keeps raised until the job drops it,
+/// before the job waits for its transport): a device waits for none
+/// before guest memory or the disk may change under them.
+#[derive(Debug, Default)]
+pub struct Outstanding {
+    n: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl Outstanding {
+    /// Counts one more request until the ticket is dropped.
+    pub fn enter(self: &Arc<Self>) -> Ticket {
+        *self.n.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        Ticket(self.clone())
+    }
+
+    /// Waits until every ticket is dropped.
+    pub fn wait_idle(&self) {
+        let mut n = self.n.lock().unwrap_or_else(PoisonError::into_inner);
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// One request counted in an [`Outstanding`].
+#[derive(Debug)]
+pub struct Ticket(Arc<Outstanding>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut n = self.0.n.lock().unwrap_or_else(PoisonError::into_inner);
+        *n -= 1;
+        if *n == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
 /// One unit of work.
 pub type Job = Box<dyn FnOnce() + Send>;
 

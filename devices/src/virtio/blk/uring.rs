@@ -221,6 +221,18 @@ impl Uring {
             f(done.read, result);
         }
     }
+
+    /// Submits what is queued and waits until at least one read
+    /// completes (or was interrupted); the caller reaps. An error if the
+    /// ring fails: nothing then says when the kernel is done with the
+    /// frames of the reads in flight.
+    pub fn wait(&mut self) -> std::io::Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 impl Drop for Uring {
@@ -228,18 +240,13 @@ impl Drop for Uring {
     /// frames until they complete.
     fn drop(&mut self) {
         while self.in_flight > 0 {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // Nothing says when the kernel is done with the frames:
-                    // they stay pinned for good.
-                    log::error!("virtio-blk: waiting for io_uring reads: {e}");
-                    for s in self.slots.drain(..).flatten() {
-                        std::mem::forget(s);
-                    }
-                    return;
+            if let Err(e) = self.wait() {
+                // The frames stay pinned for good.
+                log::error!("virtio-blk: waiting for io_uring reads: {e}");
+                for s in self.slots.drain(..).flatten() {
+                    std::mem::forget(s);
                 }
+                return;
             }
             self.reap(|r, _| drop(r));
         }
