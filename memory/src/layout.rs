@@ -68,6 +68,11 @@ pub struct Layout {
     pages: u64,
 }
 
+/// The runs [`Layout::split`] finds: (first page, offset in it, length).
+/// A range crosses at most one hole in the common layouts, so two fit
+/// without an allocation.
+pub type Runs = smallvec::SmallVec<[(u64, u64, u64); 2]>;
+
 impl Layout {
     /// Describes RAM as `(gpa, len)` ranges, sorted and disjoint.
     pub fn new(ranges: &[(u64, u64)]) -> Result<Self, LayoutError> {
@@ -136,12 +141,14 @@ impl Layout {
     /// Splits `[gpa, gpa + len)` into runs of consecutive page numbers, each
     /// as (page number of the first byte, offset in that page, length).
     /// `None` if any byte is not RAM or the range overflows.
-    pub fn split(&self, gpa: u64, len: u64) -> Option<Vec<(u64, u64, u64)>> {
+    pub fn split(&self, gpa: u64, len: u64) -> Option<Runs> {
         let end = gpa.checked_add(len)?;
         if len == 0 {
-            return self.page_of(gpa).map(|p| vec![(p, gpa % PAGE_SIZE, 0)]);
+            return self
+                .page_of(gpa)
+                .map(|p| smallvec::smallvec![(p, gpa % PAGE_SIZE, 0)]);
         }
-        let mut out = Vec::new();
+        let mut out = Runs::new();
         let mut at = gpa;
         while at < end {
             let r = self.ranges.iter().find(|r| r.contains(at))?;
@@ -181,11 +188,14 @@ mod tests {
         let l = two();
         assert_eq!(l.split((3 << 30) - 8, 16), None);
         assert_eq!(l.split(u64::MAX - 2, 8), None);
-        assert_eq!(l.split(0x1ff8, 16), Some(vec![(1, 0xff8, 16)]));
+        assert_eq!(
+            l.split(0x1ff8, 16),
+            Some(smallvec::smallvec![(1, 0xff8, 16)])
+        );
         let touching = Layout::new(&[(0, 0x2000), (0x2000, 0x2000)]).unwrap();
         assert_eq!(
             touching.split(0x1000, 0x2000),
-            Some(vec![(1, 0, 0x1000), (2, 0, 0x1000)])
+            Some(smallvec::smallvec![(1, 0, 0x1000), (2, 0, 0x1000)])
         );
     }
 

@@ -24,6 +24,7 @@
 
 use std::sync::{Arc, Weak};
 
+use smallvec::SmallVec;
 use thiserror::Error;
 use vm_memory::VolatileSlice;
 
@@ -67,10 +68,16 @@ struct PinnedFrame {
     page: u64,
 }
 
+/// The host slices of a pin ([`Pin::slices`]): most pins are of one or
+/// two runs, which need no allocation.
+pub type Slices<'a> = SmallVec<[VolatileSlice<'a>; 2]>;
+
 /// Pinned guest memory. Dropping it unpins.
 #[derive(Debug)]
 pub struct Pin {
-    frames: Vec<PinnedFrame>,
+    /// Most pins are of a page or two (a request's header, a buffer that
+    /// crosses a page): those need no allocation.
+    frames: SmallVec<[PinnedFrame; 2]>,
     gpa: u64,
     len: u64,
     flags: PinFlags,
@@ -135,8 +142,8 @@ impl Pin {
     /// (`readv`/`writev`, io_uring) straight into guest memory. The slices
     /// live as long as the pin; a device writes through them only if the
     /// pin is a write pin (see [`Pin::flags`]).
-    pub fn slices(&self) -> Vec<VolatileSlice<'_>> {
-        let mut out: Vec<(*mut u8, usize)> = Vec::new();
+    pub fn slices(&self) -> Slices<'_> {
+        let mut out: SmallVec<[(*mut u8, usize); 2]> = SmallVec::new();
         self.pieces(0, self.len, |ptr, _, n| match out.last_mut() {
             Some((start, len)) if start.wrapping_add(*len) == ptr => *len += n,
             _ => out.push((ptr, n)),
@@ -222,7 +229,7 @@ impl VmMemory {
         mut pin_page: impl FnMut(u64) -> Result<PinnedFrame, MemError>,
     ) -> Result<Pin, MemError> {
         let mut pin = Pin {
-            frames: Vec::new(),
+            frames: SmallVec::new(),
             gpa,
             len,
             flags,

@@ -332,7 +332,7 @@ impl VmMemory {
             .is_some_and(|s| s.meta(page).exclusive())
     }
 
-    pub(crate) fn page_range(&self, gpa: u64, len: u64) -> Result<Vec<(u64, u64, u64)>, MemError> {
+    pub(crate) fn page_range(&self, gpa: u64, len: u64) -> Result<crate::layout::Runs, MemError> {
         self.layout
             .split(gpa, len)
             .ok_or(MemError::NotRam { gpa, len })

@@ -17,7 +17,7 @@ use std::any::Any;
 use memory::PAGE_SIZE;
 
 use super::device::{Ctx, DeviceError, VirtioDevice};
-use super::queue::{Desc, QueueError};
+use super::queue::{Chain, Desc, QueueError};
 use super::{Buffers, id, read_config_bytes};
 
 /// Entries per queue.
@@ -154,7 +154,7 @@ impl Balloon {
         ctx.notify_used(q);
     }
 
-    fn read_stats(&mut self, ctx: &Ctx<'_>, chain: Result<Vec<Desc>, QueueError>) {
+    fn read_stats(&mut self, ctx: &Ctx<'_>, chain: Result<Chain, QueueError>) {
         let read = chain
             .and_then(|c| Buffers::pin(ctx.mem, &c, false, MAX_STATS * 10))
             .and_then(|b| {

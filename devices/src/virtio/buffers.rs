@@ -19,6 +19,10 @@ use vm_memory::VolatileSlice;
 
 use super::queue::{Desc, QueueError};
 
+/// A request's buffers as host slices, for zero-copy I/O: a few slices
+/// need no allocation.
+pub type HostSlices<'a> = smallvec::SmallVec<[VolatileSlice<'a>; 4]>;
+
 /// Descriptors at most this long that lie in one page may share a pin of
 /// that page with the other requests of a batch ([`PinCache`]): request
 /// headers and status bytes, which drivers keep side by side.
@@ -88,8 +92,9 @@ impl Piece {
 /// the other requests of a batch).
 #[derive(Debug, Default)]
 pub struct Buffers {
-    /// The readable pieces, then the writable ones.
-    pieces: Vec<Piece>,
+    /// The readable pieces, then the writable ones (a block request's
+    /// three fit without an allocation).
+    pieces: smallvec::SmallVec<[Piece; 3]>,
     /// Where the writable pieces start.
     split: usize,
     rlen: u64,
@@ -120,7 +125,7 @@ impl Buffers {
             return Err(QueueError::TooLarge(total));
         }
         let mut b = Buffers {
-            pieces: Vec::with_capacity(chain.len()),
+            pieces: smallvec::SmallVec::with_capacity(chain.len()),
             ..Buffers::default()
         };
         for d in chain {
@@ -241,8 +246,8 @@ impl Buffers {
         r
     }
 
-    fn slices_of(pieces: &[Piece], off: u64, len: u64) -> Vec<VolatileSlice<'_>> {
-        let mut out = Vec::new();
+    fn slices_of(pieces: &[Piece], off: u64, len: u64) -> HostSlices<'_> {
+        let mut out = HostSlices::new();
         Self::parts(pieces, off, len, |p, at, n, _| {
             let (mut skip, mut want) = (at, n);
             for s in p.slices() {
@@ -267,22 +272,14 @@ impl Buffers {
 
     /// The device-readable bytes `[off, off + len)` as host slices (for
     /// `writev`-style I/O).
-    pub fn readable_slices(
-        &self,
-        off: u64,
-        len: u64,
-    ) -> Result<Vec<VolatileSlice<'_>>, QueueError> {
+    pub fn readable_slices(&self, off: u64, len: u64) -> Result<HostSlices<'_>, QueueError> {
         Self::check(off, len, self.rlen)?;
         Ok(Self::slices_of(self.readable(), off, len))
     }
 
     /// The device-writable bytes `[off, off + len)` as host slices (for
     /// `readv`-style I/O); only write pins are behind them.
-    pub fn writable_slices(
-        &self,
-        off: u64,
-        len: u64,
-    ) -> Result<Vec<VolatileSlice<'_>>, QueueError> {
+    pub fn writable_slices(&self, off: u64, len: u64) -> Result<HostSlices<'_>, QueueError> {
         Self::check(off, len, self.wlen)?;
         Ok(Self::slices_of(self.writable(), off, len))
     }

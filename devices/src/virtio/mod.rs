@@ -60,7 +60,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use buffers::Buffers;
 pub use device::{Ctx, DeviceError, VirtioDevice};
 pub use mmio::{MmioState, Shared, Transport};
-pub use queue::{Desc, DeviceQueue, QueueError};
+pub use queue::{Chain, Desc, DeviceQueue, QueueError};
 pub use worker::Worker;
 
 /// Device ids (virtio 1.2, section 5).

@@ -22,7 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::buffers::iovecs;
 use super::device::{Ctx, DeviceError, VirtioDevice};
-use super::queue::{Desc, QueueError};
+use super::queue::{Chain, QueueError};
 use super::tap::{Tap, offload};
 use super::worker::HOST_TOKEN_BASE;
 use super::{Buffers, id, read_config_bytes};
@@ -113,7 +113,7 @@ impl Net {
     }
 
     /// Pins newly posted receive buffers.
-    fn post(&mut self, ctx: &mut Ctx<'_>, heads: Vec<(u16, Result<Vec<Desc>, QueueError>)>) {
+    fn post(&mut self, ctx: &mut Ctx<'_>, heads: Vec<(u16, Result<Chain, QueueError>)>) {
         for (head, chain) in heads {
             let bufs = chain.and_then(|c| {
                 let b = Buffers::pin(ctx.mem, &c, true, MAX_FRAME)?;
@@ -174,7 +174,7 @@ impl Net {
         csum && gso
     }
 
-    fn transmit_one(&mut self, ctx: &Ctx<'_>, chain: Result<Vec<Desc>, QueueError>) {
+    fn transmit_one(&mut self, ctx: &Ctx<'_>, chain: Result<Chain, QueueError>) {
         let bufs = match chain.and_then(|c| Buffers::pin(ctx.mem, &c, false, MAX_FRAME)) {
             Ok(b) => b,
             Err(e) => {

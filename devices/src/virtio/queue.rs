@@ -185,7 +185,11 @@ pub struct Desc {
 
 /// A chain taken off the available ring: its head, and its descriptors or
 /// what is wrong with them.
-pub type Popped = (u16, Result<Vec<Desc>, QueueError>);
+pub type Popped = (u16, Result<Chain, QueueError>);
+
+/// A descriptor chain: most have at most four descriptors (a block
+/// request has three), which need no allocation.
+pub type Chain = smallvec::SmallVec<[Desc; 4]>;
 
 /// The saved state of one queue.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -467,7 +471,7 @@ impl DeviceQueue {
 
     /// Reads the descriptors of a held head again (a fork's clone serving
     /// the requests its parent had in flight).
-    pub fn chain_of(&self, head: u16) -> Result<Vec<Desc>, QueueError> {
+    pub fn chain_of(&self, head: u16) -> Result<Chain, QueueError> {
         let (Some(q), Some(rings)) = (&self.queue, &self.rings) else {
             return Err(QueueError::Inactive);
         };
@@ -476,8 +480,8 @@ impl DeviceQueue {
 }
 
 /// Walks the chain starting at `head`.
-fn walk(view: &RingView<'_>, table: u64, size: u16, head: u16) -> Result<Vec<Desc>, QueueError> {
-    let mut out = Vec::new();
+fn walk(view: &RingView<'_>, table: u64, size: u16, head: u16) -> Result<Chain, QueueError> {
+    let mut out = Chain::new();
     let mut idx = head;
     loop {
         if idx >= size {

@@ -514,9 +514,9 @@ mod tests {
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
 
-    /// Sector s of the image holds bytes s ^ i.
-    fn image() -> PathBuf {
-        let p = std::env::temp_dir().join(format!("vmm-blk-uring-{}.img", std::process::id()));
+    /// Sector s of the image `name` holds bytes s ^ i.
+    fn image(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("vmm-blk-{name}-{}.img", std::process::id()));
         let bytes: Vec<u8> = (0..1u64 << 20)
             .map(|o| ((o / SECTOR) as u8) ^ (o as u8))
             .collect();
@@ -560,7 +560,7 @@ mod tests {
     /// reset under a locked transport.
     #[test]
     fn quiesce_waits_for_the_requests_in_flight() {
-        let path = image();
+        let path = image("quiesce");
         for io_uring in [true, false] {
             let config = BlockConfig {
                 latency: Some(Duration::from_millis(100)),
@@ -606,7 +606,7 @@ mod tests {
     /// read completes at once.
     #[test]
     fn reads_the_cache_misses_complete_through_the_io_uring() {
-        let path = image();
+        let path = image("uring");
         let block = Block::new(BlockConfig::new(path.clone())).unwrap();
         if !block.uses_io_uring() {
             eprintln!("io_uring is refused here: nothing to test");

@@ -111,8 +111,14 @@ impl Uring {
 
     /// Queues `read` of `fd` (submitted by the next [`Uring::submit`]),
     /// after `delay` if given; the read back if the submission queue has
-    /// no room even after a submission (the ring is failing).
-    pub fn push(&mut self, fd: RawFd, read: Read, delay: Option<Duration>) -> Result<(), Read> {
+    /// no room even after a submission (the ring is failing: rare, so the
+    /// read comes back boxed).
+    pub fn push(
+        &mut self,
+        fd: RawFd,
+        read: Read,
+        delay: Option<Duration>,
+    ) -> Result<(), Box<Read>> {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -166,7 +172,7 @@ impl Uring {
         }
         if !room(&mut self.ring) {
             self.free.push(slot);
-            return Err(read);
+            return Err(Box::new(read));
         }
         self.slots[slot as usize] = Some(InFlight {
             read,

@@ -29,7 +29,7 @@ use vmm_sys_util::epoll::EventSet;
 use self::conn::{Conn, State};
 use self::packet::{HDR_LEN, HOST_CID, Header, TYPE_STREAM, op, shutdown};
 use super::device::{Ctx, DeviceError, VirtioDevice};
-use super::queue::{Desc, QueueError};
+use super::queue::{Chain, QueueError};
 use super::worker::HOST_TOKEN_BASE;
 use super::{Buffers, id, read_config_bytes};
 
@@ -278,7 +278,7 @@ impl Vsock {
     fn packet(
         &mut self,
         ctx: &Ctx<'_>,
-        chain: Result<Vec<Desc>, QueueError>,
+        chain: Result<Chain, QueueError>,
     ) -> Result<(), QueueError> {
         let bufs = Buffers::pin(ctx.mem, &chain?, false, HDR_LEN + MAX_PAYLOAD)?;
         let mut raw = [0u8; HDR_LEN as usize];
@@ -443,7 +443,7 @@ impl Vsock {
         &mut self,
         ctx: &Ctx<'_>,
         next: Next,
-        chain: Result<Vec<Desc>, QueueError>,
+        chain: Result<Chain, QueueError>,
     ) -> Result<u32, QueueError> {
         let bufs = Buffers::pin(ctx.mem, &chain?, false, HDR_LEN + MAX_PAYLOAD)?;
         if bufs.writable_len() < HDR_LEN {
