@@ -24,7 +24,7 @@ use memory::VmMemory;
 use super::device::{Ctx, DeviceError, VirtioDevice};
 use super::queue::{DeviceQueue, QueueSnapshot};
 use super::worker::Poller;
-use super::{INT_CONFIG, INT_VRING, Interrupt, features, status};
+use super::{INT_CONFIG, Interrupt, features, status};
 
 /// The magic value ("virt").
 pub const MAGIC: u32 = 0x7472_6976;
@@ -473,24 +473,6 @@ impl Transport {
             for q in self.queues.iter().filter(|q| q.is_active()) {
                 q.kick();
             }
-        }
-    }
-
-    /// Completes `head` of queue `q`, taken in `generation`, from outside
-    /// the device thread (an asynchronous backend). A completion that
-    /// outlived a reset is dropped.
-    pub fn complete_async(&mut self, q: usize, generation: u64, head: u16, len: u32) {
-        let Some(queue) = self.queues.get_mut(q) else {
-            return;
-        };
-        match queue.complete_if(generation, head, len) {
-            Ok(true) => {
-                if queue.needs_notification() {
-                    self.interrupt.raise(INT_VRING);
-                }
-            }
-            Ok(false) => {}
-            Err(e) => self.needs_reset(&format!("queue {q}: {}", chain(&e))),
         }
     }
 }

@@ -34,8 +34,9 @@
 //! # Lock order
 //! A transport's mutex, then what its device holds inside (a block
 //! device's thread-pool queue, a disk's overlay lock, a vsock connection
-//! table). Threads that complete requests asynchronously take no device
-//! lock while they wait for the transport's.
+//! table). Threads that complete requests asynchronously (a block device's
+//! I/O threads) never take the transport's lock: they hand completions to
+//! the device thread, so a device may wait for them with the lock held.
 
 pub mod balloon;
 pub mod blk;

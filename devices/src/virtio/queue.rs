@@ -261,7 +261,8 @@ impl DeviceQueue {
         self.queue.is_some()
     }
 
-    /// The current generation (see [`DeviceQueue::complete_if`]).
+    /// The current generation: it changes with every reset, so a request
+    /// completed asynchronously after one is recognised and dropped.
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -428,20 +429,6 @@ impl DeviceQueue {
             q.add_used(&view, head, len).map_err(ring_err)?;
         }
         Ok(())
-    }
-
-    /// [`DeviceQueue::complete`] for a request taken in `generation`: a
-    /// completion that outlived a reset is dropped (false).
-    pub fn complete_if(
-        &mut self,
-        generation: u64,
-        head: u16,
-        len: u32,
-    ) -> Result<bool, QueueError> {
-        if generation != self.generation || !self.is_active() {
-            return Ok(false);
-        }
-        self.complete(head, len).map(|()| true)
     }
 
     /// Asks the driver not to notify while the device is busy with the

@@ -26,7 +26,7 @@ pub mod uring;
 
 use std::any::Any;
 use std::path::PathBuf;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use virtio_bindings::virtio_blk::{
@@ -35,7 +35,7 @@ use virtio_bindings::virtio_blk::{
 };
 
 use self::disk::{Disk, SECTOR};
-use self::pool::{Outstanding, Pool};
+use self::pool::{Completion, Handoff, Pool};
 use self::request::{Env, ID_BYTES, MAX_SEGMENTS, MAX_ZERO_SECTORS};
 use self::uring::Uring;
 use super::buffers::PinCache;
@@ -57,6 +57,8 @@ const IO_THREADS: usize = 2;
 const POLL: Duration = Duration::from_micros(25);
 /// The poller token of the io_uring's completion eventfd.
 const URING_TOKEN: u64 = HOST_TOKEN_BASE;
+/// The poller token of the I/O threads' completion eventfd.
+const POOL_TOKEN: u64 = HOST_TOKEN_BASE + 1;
 
 /// How a block device is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,14 +99,16 @@ pub struct Block {
     id: [u8; ID_BYTES],
     pool: Option<Pool>,
     uring: Option<Uring>,
-    /// Whether the io_uring's eventfd is in the device thread's poller.
+    /// Whether the completion eventfds are in the device thread's poller.
     polled: bool,
     /// Requests completed during the current pass, for one used-ring update.
     done: Vec<(u16, u32)>,
     /// The pages of the current pass's headers and status bytes.
     pins: PinCache,
-    /// Requests on the I/O threads that still hold their pins.
-    outstanding: Arc<Outstanding>,
+    /// How the I/O threads hand requests back.
+    handoff: Arc<Handoff>,
+    /// Completions taken from the handoff (kept for their allocation).
+    finished: Vec<Completion>,
 }
 
 impl Block {
@@ -142,7 +146,8 @@ impl Block {
             polled: false,
             done: Vec::new(),
             pins: PinCache::default(),
-            outstanding: Arc::default(),
+            handoff: Arc::new(Handoff::new()?),
+            finished: Vec::new(),
         })
     }
 
@@ -158,6 +163,7 @@ impl Block {
             u.submit();
         }
         self.reap(ctx, q, &mut done);
+        self.take_finished(ctx, q, &mut done);
         ctx.complete_all(q, &done);
         done.clear();
         self.done = done;
@@ -168,20 +174,35 @@ impl Block {
         self.uring.is_some()
     }
 
-    /// Puts the io_uring's eventfd into the device thread's poller (once).
-    fn watch_uring(&mut self, ctx: &Ctx<'_>) {
-        let Some(u) = &self.uring else {
-            return;
-        };
+    /// Puts the completion eventfds (the io_uring's, the I/O threads')
+    /// into the device thread's poller (once).
+    fn watch(&mut self, ctx: &Ctx<'_>) {
         if self.polled {
             return;
         }
-        match ctx
-            .poller
-            .add(u.event_fd(), vmm_sys_util::epoll::EventSet::IN, URING_TOKEN)
-        {
-            Ok(()) => self.polled = true,
-            Err(e) => log::error!("virtio-blk: cannot wait for io_uring completions: {e}"),
+        let uring = self.uring.as_ref().map(|u| (u.event_fd(), URING_TOKEN));
+        let pool = Some((self.handoff.event_fd(), POOL_TOKEN));
+        for (fd, token) in uring.into_iter().chain(pool) {
+            if let Err(e) = ctx.poller.add(fd, vmm_sys_util::epoll::EventSet::IN, token) {
+                log::error!("virtio-blk: cannot wait for completions: {e}");
+                return;
+            }
+        }
+        self.polled = true;
+    }
+
+    /// Takes what the I/O threads finished: those of queue `q`'s current
+    /// generation join `done`.
+    fn take_finished(&mut self, ctx: &Ctx<'_>, q: usize, done: &mut Vec<(u16, u32)>) {
+        self.handoff.take(&mut self.finished);
+        for c in self.finished.drain(..) {
+            let current = ctx
+                .queues
+                .get(c.q)
+                .is_some_and(|queue| queue.is_active() && queue.generation() == c.generation);
+            if c.q == q && current {
+                done.push((c.head, c.len));
+            }
         }
     }
 
@@ -304,9 +325,8 @@ impl Block {
             return;
         };
         let (disk, id, latency) = (self.disk.clone(), self.id, self.config.latency);
-        let transport = ctx.this.clone();
         let generation = ctx.queues[q].generation();
-        let ticket = self.outstanding.enter();
+        let ticket = self.handoff.enter();
         pool.submit(Box::new(move || {
             if let Some(l) = latency {
                 std::thread::sleep(l);
@@ -318,12 +338,12 @@ impl Block {
             };
             let len = request::serve(env, &bufs);
             drop(bufs);
-            drop(ticket);
-            if let Some(t) = transport.upgrade() {
-                t.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .complete_async(q, generation, head, len);
-            }
+            ticket.finish(Completion {
+                q,
+                generation,
+                head,
+                len,
+            });
         }));
     }
 }
@@ -392,7 +412,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: &mut Ctx<'_>) -> Result<(), DeviceError> {
-        self.watch_uring(ctx);
+        self.watch(ctx);
         Ok(())
     }
 
@@ -419,11 +439,14 @@ impl VirtioDevice for Block {
     }
 
     fn host_event(&mut self, ctx: &mut Ctx<'_>, token: u64, _events: u32) {
-        if token != URING_TOKEN {
-            return;
-        }
-        if let Some(u) = &self.uring {
-            u.clear_event();
+        match token {
+            URING_TOKEN => {
+                if let Some(u) = &self.uring {
+                    u.clear_event();
+                }
+            }
+            POOL_TOKEN => {}
+            _ => return,
         }
         let mut done = std::mem::take(&mut self.done);
         for q in 0..ctx.queues.len() {
@@ -432,6 +455,7 @@ impl VirtioDevice for Block {
                 // Entries a full completion queue held back.
                 u.submit();
             }
+            self.take_finished(ctx, q, &mut done);
             ctx.complete_all(q, &done);
             done.clear();
         }
@@ -446,19 +470,27 @@ impl VirtioDevice for Block {
 
     fn quiesce(&mut self, ctx: &mut Ctx<'_>) {
         let mut done = std::mem::take(&mut self.done);
-        while let Some(u) = self.uring.as_mut().filter(|u| u.in_flight() > 0) {
-            if let Err(e) = u.wait() {
-                log::error!("virtio-blk: cannot wait for io_uring reads: {e}");
-                break;
+        loop {
+            let waiting = self.uring.as_ref().is_some_and(|u| u.in_flight() > 0);
+            if waiting {
+                if let Some(Err(e)) = self.uring.as_mut().map(Uring::wait) {
+                    log::error!("virtio-blk: cannot wait for io_uring reads: {e}");
+                    break;
+                }
+            } else {
+                self.handoff.wait_idle();
             }
             for q in 0..ctx.queues.len() {
                 self.reap(ctx, q, &mut done);
+                self.take_finished(ctx, q, &mut done);
                 ctx.complete_all(q, &done);
                 done.clear();
             }
+            if !waiting {
+                break;
+            }
         }
         self.done = done;
-        self.outstanding.wait_idle();
     }
 
     fn rewind(&mut self) -> Result<(), DeviceError> {
@@ -484,7 +516,7 @@ impl VirtioDevice for Block {
     }
 
     fn resume(&mut self, ctx: &mut Ctx<'_>) {
-        self.watch_uring(ctx);
+        self.watch(ctx);
         for q in 0..ctx.queues.len() {
             let held: Vec<u16> = ctx.queues[q].held.iter().copied().collect();
             let popped = held

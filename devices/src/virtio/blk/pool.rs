@@ -2,49 +2,127 @@
 //! device thread, so a slow request never holds up the queue (nor the
 //! vCPUs, which never wait for the device thread).
 //!
-//! A job carries its request's long-term pins and completes the request
-//! itself, taking the transport's lock only after the I/O is done.
+//! A job carries its request's long-term pins, drops them when its I/O is
+//! done and hands the completion back to the device thread ([`Handoff`]);
+//! it never takes the transport's lock.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
-/// The requests handed to the I/O threads whose pins are still held (a
-/// count that a job's [`Ticket`] keeps raised until the job drops it,
-/// before the job waits for its transport): a device waits for none
-/// before guest memory or the disk may change under them.
-#[derive(Debug, Default)]
-pub struct Outstanding {
-    n: Mutex<usize>,
-    idle: Condvar,
+use vmm_sys_util::eventfd::EventFd;
+
+/// A request done by an I/O thread, for the device thread to return to
+/// the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The request's queue.
+    pub q: usize,
+    /// The queue's generation when the request was taken (a completion
+    /// that outlived a reset is dropped).
+    pub generation: u64,
+    /// The request's head.
+    pub head: u16,
+    /// Bytes written into the request's buffers.
+    pub len: u32,
 }
 
-impl Outstanding {
-    /// Counts one more request until the ticket is dropped.
-    pub fn enter(self: &Arc<Self>) -> Ticket {
-        *self.n.lock().unwrap_or_else(PoisonError::into_inner) += 1;
-        Ticket(self.clone())
+#[derive(Debug, Default)]
+struct HandoffState {
+    /// Jobs whose ticket is live: they may still hold pins.
+    running: usize,
+    done: Vec<Completion>,
+}
+
+/// How the I/O threads hand requests back. A job never takes the
+/// transport's lock (the device thread may hold it while it waits for the
+/// jobs, see [`Handoff::wait_idle`]): it drops its pins, leaves its
+/// completion here and signals [`Handoff::event_fd`], which the device
+/// thread waits on. From submission until then the job is counted.
+#[derive(Debug)]
+pub struct Handoff {
+    state: Mutex<HandoffState>,
+    idle: Condvar,
+    event: EventFd,
+}
+
+impl Handoff {
+    /// An empty handoff.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            state: Mutex::default(),
+            idle: Condvar::new(),
+            event: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
     }
 
-    /// Waits until every ticket is dropped.
+    fn lock(&self) -> MutexGuard<'_, HandoffState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts one more job until its ticket is finished or dropped.
+    pub fn enter(self: &Arc<Self>) -> Ticket {
+        self.lock().running += 1;
+        Ticket(Some(self.clone()))
+    }
+
+    /// Signalled when a job finishes.
+    pub fn event_fd(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
+
+    /// Moves the completions handed over so far into `out`, and consumes
+    /// the signal.
+    pub fn take(&self, out: &mut Vec<Completion>) {
+        let _ = self.event.read();
+        out.append(&mut self.lock().done);
+    }
+
+    /// Waits until no job is running: none holds a pin any more, and each
+    /// one's completion is here.
     pub fn wait_idle(&self) {
-        let mut n = self.n.lock().unwrap_or_else(PoisonError::into_inner);
-        while *n > 0 {
-            n = self.idle.wait(n).unwrap_or_else(PoisonError::into_inner);
+        let mut s = self.lock();
+        while s.running > 0 {
+            s = self.idle.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn leave(&self, done: Option<Completion>) {
+        {
+            let mut s = self.lock();
+            s.done.extend(done);
+            s.running -= 1;
+            if s.running == 0 {
+                self.idle.notify_all();
+            }
+        }
+        if done.is_some() {
+            if let Err(e) = self.event.write(1) {
+                log::error!("virtio-blk: cannot signal a completion: {e}");
+            }
         }
     }
 }
 
-/// One request counted in an [`Outstanding`].
+/// One job counted in a [`Handoff`]; dropped unfinished (a job that never
+/// ran), it just stops counting.
 #[derive(Debug)]
-pub struct Ticket(Arc<Outstanding>);
+pub struct Ticket(Option<Arc<Handoff>>);
+
+impl Ticket {
+    /// Hands `done` over; the job must have dropped its pins.
+    pub fn finish(mut self, done: Completion) {
+        if let Some(h) = self.0.take() {
+            h.leave(Some(done));
+        }
+    }
+}
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut n = self.0.n.lock().unwrap_or_else(PoisonError::into_inner);
-        *n -= 1;
-        if *n == 0 {
-            self.0.idle.notify_all();
+        if let Some(h) = self.0.take() {
+            h.leave(None);
         }
     }
 }
