@@ -182,6 +182,42 @@ impl Entry {
         }
     }
 
+    /// Whether the page has contents: present, in swap or being moved.
+    pub(crate) fn has_contents(self) -> bool {
+        !matches!(self, Entry::None | Entry::Marker { .. })
+    }
+
+    /// The entry with its write-protect bit set to `on`, read-only if
+    /// protected; an entry without contents is returned as it is.
+    pub(crate) fn with_wp(self, on: bool) -> Entry {
+        match self {
+            Entry::Present {
+                store,
+                writable,
+                soft_dirty,
+                ..
+            } => Entry::Present {
+                store,
+                writable: writable && !on,
+                wp: on,
+                soft_dirty,
+            },
+            Entry::Swap {
+                slot, exclusive, ..
+            } => Entry::Swap {
+                slot,
+                exclusive,
+                wp: on,
+            },
+            Entry::Migration { store, kind, .. } => Entry::Migration {
+                store,
+                kind,
+                wp: on,
+            },
+            Entry::None | Entry::Marker { .. } => self,
+        }
+    }
+
     /// Whether a write listener protects the page.
     pub fn wp(self) -> bool {
         match self {

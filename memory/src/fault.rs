@@ -140,7 +140,7 @@ impl VmMemory {
             } => {
                 if wp && access == Access::Write {
                     // R11: a write listener hears of the write first.
-                    if self.has_listener() && !listener_told {
+                    if self.must_tell(page, listener_told) {
                         return Ok(Step::TellListener);
                     }
                     self.lift_protection(leaf, page, store, writable, soft_dirty);

@@ -21,12 +21,15 @@
 //! 8. a VM's record of write-protect events;
 //! 9. the swap file's slot allocator;
 //! 10. the context's table of snapshot image areas;
-//! 11. a VM's record of pages the VMM wrote.
+//! 11. a VM's record of pages the VMM wrote;
+//! 12. a table's record of changed entries (a live snapshot's, see
+//!     `table.rs`).
 //!
 //! Frame counts and the anon-exclusive bit are atomics, changed under the
 //! table lock of an entry that maps the frame, or by the holder of a
 //! reference (pins). The write-protect sequence count is not a lock: fork
-//! holds it odd while it write-protects the VM, and the lockless pin path
+//! and a live snapshot hold it odd while they write-protect the VM (under
+//! the memory-map lock, which keeps them apart), and the lockless pin path
 //! gives up when it saw it odd or changed.
 //!
 //! `memory` knows nothing of KVM: it hands the VMM host ranges to register

@@ -38,6 +38,10 @@ pub(crate) enum Rank {
     Images,
     /// A VM's record of pages the VMM wrote (see `dirty.rs`).
     VmmWrites,
+    /// A table's record of changed entries while a live snapshot arms its
+    /// protection (see `table.rs`); taken under any other lock, as entries
+    /// are set under many.
+    Changes,
 }
 
 #[cfg(debug_assertions)]

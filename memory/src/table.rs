@@ -15,6 +15,11 @@
 //!   has waited for lockless walkers;
 //! - leaves live until the table is dropped, so a reference obtained from a
 //!   top entry stays valid for the table's lifetime.
+//!
+//! While a live snapshot arms its protection (see `snapshot.rs`), the table
+//! records every page whose entry is set to anything but a protected entry
+//! with contents ([`Changes`]): those are the pages the snapshot's instant
+//! must look at again, and the only ones.
 
 use std::sync::Arc;
 
@@ -41,16 +46,19 @@ pub(crate) struct Leaf {
     young: [AtomicU64; YOUNG_WORDS],
     /// The table's count of present entries.
     present: Arc<AtomicU64>,
+    /// The table's record of changed entries.
+    changes: Arc<Changes>,
 }
 
 impl Leaf {
-    fn new(present: Arc<AtomicU64>) -> Self {
+    fn new(present: Arc<AtomicU64>, changes: Arc<Changes>) -> Self {
         Self {
             lock: RankedMutex::new(Rank::Table, ()),
             entries: (0..PAGES_PER_LEAF).map(|_| AtomicU64::new(0)).collect(),
             pins: AtomicU32::new(0),
             young: std::array::from_fn(|_| AtomicU64::new(0)),
             present,
+            changes,
         }
     }
 
@@ -99,9 +107,13 @@ impl Leaf {
     }
 
     /// Writes an entry. The caller holds this leaf's lock. An entry that
-    /// becomes present is counted and marked young.
+    /// becomes present is counted and marked young; while changes are
+    /// recorded, any entry but a protected one with contents is recorded.
     pub(crate) fn set(&self, page: u64, entry: Entry) {
         crate::lock::assert_held_any(&[Rank::Table, Rank::ChildTable]);
+        if self.changes.recording() && !(entry.wp() && entry.has_contents()) {
+            self.changes.note(page);
+        }
         let new = entry.pack();
         let old = self.entries[(page % PAGES_PER_LEAF) as usize].swap(new, Ordering::Release);
         match (Entry::raw_is_present(old), Entry::raw_is_present(new)) {
@@ -118,12 +130,85 @@ impl Leaf {
     }
 }
 
+/// Pages whose entries were set, recorded while a live snapshot arms its
+/// protection: each page once, in the order of their first change since
+/// the last [`Changes::take`].
+///
+/// Recording starts before the snapshot visits any leaf and `note` runs
+/// under the leaf lock of the entry it records, so an entry set after the
+/// snapshot visited it is always recorded.
+#[derive(Debug)]
+pub(crate) struct Changes {
+    /// Non-zero while recording.
+    on: AtomicU32,
+    log: RankedMutex<ChangeLog>,
+}
+
+#[derive(Debug, Default)]
+struct ChangeLog {
+    /// A bit per page recorded since the last take.
+    seen: Vec<u64>,
+    pages: Vec<u64>,
+}
+
+impl Changes {
+    fn new() -> Self {
+        Self {
+            on: AtomicU32::new(0),
+            log: RankedMutex::new(Rank::Changes, ChangeLog::default()),
+        }
+    }
+
+    pub(crate) fn recording(&self) -> bool {
+        self.on.load(Ordering::Acquire) != 0
+    }
+
+    fn note(&self, page: u64) {
+        let mut log = self.log.lock();
+        let (w, bit) = ((page / 64) as usize, 1 << (page % 64));
+        // A change noted as recording stops is harmless: it is dropped.
+        if let Some(word) = log.seen.get_mut(w) {
+            if *word & bit == 0 {
+                *word |= bit;
+                log.pages.push(page);
+            }
+        }
+    }
+
+    /// Starts recording changes of a table of `pages` pages.
+    pub(crate) fn start(&self, pages: u64) {
+        let mut log = self.log.lock();
+        log.seen = vec![0; pages.div_ceil(64) as usize];
+        log.pages.clear();
+        self.on.store(1, Ordering::SeqCst);
+    }
+
+    /// The pages recorded since the last take; recording goes on.
+    pub(crate) fn take(&self) -> Vec<u64> {
+        let mut log = self.log.lock();
+        let pages = std::mem::take(&mut log.pages);
+        for p in &pages {
+            log.seen[(p / 64) as usize] &= !(1 << (p % 64));
+        }
+        pages
+    }
+
+    /// Stops recording; the pages recorded since the last take.
+    pub(crate) fn stop(&self) -> Vec<u64> {
+        self.on.store(0, Ordering::SeqCst);
+        let mut log = self.log.lock();
+        log.seen = Vec::new();
+        std::mem::take(&mut log.pages)
+    }
+}
+
 /// The stage-2 table of one VM.
 #[derive(Debug)]
 pub(crate) struct Table {
     top: Box<[AtomicU64]>,
     pages: u64,
     present: Arc<AtomicU64>,
+    changes: Arc<Changes>,
 }
 
 impl Table {
@@ -135,7 +220,13 @@ impl Table {
                 .collect(),
             pages,
             present: Arc::new(AtomicU64::new(0)),
+            changes: Arc::new(Changes::new()),
         }
+    }
+
+    /// The record of changed entries (see [`Changes`]).
+    pub(crate) fn changes(&self) -> &Changes {
+        &self.changes
     }
 
     /// Present entries.
@@ -167,7 +258,10 @@ impl Table {
         if let Some(leaf) = self.leaf(page) {
             return leaf;
         }
-        let fresh = Box::into_raw(Box::new(Leaf::new(self.present.clone())));
+        let fresh = Box::into_raw(Box::new(Leaf::new(
+            self.present.clone(),
+            self.changes.clone(),
+        )));
         match self
             .slot(page)
             .compare_exchange(0, fresh as u64, Ordering::AcqRel, Ordering::Acquire)

@@ -166,8 +166,9 @@ pub struct VmMemory {
     /// Linux's `mmap_lock`: read for faults and pins, write for fork and
     /// teardown-like changes of the whole VM.
     pub(crate) map_lock: RankedRwLock<()>,
-    /// Linux's `write_protect_seq`: odd while fork write-protects the VM;
-    /// the lockless pin path gives up when it sees it odd or changed.
+    /// Linux's `write_protect_seq`: odd while fork or a live snapshot
+    /// write-protects the VM; the lockless pin path gives up when it sees
+    /// it odd or changed.
     pub(crate) wp_seq: AtomicU64,
     /// Write protection for a listener (see `wp.rs`).
     pub(crate) wp: WpState,
@@ -675,7 +676,9 @@ impl VmMemory {
         // the locks that drop the page (a snapshot may protect it between
         // an earlier check and the drop); a leaf holding such a page is
         // left alone until the listener, which takes no lock of ours, has
-        // been told, and the walk starts again. (A listener of the guest's
+        // been told, and the walk starts again (whether it must hear of a
+        // page is the listener's to say: `WriteListener::must_hear`). (A
+        // listener of the guest's
         // own protection is not told, as userfaultfd's is not of
         // MADV_DONTNEED: the page keeps its protection, as a marker.)
         let mut told: Vec<u64> = Vec::new();
@@ -686,9 +689,7 @@ impl VmMemory {
                 if self.wp.snapshot_running() {
                     tell.extend((at..at + n).filter(|p| {
                         let e = leaf.get(*p);
-                        e.wp()
-                            && !matches!(e, Entry::None | Entry::Marker { .. })
-                            && !told.contains(p)
+                        e.wp() && e.has_contents() && self.must_tell(*p, told.contains(p))
                     }));
                     if !tell.is_empty() {
                         return Err(MemError::Busy("a live snapshot copies the pages first"));

@@ -12,7 +12,10 @@
 //! - *synchronous* ([`VmMemory::set_write_listener`]): the listener is called,
 //!   outside every memory lock, before the write lands (it may read the page,
 //!   to copy it out for a snapshot). Two vCPUs writing one page at once may
-//!   both call it.
+//!   both call it. Under the page's leaf lock, the fault asks the listener
+//!   whether it must hear of the write ([`WriteListener::must_hear`]: by
+//!   default once per write; a live snapshot, until it copied the page),
+//!   and lifts the protection once it need not.
 //!
 //! Protection must never be lost silently (seed 001): a protected page that
 //! loses its frame for any reason but an explicit unprotect or the VM's end
@@ -33,6 +36,21 @@ use crate::vm::{MemError, VmMemory};
 pub trait WriteListener: Send + Sync {
     /// The VM is about to write the page holding `gpa` (page aligned).
     fn before_write(&self, vm: &VmMemory, gpa: u64);
+
+    /// Whether a write to the protected page at `gpa` must be told to the
+    /// listener before it lands; `told`: this write told it already. Asked
+    /// under the page's leaf lock, so it must take no memory lock. By
+    /// default, each write is told once.
+    fn must_hear(&self, _vm: &VmMemory, _gpa: u64, told: bool) -> bool {
+        !told
+    }
+
+    /// Whether the protection of the page at `gpa` is the listener's own,
+    /// so a write to it is not recorded for
+    /// [`VmMemory::take_write_events`]. Asked under the page's leaf lock.
+    fn protects(&self, _vm: &VmMemory, _gpa: u64) -> bool {
+        true
+    }
 }
 
 /// A VM's write-protect state: its listener and the pages recorded for it.
@@ -133,10 +151,7 @@ impl VmMemory {
             Entry::None => Entry::Marker { wp: true },
             Entry::Marker { .. } => Entry::None,
             Entry::Present {
-                store,
-                writable,
-                soft_dirty,
-                ..
+                store, writable, ..
             } => {
                 if on && self.store(store).meta(page).maybe_write_pinned() {
                     return Ok(Protect::DeviceMayWrite);
@@ -146,25 +161,9 @@ impl VmMemory {
                     // says so.
                     self.host_protect(page, 1, false)?;
                 }
-                Entry::Present {
-                    store,
-                    writable: writable && !on,
-                    wp: on,
-                    soft_dirty,
-                }
+                e.with_wp(on)
             }
-            Entry::Swap {
-                slot, exclusive, ..
-            } => Entry::Swap {
-                slot,
-                exclusive,
-                wp: on,
-            },
-            Entry::Migration { store, kind, .. } => Entry::Migration {
-                store,
-                kind,
-                wp: on,
-            },
+            Entry::Swap { .. } | Entry::Migration { .. } => e.with_wp(on),
         };
         leaf.set(page, next);
         Ok(Protect::Changed)
@@ -196,16 +195,26 @@ impl VmMemory {
             .is_some()
     }
 
-    /// Calls the synchronous listener for the page holding `gpa`; no
-    /// memory lock is held.
-    pub(crate) fn tell_listener(&self, gpa: u64) {
-        let listener = self
-            .wp
+    fn listener(&self) -> Option<Arc<dyn WriteListener>> {
+        self.wp
             .listener
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if let Some(l) = listener {
+            .clone()
+    }
+
+    /// Whether a write to protected page `page` must be told to the
+    /// synchronous listener first (see [`WriteListener::must_hear`]); the
+    /// caller holds the page's leaf lock.
+    pub(crate) fn must_tell(&self, page: u64, told: bool) -> bool {
+        self.listener()
+            .is_some_and(|l| l.must_hear(self, self.gpa(page), told))
+    }
+
+    /// Calls the synchronous listener for the page holding `gpa`; no
+    /// memory lock is held.
+    pub(crate) fn tell_listener(&self, gpa: u64) {
+        if let Some(l) = self.listener() {
             self.ctx.stats.wp_events.fetch_add(1, Ordering::Relaxed);
             l.before_write(self, gpa & !(PAGE_SIZE - 1));
         }
@@ -221,8 +230,9 @@ impl VmMemory {
         writable: bool,
         soft_dirty: bool,
     ) {
-        if !self.has_listener() {
-            self.wp.events.lock().push(self.gpa(page));
+        let gpa = self.gpa(page);
+        if !self.listener().is_some_and(|l| l.protects(self, gpa)) {
+            self.wp.events.lock().push(gpa);
             self.ctx.stats.wp_events.fetch_add(1, Ordering::Relaxed);
         }
         leaf.set(

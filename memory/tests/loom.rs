@@ -1,5 +1,6 @@
 //! Model checking (loom) of the lockless pin path (R8) against a concurrent
-//! fork (R6): every interleaving of the atomics involved, not a lucky few.
+//! fork (R6), migration and a live snapshot arming its protection: every
+//! interleaving of the atomics involved, not a lucky few.
 //!
 //! Run with `RUSTFLAGS="--cfg loom" cargo test -p memory --release --test loom`
 //! (scripts/test does). Release mode: the debug-build lock-order tracker
@@ -9,7 +10,9 @@
 
 use std::sync::Arc;
 
-use memory::{Config, Context, Layout, Pin, PinFlags, VmMemory, audit};
+use std::os::unix::fs::FileExt;
+
+use memory::{Config, Context, Layout, LiveSnapshot, Pin, PinFlags, VmMemory, audit};
 
 const RW: PinFlags = PinFlags {
     write: true,
@@ -150,6 +153,40 @@ fn migration_pin_and_fork_race() {
         assert_coherent(&vm, &pin);
         assert_eq!(read(&child), 1, "the child sees the parent's writes");
         drop((pin, child, vm));
+        assert_eq!(ctx.stats().resident, 0);
+    });
+}
+
+/// A device pin taken while a live snapshot arms its protection (the
+/// write-protect sequence held odd, as by fork, but with the guest
+/// running): either arming sees the pin, leaves the page writable and the
+/// instant copies it, or the pinner backs off to a write fault, which the
+/// snapshot catches up on. Either way the image holds what the device
+/// wrote before the instant and nothing it wrote after.
+#[test]
+fn lockless_pin_races_snapshot_arming() {
+    model(2, |ctx, vm| {
+        let image = memory::open_unlinked(&std::env::temp_dir()).unwrap();
+        let armer = {
+            let (vm, image) = (vm.clone(), image.try_clone().unwrap());
+            loom::thread::spawn(move || LiveSnapshot::prepare(&vm, image).unwrap())
+        };
+        let pin = vm.pin(PAGE, 1, RW).unwrap();
+        pin.write(0, &[7]).unwrap();
+        let snap = armer.join().unwrap();
+        snap.begin(&vm, || {}).unwrap();
+        pin.write(0, &[9]).unwrap();
+        snap.copy_rest(&vm, |_, _| {}).unwrap();
+        let mut b = [0u8];
+        image.read_exact_at(&mut b, PAGE).unwrap();
+        assert_eq!(
+            b[0], 7,
+            "the image misses the device's write before the instant"
+        );
+
+        audit(&ctx, &[&vm]).unwrap();
+        assert_coherent(&vm, &pin);
+        drop((pin, snap, vm));
         assert_eq!(ctx.stats().resident, 0);
     });
 }

@@ -1,15 +1,19 @@
 //! Live snapshots of a running VM's memory ([`crate::vm::Vm::snapshot_live`],
 //! the API socket's `snapshot-live`, `vmm snapshot --live`).
 //!
-//! 1. Every vCPU saves its state and waits (the state a restore would
+//! 1. While the guest runs, `memory` write-protects every page with
+//!    contents, then catches up on the pages that changed meanwhile.
+//! 2. Every vCPU saves its state and waits (the state a restore would
 //!    load), and the virtio devices are held still.
-//! 2. `memory` write-protects every page with contents and copies those a
-//!    device may write through a pin: that instant is the image's.
-//! 3. The vCPUs and devices go on; `memory` copies each page out before
+//! 3. `memory` catches up on the pages changed since its last catch-up and
+//!    copies those a device may write through a pin: that instant is the
+//!    image's.
+//! 4. The vCPUs and devices go on; `memory` copies each page out before
 //!    its first write, and every other page in the background.
 //!
-//! The guest is paused for 1 and 2 only: a visit per present page, like a
-//! fork, and no copy but of device-writable pages.
+//! The guest is paused for 2 and 3 only: a visit per page changed since
+//! the last catch-up, whatever the RAM size, and no copy but of
+//! device-writable pages.
 
 use std::fs::File;
 use std::path::Path;
@@ -30,6 +34,8 @@ pub struct LiveReport {
     pub pause: Duration,
     /// Of the pause, how long the vCPUs took to stop and save their state.
     pub vcpu_save: Duration,
+    /// Before the pause, while the guest ran: arming write protection.
+    pub arm: Duration,
     /// From the pause request to the image on disk.
     pub total: Duration,
     /// vCPUs whose state was saved (parked ones have none to save).
@@ -60,13 +66,22 @@ fn live_saving(
     image: File,
     progress: impl FnMut(u64, u64),
 ) -> Result<(LiveReport, AtInstant), VmmError> {
+    // While the guest runs, protect every page: the pause then only covers
+    // pages changed since.
+    let t = Instant::now();
     let snap = LiveSnapshot::prepare(&vm.mem, image)?;
-    // While the guest runs, take write access from every page: the pause
-    // then only covers pages written since.
-    if let Err(e) = vm.mem.demote_writable() {
-        log::debug!("snapshot: demoting pages ahead: {}", crate::error_chain(&e));
-    }
-    let (mut report, started, at) = paused(vm, |resume| Ok(snap.begin(&vm.mem, resume)?))?;
+    let arm = t.elapsed();
+    let (mut report, started, at) = match paused(vm, |resume| Ok(snap.begin(&vm.mem, resume)?)) {
+        Ok(done) => done,
+        Err(e) => {
+            // The pause never came (`begin` gives up by itself).
+            if let Err(e) = snap.cancel(&vm.mem) {
+                log::warn!("snapshot: giving pages back: {}", crate::error_chain(&e));
+            }
+            return Err(e);
+        }
+    };
+    report.arm = arm;
     report.memory = snap.copy_rest(&vm.mem, progress)?;
     report.total = started.elapsed();
     Ok((report, at))
@@ -218,6 +233,7 @@ fn paused(
     let report = LiveReport {
         pause,
         vcpu_save,
+        arm: Duration::ZERO,
         total: pause,
         vcpus: states.iter().flatten().count(),
         memory: SnapshotReport::default(),

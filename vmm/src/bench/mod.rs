@@ -623,7 +623,14 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
         b.migration(tsc)?;
     }
     if on("snapshot") {
-        b.snapshots(if opts.quick { 64 << 20 } else { 1 << 30 }, tsc)?;
+        let sizes: &[u64] = if opts.quick {
+            &[64 << 20]
+        } else {
+            &[256 << 20, 1 << 30]
+        };
+        for &bytes in sizes {
+            b.snapshots(bytes, tsc)?;
+        }
     }
     if on("fuzz") {
         b.fuzz_resets(tsc)?;

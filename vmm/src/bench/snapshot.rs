@@ -88,6 +88,14 @@ impl Bench {
             ),
         );
         self.record(
+            &format!("  live snapshot arming, {mib} MiB, guest running"),
+            format!("{:.1} ms", ms(live.arm)),
+            format!(
+                "before the pause; the pause then looked at {} pages",
+                live.memory.paused_visits
+            ),
+        );
+        self.record(
             &format!("  live snapshot total, {mib} MiB"),
             format!("{:.1} ms", ms(live.total)),
             format!(
