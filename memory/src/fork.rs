@@ -35,6 +35,19 @@
 //!
 //! Cost: one visit per installed leaf and per present entry; absent memory
 //! costs nothing, so fork scales with mapped pages, not RAM size.
+//!
+//! On the host, taking write access from a page that the host maps costs
+//! per page table entry (`mprotect` changes each one, and KVM drops its own
+//! mapping of each through its MMU notifier): measured here, 150-200 ns a
+//! page, more than a whole Linux `fork()` spends per page. So before write
+//! access is taken ahead of a fork, runs of fully written leaves *shed*
+//! their host entries: `mremap(MREMAP_DONTUNMAP)` moves them out whole page
+//! tables at a time (about 1 ns a page, plus KVM's per-page drop), leaving
+//! the host mapping's areas in place, empty, with the same backing and
+//! protection; `mprotect` then only changes the areas. The moved entries
+//! are torn down by the reaper thread (`host_reap.rs`) once the fork is
+//! done, off the fork's path. The guest refaults a shed page from the same
+//! frame on its next access (KVM had dropped its mapping anyway).
 
 use std::sync::Arc;
 
@@ -102,9 +115,14 @@ impl VmMemory {
     /// reuses its frame after a fault (R11). A fork or a live snapshot that
     /// follows finds only the pages written since, and pauses the guest
     /// for those alone: taking write access from pages KVM maps is the
-    /// dominant cost of both on hosts like this one. Returns the pages
-    /// changed.
+    /// dominant cost of both on hosts like this one. Runs of fully written
+    /// leaves first shed their host page table entries (see
+    /// [`VmMemory::shed_dense_host_entries`]), so that `mprotect` has no
+    /// entry to change there. Returns the pages changed.
     pub fn demote_writable(&self) -> Result<u64, MemError> {
+        // What an earlier demotion shed and no fork released goes first.
+        self.release_shed();
+        self.shed_dense_host_entries();
         let mut changed = 0;
         self.walk_leaves(0, self.table.pages(), false, |leaf, at, n| {
             let mut runs = Runs::default();
@@ -122,6 +140,79 @@ impl VmMemory {
             Ok(())
         })?;
         Ok(changed)
+    }
+
+    /// Empties the host mapping of every run of leaves whose pages are all
+    /// present, writable and of one store (one host mapping each, as a
+    /// guest that wrote its memory leaves it): their page table entries
+    /// move out whole and are torn down on the reaper thread, so that
+    /// taking write access from those pages afterwards finds no entries to
+    /// change one by one. Nothing else changes: every page keeps its
+    /// backing and protection, and an access refaults it from the same
+    /// frame. Best effort: the entries are read without the leaf locks (a
+    /// page that changes meanwhile only makes the run cost more or less),
+    /// and a host that cannot move them leaves them where they are.
+    fn shed_dense_host_entries(&self) {
+        let _map = self.map_lock.read();
+        let pages = self.table.pages();
+        let mut run: Option<(u64, u64)> = None;
+        let shed = |run: &mut Option<(u64, u64)>| {
+            if let Some((first, n)) = run.take() {
+                match self.host.move_entries_out(first, n) {
+                    Ok(moved) => self.shed_list().push(moved),
+                    Err(e) => log::debug!("host entries of pages {first:#x}+{n} stay: {e}"),
+                }
+            }
+        };
+        for (first, leaf) in self.table.leaves() {
+            let dense = first + PAGES_PER_LEAF <= pages && {
+                let one = match leaf.get(first) {
+                    Entry::Present {
+                        store,
+                        writable: true,
+                        ..
+                    } => Some(store),
+                    _ => None,
+                };
+                one.is_some()
+                    && (first..first + PAGES_PER_LEAF).all(|p| match leaf.get(p) {
+                        Entry::Present {
+                            store,
+                            writable: true,
+                            ..
+                        } => Some(store) == one,
+                        _ => false,
+                    })
+            };
+            match run {
+                Some((start, n)) if dense && start + n == first => {
+                    run = Some((start, n + PAGES_PER_LEAF));
+                }
+                _ => {
+                    shed(&mut run);
+                    if dense {
+                        run = Some((first, PAGES_PER_LEAF));
+                    }
+                }
+            }
+        }
+        shed(&mut run);
+    }
+
+    /// Hands the host page table entries shed so far to the reaper. Fork
+    /// does so once it is done, so that tearing them down does not compete
+    /// with it for the host's mapping lock or a CPU.
+    pub(crate) fn release_shed(&self) {
+        let shed = std::mem::take(&mut *self.shed_list());
+        for moved in shed {
+            crate::host_reap::release_later(moved);
+        }
+    }
+
+    fn shed_list(&self) -> std::sync::MutexGuard<'_, Vec<crate::sys::Mapping>> {
+        self.shed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Forks this VM's memory: returns the child's, sharing every frame
@@ -174,6 +265,9 @@ impl VmMemory {
         result?;
         drop(_child_map);
         child.drop_unused_slots();
+        drop(_parent_map);
+        // (After a failed fork they go with the next one, or the VM.)
+        self.release_shed();
         Ok(child)
     }
 

@@ -40,6 +40,7 @@ mod entry;
 mod fault;
 mod fork;
 mod frame;
+mod host_reap;
 mod image;
 mod layout;
 mod lock;
