@@ -50,6 +50,7 @@
 //! frame on its next access (KVM had dropped its mapping anyway).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::entry::{Entry, MigrationKind};
 use crate::layout::PAGES_PER_LEAF;
@@ -58,6 +59,23 @@ use crate::store::Store;
 use crate::sync::{Ordering, fence};
 use crate::table::Leaf;
 use crate::vm::{MemError, VmMemory};
+
+/// How long the steps of a VM's last fork took: diagnostics, for the
+/// benchmark's breakdown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkPhases {
+    /// Shedding host page table entries ahead, a part of `demote`.
+    pub shed: Duration,
+    /// Taking write access ahead while the guest ran
+    /// ([`VmMemory::demote_writable`]), shedding included.
+    pub demote: Duration,
+    /// Phase 1, the guest paused: protecting what was written since and
+    /// copying what may be pinned.
+    pub protect: Duration,
+    /// Phase 2, the guest running again: copying the tables and building
+    /// the child's host mapping.
+    pub copy: Duration,
+}
 
 /// What phase 1 did to one leaf, for phase 2.
 struct LeafPlan {
@@ -120,9 +138,11 @@ impl VmMemory {
     /// [`VmMemory::shed_dense_host_entries`]), so that `mprotect` has no
     /// entry to change there. Returns the pages changed.
     pub fn demote_writable(&self) -> Result<u64, MemError> {
+        let start = Instant::now();
         // What an earlier demotion shed and no fork released goes first.
         self.release_shed();
         self.shed_dense_host_entries();
+        let shed = start.elapsed();
         let mut changed = 0;
         self.walk_leaves(0, self.table.pages(), false, |leaf, at, n| {
             let mut runs = Runs::default();
@@ -139,6 +159,10 @@ impl VmMemory {
             }
             Ok(())
         })?;
+        self.note_phases(|t| {
+            t.shed = shed;
+            t.demote = start.elapsed();
+        });
         Ok(changed)
     }
 
@@ -215,6 +239,22 @@ impl VmMemory {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// How long the steps of this VM's last fork took (the demotion ahead
+    /// is the last one, whether a fork followed it or not).
+    pub fn last_fork_phases(&self) -> ForkPhases {
+        *self
+            .phases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn note_phases(&self, f: impl FnOnce(&mut ForkPhases)) {
+        f(&mut self
+            .phases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+
     /// Forks this VM's memory: returns the child's, sharing every frame
     /// copy-on-write except those that may be pinned. The caller keeps the
     /// VM's vCPUs from running for the duration, so the child is a
@@ -251,8 +291,11 @@ impl VmMemory {
         // raw_write_seqcount_begin(&src_mm->write_protect_seq)
         self.wp_seq.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
+        let start = Instant::now();
         let plans = self.protect_for_fork(&child);
+        let protect = start.elapsed();
         protected(&child);
+        let start = Instant::now();
         let result = plans.and_then(|plans| {
             let mut child_runs = MapRuns::default();
             for plan in &plans {
@@ -262,6 +305,11 @@ impl VmMemory {
             child_runs.flush(&child)
         });
         self.wp_seq.fetch_add(1, Ordering::SeqCst);
+        let copy = start.elapsed();
+        self.note_phases(|t| {
+            t.protect = protect;
+            t.copy = copy;
+        });
         result?;
         drop(_child_map);
         child.drop_unused_slots();

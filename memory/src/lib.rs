@@ -63,6 +63,7 @@ mod wp;
 pub use audit::audit;
 pub use context::{Config, Context, StatsSnapshot};
 pub use entry::{Entry, MigrationKind};
+pub use fork::ForkPhases;
 pub use image::{Image, ImageError, ImageRun, MAX_RUN_PAGES, index_image};
 pub use layout::{Layout, LayoutError, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_LEAF, RamRange};
 pub use migrate::{Compactor, MigrateReport};

@@ -179,6 +179,9 @@ pub struct VmMemory {
     /// handed to the reaper (see `fork.rs`). Ownership handles only, like
     /// `Arc`: std's lock, taken under no other and around nothing else.
     pub(crate) shed: std::sync::Mutex<Vec<Mapping>>,
+    /// How long the steps of the last fork took (diagnostics; std's lock,
+    /// like `shed`).
+    pub(crate) phases: std::sync::Mutex<crate::fork::ForkPhases>,
 }
 
 impl VmMemory {
@@ -211,6 +214,7 @@ impl VmMemory {
             limit,
             vmm_writes: Default::default(),
             shed: std::sync::Mutex::new(Vec::new()),
+            phases: Default::default(),
         });
         ctx.register(&vm);
         Ok(vm)
