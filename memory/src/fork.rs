@@ -393,7 +393,10 @@ impl VmMemory {
         // The child's pages, mapped once the parent's list is released
         // (mapping reads the child's list: same lock rank).
         let mut mapped: Vec<(u64, u32, bool)> = Vec::with_capacity(PAGES_PER_LEAF as usize);
+        // The child's entries, written into its fresh leaf at once.
+        let mut filled: Vec<(u64, Entry)> = Vec::with_capacity(PAGES_PER_LEAF as usize);
         let mut newly_shared = 0u64;
+        let mut failed = None;
         {
             let stores = self.stores.read();
             for p in first..end {
@@ -414,7 +417,7 @@ impl VmMemory {
                             wp,
                         };
                         leaf.set(p, shared(wp));
-                        child_leaf.set(p, shared(false));
+                        filled.push((p, shared(false)));
                         continue;
                     }
                     Entry::Migration { store, wp, .. } => {
@@ -432,14 +435,14 @@ impl VmMemory {
                             wp,
                         };
                         leaf.set(p, read(wp));
-                        child_leaf.set(p, read(false));
+                        filled.push((p, read(false)));
                         hold(&mut holds, store);
                         continue;
                     }
                     Entry::None | Entry::Marker { .. } => continue,
                 };
                 if let Some(&(_, idx, copy_writable)) = copies.next_if(|c| c.0 == p) {
-                    child_leaf.set(
+                    filled.push((
                         p,
                         Entry::Present {
                             store: idx,
@@ -447,17 +450,18 @@ impl VmMemory {
                             wp: false,
                             soft_dirty: true,
                         },
-                    );
+                    ));
                     mapped.push((p, idx, copy_writable));
                     continue;
                 }
                 if writable && !plan.demoted(p) {
                     // Not copied and not protected: impossible while fork
                     // holds the map lock, but never share a writable frame.
-                    return Err(MemError::Unsupported {
+                    failed = Some(MemError::Unsupported {
                         gpa: self.gpa(p),
                         state: "writable but neither protected nor copied by fork",
                     });
+                    break;
                 }
                 let s = stores.get(store).expect("an entry names a filled slot");
                 let meta = s.meta(p);
@@ -475,12 +479,20 @@ impl VmMemory {
                     soft_dirty,
                 };
                 // The parent keeps its write protection; the child does not
-                // inherit it.
-                leaf.set(p, ro(wp));
-                child_leaf.set(p, ro(false));
+                // inherit it. (An entry demoted ahead is read-only already.)
+                if writable {
+                    leaf.set(p, ro(wp));
+                }
+                filled.push((p, ro(false)));
                 hold(&mut holds, store);
                 mapped.push((p, store, false));
             }
+        }
+        // The references taken so far are the child's entries' even when
+        // the copy stops here: the child's teardown drops them.
+        child_leaf.fill_empty(&filled);
+        if let Some(e) = failed {
+            return Err(e);
         }
         self.ctx
             .stats
