@@ -136,14 +136,15 @@ impl VmMemory {
     /// dominant cost of both on hosts like this one. Runs of fully written
     /// leaves first shed their host page table entries (see
     /// [`VmMemory::shed_dense_host_entries`]), so that `mprotect` has no
-    /// entry to change there. Returns the pages changed.
+    /// entry to change there, and then lose write access a whole run at a
+    /// time ([`VmMemory::demote_runs_whole`]). Returns the pages changed.
     pub fn demote_writable(&self) -> Result<u64, MemError> {
         let start = Instant::now();
         // What an earlier demotion shed and no fork released goes first.
         self.release_shed();
-        self.shed_dense_host_entries();
+        let dense = self.shed_dense_host_entries();
         let shed = start.elapsed();
-        let mut changed = 0;
+        let mut changed = self.demote_runs_whole(&dense)?;
         self.walk_leaves(0, self.table.pages(), false, |leaf, at, n| {
             let mut runs = Runs::default();
             let mut pages = Vec::new();
@@ -176,14 +177,19 @@ impl VmMemory {
     /// frame. Best effort: the entries are read without the leaf locks (a
     /// page that changes meanwhile only makes the run cost more or less),
     /// and a host that cannot move them leaves them where they are.
-    fn shed_dense_host_entries(&self) {
+    /// Returns the runs shed, as (first page, pages).
+    fn shed_dense_host_entries(&self) -> Vec<(u64, u64)> {
         let _map = self.map_lock.read();
         let pages = self.table.pages();
         let mut run: Option<(u64, u64)> = None;
-        let shed = |run: &mut Option<(u64, u64)>| {
+        let mut done = Vec::new();
+        let mut shed = |run: &mut Option<(u64, u64)>| {
             if let Some((first, n)) = run.take() {
                 match self.host.move_entries_out(first, n) {
-                    Ok(moved) => self.shed_list().push(moved),
+                    Ok(moved) => {
+                        self.shed_list().push(moved);
+                        done.push((first, n));
+                    }
                     Err(e) => log::debug!("host entries of pages {first:#x}+{n} stay: {e}"),
                 }
             }
@@ -221,6 +227,40 @@ impl VmMemory {
             }
         }
         shed(&mut run);
+        done
+    }
+
+    /// Takes write access from whole runs of leaves at once: one
+    /// `mprotect` a run instead of one a leaf (each splits and merges the
+    /// host's areas), then the entries, leaf by leaf. With the memory-map
+    /// lock held for writing no entry can change and no fault can look at
+    /// one (every path that changes or resolves an entry takes that lock),
+    /// so no one sees the pages read-only on the host while their entries
+    /// are still writable. A run with a page that is not present any more
+    /// is left to the leaf-by-leaf pass: its host page must stay
+    /// inaccessible. Returns the entries changed.
+    fn demote_runs_whole(&self, runs: &[(u64, u64)]) -> Result<u64, MemError> {
+        if runs.is_empty() {
+            return Ok(0);
+        }
+        let _map = self.map_lock.write();
+        let mut changed = 0;
+        for &(first, n) in runs {
+            let present =
+                (first..first + n).all(|p| matches!(self.table.get(p), Entry::Present { .. }));
+            if !present {
+                continue;
+            }
+            self.host_protect(first, n, false)?;
+            for at in (first..first + n).step_by(PAGES_PER_LEAF as usize) {
+                let leaf = self.table.leaf(at).expect("a shed leaf exists");
+                let _ptl = leaf.lock().lock();
+                for p in at..at + PAGES_PER_LEAF {
+                    changed += u64::from(crate::vm::demote_entry(leaf, p));
+                }
+            }
+        }
+        Ok(changed)
     }
 
     /// Hands the host page table entries shed so far to the reaper. Fork

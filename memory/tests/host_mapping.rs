@@ -176,6 +176,7 @@ fn demoting_a_written_leaf_sheds_its_host_entries_and_keeps_its_data() {
     }
     assert!(host_entry_present(host + 0x3000));
     assert_eq!(host_prot(host + 0x3000), "r-");
+    assert_eq!(host_prot(host + 0x10_0000), "--", "an absent page opened");
     // Every page refaults from its own frame.
     for p in 0..512 {
         assert_eq!(host_byte(host + leaf + p * 4096), p as u8);
