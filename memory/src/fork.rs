@@ -372,6 +372,13 @@ impl VmMemory {
                 demoted: [0; (PAGES_PER_LEAF as usize).div_ceil(64)],
                 copies: Vec::new(),
             };
+            // After a demotion ahead most leaves have nothing writable and
+            // no pin: one pass over the packed entries tells (the guest is
+            // paused for this step).
+            if !pinned_leaf && !(first..end).any(|p| Entry::raw_is_writable(leaf.raw(p))) {
+                plans.push(plan);
+                continue;
+            }
             for p in first..end {
                 // Entries cannot change: every writer of them takes the
                 // memory-map lock, which fork holds for writing.
