@@ -159,6 +159,12 @@ impl Entry {
         }
     }
 
+    /// Whether a packed entry is present and writable, without unpacking
+    /// it.
+    pub(crate) fn raw_is_writable(raw: u64) -> bool {
+        raw & (KIND_MASK | WRITABLE) == KIND_PRESENT | WRITABLE
+    }
+
     /// Whether a packed entry is present, without unpacking it.
     pub(crate) fn raw_is_present(raw: u64) -> bool {
         raw & KIND_MASK == KIND_PRESENT

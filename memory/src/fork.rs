@@ -35,8 +35,34 @@
 //!
 //! Cost: one visit per installed leaf and per present entry; absent memory
 //! costs nothing, so fork scales with mapped pages, not RAM size.
+//!
+//! On the host, taking write access from a page that the host maps costs
+//! per page table entry (`mprotect` changes each one, and KVM drops its own
+//! mapping of each through its MMU notifier): measured here, 150-200 ns a
+//! page, more than a whole Linux `fork()` spends per page. So before write
+//! access is taken ahead of a fork, runs of fully written leaves *shed*
+//! their host entries: `mremap(MREMAP_DONTUNMAP)` moves them out whole page
+//! tables at a time (about 1 ns a page, plus KVM's per-page drop), leaving
+//! the host mapping's areas in place, empty, with the same backing and
+//! protection; `mprotect` then only changes the areas. The moved entries
+//! are torn down by the reaper thread (`host_reap.rs`) once the fork is
+//! done, off the fork's path. The guest refaults a shed page from the same
+//! frame on its next access (KVM had dropped its mapping anyway).
+//!
+//! The trade, measured here at 1 GiB: the fork's path loses the 45-50 ms
+//! of `mprotect`; KVM's own drop stays (about 60 ns a page, 15-20 ms,
+//! more while the guest runs than while it is paused); tearing the moved
+//! entries down costs the reaper about 60 ms of CPU alone, and up to
+//! 200 ms when it overlaps other heavy memory work (another VM filling
+//! its RAM). Latency is bought with some CPU after the fork.
+//!
+//! Taking write access from a shed run is one `mprotect` for the whole
+//! run, under the memory-map lock held for writing, which (like phase 1
+//! below) relies on every path that changes or resolves an entry taking
+//! that lock.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::entry::{Entry, MigrationKind};
 use crate::layout::PAGES_PER_LEAF;
@@ -45,6 +71,23 @@ use crate::store::Store;
 use crate::sync::{Ordering, fence};
 use crate::table::Leaf;
 use crate::vm::{MemError, VmMemory};
+
+/// How long the steps of a VM's last fork took: diagnostics, for the
+/// benchmark's breakdown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkPhases {
+    /// Shedding host page table entries ahead, a part of `demote`.
+    pub shed: Duration,
+    /// Taking write access ahead while the guest ran
+    /// ([`VmMemory::demote_writable`]), shedding included.
+    pub demote: Duration,
+    /// Phase 1, the guest paused: protecting what was written since and
+    /// copying what may be pinned.
+    pub protect: Duration,
+    /// Phase 2, the guest running again: copying the tables and building
+    /// the child's host mapping.
+    pub copy: Duration,
+}
 
 /// What phase 1 did to one leaf, for phase 2.
 struct LeafPlan {
@@ -102,10 +145,18 @@ impl VmMemory {
     /// reuses its frame after a fault (R11). A fork or a live snapshot that
     /// follows finds only the pages written since, and pauses the guest
     /// for those alone: taking write access from pages KVM maps is the
-    /// dominant cost of both on hosts like this one. Returns the pages
-    /// changed.
+    /// dominant cost of both on hosts like this one. Runs of fully written
+    /// leaves first shed their host page table entries (see
+    /// [`VmMemory::shed_dense_host_entries`]), so that `mprotect` has no
+    /// entry to change there, and then lose write access a whole run at a
+    /// time ([`VmMemory::demote_runs_whole`]). Returns the pages changed.
     pub fn demote_writable(&self) -> Result<u64, MemError> {
-        let mut changed = 0;
+        let start = Instant::now();
+        // What an earlier demotion shed and no fork released goes first.
+        self.release_shed();
+        let dense = self.shed_dense_host_entries();
+        let shed = start.elapsed();
+        let mut changed = self.demote_runs_whole(&dense)?;
         self.walk_leaves(0, self.table.pages(), false, |leaf, at, n| {
             let mut runs = Runs::default();
             let mut pages = Vec::new();
@@ -121,7 +172,139 @@ impl VmMemory {
             }
             Ok(())
         })?;
+        self.note_phases(|t| {
+            t.shed = shed;
+            t.demote = start.elapsed();
+        });
         Ok(changed)
+    }
+
+    /// Empties the host mapping of every run of leaves whose pages are all
+    /// present, writable and of one store (one host mapping each, as a
+    /// guest that wrote its memory leaves it): their page table entries
+    /// move out whole and are torn down on the reaper thread, so that
+    /// taking write access from those pages afterwards finds no entries to
+    /// change one by one. Nothing else changes: every page keeps its
+    /// backing and protection, and an access refaults it from the same
+    /// frame. Best effort: the entries are read without the leaf locks (a
+    /// page that changes meanwhile only makes the run cost more or less),
+    /// and a host that cannot move them leaves them where they are.
+    /// Returns the runs shed, as (first page, pages).
+    fn shed_dense_host_entries(&self) -> Vec<(u64, u64)> {
+        let _map = self.map_lock.read();
+        let pages = self.table.pages();
+        let mut run: Option<(u64, u64)> = None;
+        let mut done = Vec::new();
+        let mut shed = |run: &mut Option<(u64, u64)>| {
+            if let Some((first, n)) = run.take() {
+                match self.host.move_entries_out(first, n) {
+                    Ok(moved) => {
+                        self.shed_list().push(moved);
+                        done.push((first, n));
+                    }
+                    Err(e) => log::debug!("host entries of pages {first:#x}+{n} stay: {e}"),
+                }
+            }
+        };
+        for (first, leaf) in self.table.leaves() {
+            let dense = first + PAGES_PER_LEAF <= pages && {
+                let one = match leaf.get(first) {
+                    Entry::Present {
+                        store,
+                        writable: true,
+                        ..
+                    } => Some(store),
+                    _ => None,
+                };
+                one.is_some()
+                    && (first..first + PAGES_PER_LEAF).all(|p| match leaf.get(p) {
+                        Entry::Present {
+                            store,
+                            writable: true,
+                            ..
+                        } => Some(store) == one,
+                        _ => false,
+                    })
+            };
+            match run {
+                Some((start, n)) if dense && start + n == first => {
+                    run = Some((start, n + PAGES_PER_LEAF));
+                }
+                _ => {
+                    shed(&mut run);
+                    if dense {
+                        run = Some((first, PAGES_PER_LEAF));
+                    }
+                }
+            }
+        }
+        shed(&mut run);
+        done
+    }
+
+    /// Takes write access from whole runs of leaves at once: one
+    /// `mprotect` a run instead of one a leaf (each splits and merges the
+    /// host's areas), then the entries, leaf by leaf. With the memory-map
+    /// lock held for writing no entry can change and no fault can look at
+    /// one (every path that changes or resolves an entry takes that lock),
+    /// so no one sees the pages read-only on the host while their entries
+    /// are still writable. A run with a page that is not present any more
+    /// is left to the leaf-by-leaf pass: its host page must stay
+    /// inaccessible. Returns the entries changed.
+    fn demote_runs_whole(&self, runs: &[(u64, u64)]) -> Result<u64, MemError> {
+        if runs.is_empty() {
+            return Ok(0);
+        }
+        let _map = self.map_lock.write();
+        let mut changed = 0;
+        for &(first, n) in runs {
+            let present =
+                (first..first + n).all(|p| matches!(self.table.get(p), Entry::Present { .. }));
+            if !present {
+                continue;
+            }
+            self.host_protect(first, n, false)?;
+            for at in (first..first + n).step_by(PAGES_PER_LEAF as usize) {
+                let leaf = self.table.leaf(at).expect("a shed leaf exists");
+                let _ptl = leaf.lock().lock();
+                for p in at..at + PAGES_PER_LEAF {
+                    changed += u64::from(crate::vm::demote_entry(leaf, p));
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Hands the host page table entries shed so far to the reaper. Fork
+    /// does so once it is done, so that tearing them down does not compete
+    /// with it for the host's mapping lock or a CPU.
+    pub(crate) fn release_shed(&self) {
+        let shed = std::mem::take(&mut *self.shed_list());
+        for moved in shed {
+            crate::host_reap::release_later(moved);
+        }
+    }
+
+    fn shed_list(&self) -> std::sync::MutexGuard<'_, Vec<crate::sys::Mapping>> {
+        self.shed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How long the steps of this VM's last fork took (the demotion ahead
+    /// is the last one, whether a fork followed it or not).
+    pub fn last_fork_phases(&self) -> ForkPhases {
+        *self
+            .phases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn note_phases(&self, f: impl FnOnce(&mut ForkPhases)) {
+        f(&mut self
+            .phases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
     }
 
     /// Forks this VM's memory: returns the child's, sharing every frame
@@ -160,8 +343,11 @@ impl VmMemory {
         // raw_write_seqcount_begin(&src_mm->write_protect_seq)
         self.wp_seq.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
+        let start = Instant::now();
         let plans = self.protect_for_fork(&child);
+        let protect = start.elapsed();
         protected(&child);
+        let start = Instant::now();
         let result = plans.and_then(|plans| {
             let mut child_runs = MapRuns::default();
             for plan in &plans {
@@ -171,9 +357,17 @@ impl VmMemory {
             child_runs.flush(&child)
         });
         self.wp_seq.fetch_add(1, Ordering::SeqCst);
+        let copy = start.elapsed();
+        self.note_phases(|t| {
+            t.protect = protect;
+            t.copy = copy;
+        });
         result?;
         drop(_child_map);
         child.drop_unused_slots();
+        drop(_parent_map);
+        // (After a failed fork they go with the next one, or the VM.)
+        self.release_shed();
         Ok(child)
     }
 
@@ -190,6 +384,13 @@ impl VmMemory {
                 demoted: [0; (PAGES_PER_LEAF as usize).div_ceil(64)],
                 copies: Vec::new(),
             };
+            // After a demotion ahead most leaves have nothing writable and
+            // no pin: one pass over the packed entries tells (the guest is
+            // paused for this step).
+            if !pinned_leaf && !(first..end).any(|p| Entry::raw_is_writable(leaf.raw(p))) {
+                plans.push(plan);
+                continue;
+            }
             for p in first..end {
                 // Entries cannot change: every writer of them takes the
                 // memory-map lock, which fork holds for writing.
@@ -251,7 +452,10 @@ impl VmMemory {
         // The child's pages, mapped once the parent's list is released
         // (mapping reads the child's list: same lock rank).
         let mut mapped: Vec<(u64, u32, bool)> = Vec::with_capacity(PAGES_PER_LEAF as usize);
+        // The child's entries, written into its fresh leaf at once.
+        let mut filled: Vec<(u64, Entry)> = Vec::with_capacity(PAGES_PER_LEAF as usize);
         let mut newly_shared = 0u64;
+        let mut failed = None;
         {
             let stores = self.stores.read();
             for p in first..end {
@@ -272,7 +476,7 @@ impl VmMemory {
                             wp,
                         };
                         leaf.set(p, shared(wp));
-                        child_leaf.set(p, shared(false));
+                        filled.push((p, shared(false)));
                         continue;
                     }
                     Entry::Migration { store, wp, .. } => {
@@ -290,14 +494,14 @@ impl VmMemory {
                             wp,
                         };
                         leaf.set(p, read(wp));
-                        child_leaf.set(p, read(false));
+                        filled.push((p, read(false)));
                         hold(&mut holds, store);
                         continue;
                     }
                     Entry::None | Entry::Marker { .. } => continue,
                 };
                 if let Some(&(_, idx, copy_writable)) = copies.next_if(|c| c.0 == p) {
-                    child_leaf.set(
+                    filled.push((
                         p,
                         Entry::Present {
                             store: idx,
@@ -305,17 +509,18 @@ impl VmMemory {
                             wp: false,
                             soft_dirty: true,
                         },
-                    );
+                    ));
                     mapped.push((p, idx, copy_writable));
                     continue;
                 }
                 if writable && !plan.demoted(p) {
                     // Not copied and not protected: impossible while fork
                     // holds the map lock, but never share a writable frame.
-                    return Err(MemError::Unsupported {
+                    failed = Some(MemError::Unsupported {
                         gpa: self.gpa(p),
                         state: "writable but neither protected nor copied by fork",
                     });
+                    break;
                 }
                 let s = stores.get(store).expect("an entry names a filled slot");
                 let meta = s.meta(p);
@@ -333,12 +538,20 @@ impl VmMemory {
                     soft_dirty,
                 };
                 // The parent keeps its write protection; the child does not
-                // inherit it.
-                leaf.set(p, ro(wp));
-                child_leaf.set(p, ro(false));
+                // inherit it. (An entry demoted ahead is read-only already.)
+                if writable {
+                    leaf.set(p, ro(wp));
+                }
+                filled.push((p, ro(false)));
                 hold(&mut holds, store);
                 mapped.push((p, store, false));
             }
+        }
+        // The references taken so far are the child's entries' even when
+        // the copy stops here: the child's teardown drops them.
+        child_leaf.fill_empty(&filled);
+        if let Some(e) = failed {
+            return Err(e);
         }
         self.ctx
             .stats

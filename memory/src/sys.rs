@@ -8,6 +8,9 @@ use std::ptr::NonNull;
 
 use crate::layout::PAGE_SIZE;
 
+/// The reach of one last-level page table (x86-64: 2 MiB).
+const PMD_SIZE: usize = 2 << 20;
+
 fn check(ret: libc::c_int) -> io::Result<()> {
     if ret == 0 {
         Ok(())
@@ -198,6 +201,60 @@ impl Mapping {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Empties `pages` pages at `page` of their host page table entries,
+    /// leaving their mappings as they are (same backing, same protection):
+    /// the next access faults the page in again. The entries are moved,
+    /// whole page tables at a time, into a new range that this returns and
+    /// that nothing else knows of; they go away when it is dropped.
+    ///
+    /// Moving costs per page table, where changing or dropping entries in
+    /// place (`mprotect`, `MADV_DONTNEED`) costs per entry.
+    pub(crate) fn move_entries_out(&self, page: u64, pages: u64) -> io::Result<Mapping> {
+        let (addr, len) = self.span(page, pages);
+        // Page tables move whole only between addresses equal modulo their
+        // reach: place the target so.
+        let scratch = Mapping::reserve(len + PMD_SIZE)?;
+        let skew = (addr as usize).wrapping_sub(scratch.base.as_ptr() as usize) % PMD_SIZE;
+        let target = scratch.base.as_ptr().wrapping_add(skew);
+        // SAFETY: the source lies inside this reservation, which no Rust
+        // object occupies, and stays mapped (MREMAP_DONTUNMAP) with the
+        // same backing and protection, so what KVM reads through it is
+        // unchanged. The target lies inside `scratch`, a reservation of our
+        // own that nothing else uses.
+        let p = unsafe {
+            libc::mremap(
+                addr,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
+                target.cast::<libc::c_void>(),
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(scratch)
+    }
+
+    /// Unmaps the range `chunk` pages at a time, so that no one call holds
+    /// the process's mapping lock for long (an `mmap` or `mprotect` of
+    /// another thread waits for the whole of a call).
+    pub(crate) fn release_gradually(self, chunk: u64) {
+        let chunk = (chunk * PAGE_SIZE) as usize;
+        let mut off = 0;
+        while off < self.len {
+            let n = chunk.min(self.len - off);
+            // SAFETY: the piece lies inside this range, which we own and
+            // which nothing refers into once its owner gives it up.
+            let ret = unsafe { libc::munmap(self.base.as_ptr().wrapping_add(off).cast(), n) };
+            if ret != 0 {
+                log::error!("munmap failed: {}", io::Error::last_os_error());
+            }
+            off += n;
+        }
+        std::mem::forget(self);
     }
 
     /// Changes the protection of `pages` pages.

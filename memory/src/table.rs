@@ -128,6 +128,40 @@ impl Leaf {
             _ => {}
         }
     }
+
+    /// Writes entries into pages of this leaf that hold none (fork filling
+    /// its child's fresh leaf): each one a plain store, and the present
+    /// ones counted and marked young once for all, where [`Leaf::set`]
+    /// pays up to three atomic read-modify-writes an entry. The caller
+    /// holds this leaf's lock.
+    pub(crate) fn fill_empty(&self, entries: &[(u64, Entry)]) {
+        crate::lock::assert_held_any(&[Rank::Table, Rank::ChildTable]);
+        let mut present = 0;
+        let mut young = [0u64; YOUNG_WORDS];
+        for &(page, entry) in entries {
+            let new = entry.pack();
+            let slot = &self.entries[(page % PAGES_PER_LEAF) as usize];
+            debug_assert_eq!(
+                slot.load(Ordering::Relaxed),
+                Entry::None.pack(),
+                "filled over an entry"
+            );
+            slot.store(new, Ordering::Release);
+            if Entry::raw_is_present(new) {
+                present += 1;
+                let (w, bit) = Self::young_bit(page);
+                young[w] |= bit;
+            }
+        }
+        if present > 0 {
+            self.present.fetch_add(present, Ordering::Relaxed);
+        }
+        for (w, bits) in young.into_iter().enumerate() {
+            if bits != 0 {
+                self.young[w].fetch_or(bits, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Pages whose entries were set, recorded while a live snapshot arms its

@@ -176,6 +176,13 @@ pub struct VmMemory {
     pub(crate) limit: crate::reclaim::Limit,
     /// Pages the VMM wrote, when a reset needs them (see `dirty.rs`).
     pub(crate) vmm_writes: crate::dirty::VmmWrites,
+    /// Host page table entries moved out of the host mapping and not yet
+    /// handed to the reaper (see `fork.rs`). Ownership handles only, like
+    /// `Arc`: std's lock, taken under no other and around nothing else.
+    pub(crate) shed: std::sync::Mutex<Vec<Mapping>>,
+    /// How long the steps of the last fork took (diagnostics; std's lock,
+    /// like `shed`).
+    pub(crate) phases: std::sync::Mutex<crate::fork::ForkPhases>,
 }
 
 impl VmMemory {
@@ -207,6 +214,8 @@ impl VmMemory {
             wp: WpState::new(),
             limit,
             vmm_writes: Default::default(),
+            shed: std::sync::Mutex::new(Vec::new()),
+            phases: Default::default(),
         });
         ctx.register(&vm);
         Ok(vm)
@@ -842,6 +851,7 @@ impl Drop for VmMemory {
         // store that no one else holds is closed right after, which frees
         // its memory at once, so its frames need no hole punching.
         self.ctx.unregister(self.id);
+        self.release_shed();
         let stores = self.stores.write().take_all();
         for s in stores.iter().flatten() {
             s.remove_mapper(self.id);

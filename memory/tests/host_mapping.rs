@@ -132,3 +132,62 @@ fn bad_ranges_are_errors() {
     assert!(vm.fault(4 << 20, Access::Read).is_err());
     assert!(vm.discard(0, u64::MAX).is_err());
 }
+
+/// Whether the host page at `addr` has a page table entry, from
+/// /proc/self/pagemap (bit 63: present).
+fn host_entry_present(addr: u64) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
+    f.seek(SeekFrom::Start(addr / 4096 * 8)).unwrap();
+    let mut word = [0u8; 8];
+    f.read_exact(&mut word).unwrap();
+    u64::from_le_bytes(word) >> 63 == 1
+}
+
+/// The byte at `addr` read through the host mapping (faulting its entry
+/// in).
+fn host_byte(addr: u64) -> u8 {
+    // SAFETY: the page is present in the VM (callers made it so), so its
+    // host page is mapped at least readable, and this test is the VM's only
+    // user.
+    unsafe { std::ptr::read_volatile(addr as *const u8) }
+}
+
+#[test]
+fn demoting_a_written_leaf_sheds_its_host_entries_and_keeps_its_data() {
+    let (ctx, vm, host) = vm(1);
+    let leaf = 2 << 20;
+    let data: Vec<u8> = (0..512u32 * 4096).map(|i| (i / 4096) as u8).collect();
+    vm.write(leaf, &data).unwrap();
+    vm.write(0x3000, &[9]).unwrap();
+    for p in 0..512 {
+        assert_eq!(host_byte(host + leaf + p * 4096), p as u8);
+    }
+    assert_eq!(host_byte(host + 0x3000), 9);
+    assert!(host_entry_present(host + leaf + 5 * 4096));
+    assert!(host_entry_present(host + 0x3000));
+
+    assert_eq!(vm.demote_writable().unwrap(), 513);
+    // The full leaf lost its host entries; the lone page kept its own.
+    for p in [0, 5, 511] {
+        let addr = host + leaf + p * 4096;
+        assert!(!host_entry_present(addr), "page {p} kept its entry");
+        assert_eq!(host_prot(addr), "r-");
+    }
+    assert!(host_entry_present(host + 0x3000));
+    assert_eq!(host_prot(host + 0x3000), "r-");
+    assert_eq!(host_prot(host + 0x10_0000), "--", "an absent page opened");
+    // Every page refaults from its own frame.
+    for p in 0..512 {
+        assert_eq!(host_byte(host + leaf + p * 4096), p as u8);
+    }
+
+    // A fork after it shares the data; a write after it copies as ever.
+    let child = vm.fork().unwrap();
+    let child_host = child.host_ranges()[0].2;
+    assert_eq!(host_byte(child_host + leaf + 7 * 4096), 7);
+    vm.write(leaf + 7 * 4096, &[0xaa]).unwrap();
+    assert_eq!(host_byte(host + leaf + 7 * 4096), 0xaa);
+    assert_eq!(host_byte(child_host + leaf + 7 * 4096), 7);
+    memory::audit(&ctx, &[&vm, &child]).unwrap();
+}
