@@ -82,3 +82,41 @@ fn a_live_snapshot_is_one_instant_of_a_guest_that_keeps_writing() {
     );
     eprintln!("{report:?}");
 }
+
+/// A block read still on a slow disk when a live snapshot is taken is
+/// waited for first: the image holds it done (its data in the buffer, its
+/// head in the used ring), never half-written.
+#[test]
+fn a_live_snapshot_waits_for_the_block_requests_in_flight() {
+    let disk = guest_tests::Scratch::new("snap-blk.img", &[0x5a; 64 << 10]);
+    let blk = vmm::virtio::DeviceConfig::Blk(devices::virtio::blk::BlockConfig {
+        latency: Some(std::time::Duration::from_millis(300)),
+        ..devices::virtio::blk::BlockConfig::new(disk.0.clone())
+    });
+    let vm = Running::start_with(guest("snap_blk"), 16 * MIB, 1, vec![blk]);
+    vm.wait_until("the read was submitted", |v| {
+        v.console().contains("submitted")
+    });
+    let console = vm.console();
+    let (buf, used) = (field(&console, "buf="), field(&console, "used="));
+    let image = scratch();
+    let report = vm
+        .handle()
+        .snapshot_live(image.try_clone().unwrap(), |_, _| {})
+        .unwrap_or_else(|e| panic!("snapshot: {}", vmm::error_chain(&e)));
+    vm.handle().stop(Exit::Code(0));
+    let _ = vm.finish();
+    let mut idx = [0u8; 2];
+    image.read_exact_at(&mut idx, used + 2).unwrap();
+    assert_eq!(
+        u16::from_le_bytes(idx),
+        1,
+        "the read was not done at the instant ({report:?})"
+    );
+    let mut data = vec![0u8; 4096];
+    image.read_exact_at(&mut data, buf).unwrap();
+    assert!(
+        data.iter().all(|&b| b == 0x5a),
+        "the buffer is not the disk's"
+    );
+}

@@ -495,13 +495,21 @@ impl VirtioBus {
     }
 
     /// Holds every device still (no request completes, no ring changes)
-    /// until the guard is dropped, without forking anything.
+    /// until the guard is dropped, without forking anything: a snapshot's
+    /// instant. The requests in flight are waited for first (what they
+    /// finish is returned to the driver), so no buffer or disk block is
+    /// caught half-written; a slow disk lengthens the pause by its
+    /// slowest request.
     pub fn hold(&self) -> FreezeGuard<'_> {
         FreezeGuard {
             _locks: self
                 .slots
                 .iter()
-                .map(|s| s.transport.lock().unwrap_or_else(PoisonError::into_inner))
+                .map(|s| {
+                    let mut t = s.transport.lock().unwrap_or_else(PoisonError::into_inner);
+                    t.quiesce();
+                    t
+                })
                 .collect(),
         }
     }
