@@ -11,13 +11,22 @@ use vmm::fuzz::vm_target::{Limits, Snapshot, VmTarget};
 use vmm::fuzz::{Target, Verdict};
 
 fn snapshot(name: &str, mem: u64) -> Arc<Snapshot> {
+    snapshot_with(name, mem, Vec::new()).unwrap_or_else(|e| panic!("cannot snapshot {name}: {e}"))
+}
+
+/// A snapshot of `name` with `devices`, or why SNAPSHOT refused it.
+fn snapshot_with(
+    name: &str,
+    mem: u64,
+    devices: Vec<vmm::virtio::DeviceConfig>,
+) -> Result<Arc<Snapshot>, String> {
     let program = match name {
         "fuzz_planted" => vmm::guests::FUZZ_PLANTED.to_vec(),
         _ => guest(name),
     };
     let (sink, _) = Sink::capture();
-    Snapshot::of_program(&hypervisor(), program, mem, sink)
-        .unwrap_or_else(|e| panic!("cannot snapshot {name}: {}", vmm::error_chain(&e)))
+    Snapshot::of_program(&hypervisor(), program, mem, devices, sink)
+        .map_err(|e| vmm::error_chain(&e))
 }
 
 fn target(snap: &Arc<Snapshot>, limits: Limits) -> VmTarget {
@@ -217,22 +226,6 @@ fn a_triple_fault_is_a_crash_and_the_next_run_starts_clean() {
     }
 }
 
-/// A snapshot of `name` with `devices`, or why SNAPSHOT refused it.
-fn snapshot_with(
-    name: &str,
-    devices: Vec<vmm::virtio::DeviceConfig>,
-) -> Result<Arc<Snapshot>, String> {
-    let (sink, _) = Sink::capture();
-    let ctx = memory::Context::new(memory::Config::default());
-    let cfg = vmm::VmConfig {
-        mem: 16 * MIB,
-        sink,
-        devices,
-        ..vmm::VmConfig::program(guest(name))
-    };
-    Snapshot::take(&hypervisor(), &ctx, cfg).map_err(|e| vmm::error_chain(&e))
-}
-
 fn blk(s: &Scratch) -> vmm::virtio::DeviceConfig {
     vmm::virtio::DeviceConfig::Blk(devices::virtio::blk::BlockConfig::new(s.0.clone()))
 }
@@ -240,7 +233,7 @@ fn blk(s: &Scratch) -> vmm::virtio::DeviceConfig {
 #[test]
 fn a_target_finds_its_block_device_as_at_the_snapshot_every_run() {
     let disk = Scratch::new("fuzz-blk.img", &[0x5a; 64 << 10]);
-    let snap = snapshot_with("fuzz_blk", vec![blk(&disk)]).unwrap();
+    let snap = snapshot_with("fuzz_blk", 16 * MIB, vec![blk(&disk)]).unwrap();
     let pattern: Vec<u8> = (0..16 * 512u64).map(|i| (i * 13 + 1) as u8).collect();
     // Inputs 0, 1, 2 (mod 3): overwrite the disk; and leave writes in
     // flight; and reset the device.
@@ -265,7 +258,7 @@ fn a_device_that_cannot_go_back_is_refused_at_snapshot() {
         cid: 3,
         uds: uds.clone(),
     };
-    let e = snapshot_with("fuzz_blk", vec![blk(&disk), vsock]).unwrap_err();
+    let e = snapshot_with("fuzz_blk", 16 * MIB, vec![blk(&disk), vsock]).unwrap_err();
     let _ = std::fs::remove_file(&uds);
     assert!(
         e.contains("virtio-vsock device in slot 1 cannot be part of a fuzzing target"),

@@ -176,17 +176,20 @@ impl Snapshot {
         }
     }
 
-    /// Runs `program` with `mem` bytes of RAM, in a memory context of its
-    /// own and with its console going to `sink`, until it calls SNAPSHOT.
+    /// Runs `program` with `mem` bytes of RAM and `devices`, in a memory
+    /// context of its own and with its console going to `sink`, until it
+    /// calls SNAPSHOT.
     pub fn of_program(
         hv: &crate::Hypervisor,
         program: Vec<u8>,
         mem: u64,
+        devices: Vec<crate::virtio::DeviceConfig>,
         sink: crate::Sink,
     ) -> Result<Arc<Snapshot>, FuzzError> {
         let ctx = memory::Context::new(memory::Config::default());
         let cfg = VmConfig {
             mem,
+            devices,
             sink,
             ..VmConfig::program(program)
         };
@@ -746,13 +749,7 @@ pub fn vm_targets(
     devices: Vec<crate::virtio::DeviceConfig>,
 ) -> Result<TargetFactory, FuzzError> {
     let hv = crate::Hypervisor::open().map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
-    let ctx = memory::Context::new(memory::Config::default());
-    let cfg = VmConfig {
-        mem,
-        devices,
-        ..VmConfig::program(program)
-    };
-    let snap = Snapshot::take(&hv, &ctx, cfg)?;
+    let snap = Snapshot::of_program(&hv, program, mem, devices, crate::Sink::Stdout)?;
     let limits = Limits {
         timeout,
         ..Limits::default()
