@@ -240,6 +240,23 @@ impl Block {
         });
     }
 
+    /// Returns to the driver what the io_uring and the I/O threads
+    /// finished, in one used-ring update per queue.
+    fn deliver(&mut self, ctx: &mut Ctx<'_>) {
+        let mut done = std::mem::take(&mut self.done);
+        for q in 0..ctx.queues.len() {
+            self.reap(ctx, q, &mut done);
+            if let Some(u) = &mut self.uring {
+                // Entries a full completion queue held back.
+                u.submit();
+            }
+            self.take_finished(ctx, q, &mut done);
+            ctx.complete_all(q, &done);
+            done.clear();
+        }
+        self.done = done;
+    }
+
     /// This VM's view of the disk.
     pub fn disk(&self) -> &Arc<Disk> {
         &self.disk
@@ -448,18 +465,7 @@ impl VirtioDevice for Block {
             POOL_TOKEN => {}
             _ => return,
         }
-        let mut done = std::mem::take(&mut self.done);
-        for q in 0..ctx.queues.len() {
-            self.reap(ctx, q, &mut done);
-            if let Some(u) = &mut self.uring {
-                // Entries a full completion queue held back.
-                u.submit();
-            }
-            self.take_finished(ctx, q, &mut done);
-            ctx.complete_all(q, &done);
-            done.clear();
-        }
-        self.done = done;
+        self.deliver(ctx);
     }
 
     fn reset(&mut self, _ctx: &mut Ctx<'_>) {
@@ -469,28 +475,15 @@ impl VirtioDevice for Block {
     }
 
     fn quiesce(&mut self, ctx: &mut Ctx<'_>) {
-        let mut done = std::mem::take(&mut self.done);
-        loop {
-            let waiting = self.uring.as_ref().is_some_and(|u| u.in_flight() > 0);
-            if waiting {
-                if let Some(Err(e)) = self.uring.as_mut().map(Uring::wait) {
-                    log::error!("virtio-blk: cannot wait for io_uring reads: {e}");
-                    break;
-                }
-            } else {
-                self.handoff.wait_idle();
-            }
-            for q in 0..ctx.queues.len() {
-                self.reap(ctx, q, &mut done);
-                self.take_finished(ctx, q, &mut done);
-                ctx.complete_all(q, &done);
-                done.clear();
-            }
-            if !waiting {
+        while let Some(u) = self.uring.as_mut().filter(|u| u.in_flight() > 0) {
+            if let Err(e) = u.wait() {
+                log::error!("virtio-blk: cannot wait for io_uring reads: {e}");
                 break;
             }
+            self.deliver(ctx);
         }
-        self.done = done;
+        self.handoff.wait_idle();
+        self.deliver(ctx);
     }
 
     fn rewind(&mut self) -> Result<(), DeviceError> {
