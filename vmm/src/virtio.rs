@@ -472,16 +472,12 @@ impl VirtioBus {
     }
 
     fn freeze_with(&self, drain: bool) -> Result<(Frozen, FreezeGuard<'_>), VirtioError> {
-        let mut locks = Vec::with_capacity(self.slots.len());
+        let locks = self.lock_all(drain);
         let mut frozen = Frozen {
-            states: Vec::new(),
-            devices: Vec::new(),
+            states: Vec::with_capacity(locks.len()),
+            devices: Vec::with_capacity(locks.len()),
         };
-        for s in &self.slots {
-            let mut t = s.transport.lock().unwrap_or_else(PoisonError::into_inner);
-            if drain {
-                t.quiesce();
-            }
+        for t in &locks {
             frozen.states.push(t.state());
             frozen
                 .devices
@@ -489,7 +485,6 @@ impl VirtioBus {
                     what: "forked",
                     source: e.into(),
                 })?);
-            locks.push(t);
         }
         Ok((frozen, FreezeGuard { _locks: locks }))
     }
@@ -502,16 +497,23 @@ impl VirtioBus {
     /// slowest request.
     pub fn hold(&self) -> FreezeGuard<'_> {
         FreezeGuard {
-            _locks: self
-                .slots
-                .iter()
-                .map(|s| {
-                    let mut t = s.transport.lock().unwrap_or_else(PoisonError::into_inner);
-                    t.quiesce();
-                    t
-                })
-                .collect(),
+            _locks: self.lock_all(true),
         }
+    }
+
+    /// Every transport locked, in slot order; with `drain`, each device's
+    /// requests in flight finished first (see `Transport::quiesce`).
+    fn lock_all(&self, drain: bool) -> Vec<MutexGuard<'_, Transport>> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let mut t = s.transport.lock().unwrap_or_else(PoisonError::into_inner);
+                if drain {
+                    t.quiesce();
+                }
+                t
+            })
+            .collect()
     }
 
     /// The first half of a fuzzing clone's reset: every device reset,
