@@ -105,6 +105,8 @@ pub struct Options {
     pub mem_limit: Option<u64>,
     /// Virtio devices, in slot order.
     pub devices: Vec<vmm::virtio::DeviceConfig>,
+    /// `--huge`: 2 MiB mappings.
+    pub huge: bool,
 }
 
 impl Options {
@@ -115,6 +117,7 @@ impl Options {
             vcpus,
             mem_limit: None,
             devices: Vec::new(),
+            huge: false,
         }
     }
 }
@@ -159,7 +162,14 @@ impl Running {
     /// Starts `program` as `opts` say.
     pub fn start_opts(program: Vec<u8>, opts: &Options) -> Self {
         let hv = hypervisor();
-        let ctx = memory::Context::new(memory::Config::default());
+        if opts.huge {
+            memory::huge_pages_available()
+                .unwrap_or_else(|e| panic!("huge mappings unavailable: {e}"));
+        }
+        let ctx = memory::Context::new(memory::Config {
+            huge: opts.huge,
+            ..memory::Config::default()
+        });
         let (sink, console) = Sink::capture();
         let cfg = VmConfig {
             mem: opts.mem,

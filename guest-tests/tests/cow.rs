@@ -97,6 +97,29 @@ fn s5_and_io_uring_story_rw_pin_survives_a_read_only_mapping() {
     });
 }
 
+/// Runs every scenario with `opts`; returns the stats of those that
+/// report them.
+fn every_scenario(opts: &Options) -> Vec<memory::StatsSnapshot> {
+    let mut stats = Vec::new();
+    for (program, marker) in [
+        ("cow_basic", "COW-BASIC-OK"),
+        ("cow_child_pin", "COW-CHILD-PIN-OK"),
+        ("cow_parent_pin", "COW-PARENT-PIN-OK"),
+        ("cow_pin_fork", "COW-PIN-FORK-OK"),
+        ("cow_ro_pin", "COW-RO-PIN-OK"),
+    ] {
+        stats.push(expect_ok_with(program, marker, opts));
+    }
+    host_driven_with("cow_mprotect", "COW-MPROTECT-OK", opts, |mem| {
+        mem.write_protect(BUF, 4096).unwrap();
+        mem.unprotect(BUF, 4096).unwrap();
+    });
+    host_driven_with("cow_pin_wp", "COW-PIN-WP-OK", opts, |mem| {
+        mem.write_protect(BUF, 4096).unwrap();
+    });
+    stats
+}
+
 /// Every scenario again with the VM held to 64 KiB of resident memory, far
 /// below what the guests touch: pages go to swap and come back all the
 /// time, around every fork, pin and write.
@@ -106,22 +129,23 @@ fn every_scenario_under_a_64k_memory_limit() {
         mem_limit: Some(64 << 10),
         ..Options::new(64 * MIB, 1)
     };
-    let mut swap_ins = 0;
-    for (program, marker) in [
-        ("cow_basic", "COW-BASIC-OK"),
-        ("cow_child_pin", "COW-CHILD-PIN-OK"),
-        ("cow_parent_pin", "COW-PARENT-PIN-OK"),
-        ("cow_pin_fork", "COW-PIN-FORK-OK"),
-        ("cow_ro_pin", "COW-RO-PIN-OK"),
-    ] {
-        swap_ins += expect_ok_with(program, marker, &opts).swap_ins;
-    }
-    host_driven_with("cow_mprotect", "COW-MPROTECT-OK", &opts, |mem| {
-        mem.write_protect(BUF, 4096).unwrap();
-        mem.unprotect(BUF, 4096).unwrap();
-    });
-    host_driven_with("cow_pin_wp", "COW-PIN-WP-OK", &opts, |mem| {
-        mem.write_protect(BUF, 4096).unwrap();
-    });
+    let swap_ins: u64 = every_scenario(&opts).iter().map(|s| s.swap_ins).sum();
     assert!(swap_ins > 20, "the limit caused {swap_ins} swap-ins only");
+}
+
+/// Every scenario again on huge mappings: the program, its buffers and its
+/// stack sit in 2 MiB blocks mapped whole on first touch, so each fork
+/// shares huge entries and each write, pin, discard or write-protect of one
+/// page works on (and splits) one.
+#[test]
+fn every_scenario_on_huge_mappings() {
+    let opts = Options {
+        huge: true,
+        ..Options::new(64 * MIB, 1)
+    };
+    let stats = every_scenario(&opts);
+    let maps: u64 = stats.iter().map(|s| s.huge_maps).sum();
+    let splits: u64 = stats.iter().map(|s| s.huge_splits).sum();
+    assert!(maps >= 5, "only {maps} huge mappings were made");
+    assert!(splits >= 5, "only {splits} huge mappings were split");
 }

@@ -17,7 +17,11 @@ use crate::vm::VmMemory;
 /// - R1: a present, writable entry maps an exclusive frame;
 /// - R4: a pinned frame is exclusive;
 /// - each frame's mapcount equals the entries mapping it, and its
-///   refcount equals mapcount + pincount;
+///   refcount equals mapcount + pincount; for a huge frame, each page's
+///   mapcount counts the small entries mapping that page, the head's
+///   count of huge entries the huge ones, and the frame's refcount equals
+///   all of those plus its pincount; a writable or pinned huge entry's
+///   frame is exclusive;
 /// - each used swap slot's reference count equals the entries naming it,
 ///   and no entry names a free slot;
 /// - each snapshot image area counts the entries naming it, and no entry
@@ -28,6 +32,8 @@ use crate::vm::VmMemory;
 pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
     // (store address, page) -> entries mapping it.
     let mut mapped: HashMap<(usize, u64), u32> = HashMap::new();
+    // (store address, head page) -> huge entries mapping it.
+    let mut huge: HashMap<(usize, u64), u32> = HashMap::new();
     // swap slot -> entries naming it.
     let mut slots: HashMap<u32, u32> = HashMap::new();
     // snapshot image area -> entries naming it.
@@ -36,6 +42,33 @@ pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
         let stores = vm.stores.read();
         let mut uses: HashMap<u32, u64> = HashMap::new();
         for (first, leaf) in vm.table.leaves() {
+            if let Some(Entry::Present {
+                store, writable, ..
+            }) = leaf.huge()
+            {
+                let s = stores.get(store).ok_or_else(|| {
+                    format!(
+                        "vm {}: huge entry {first:#x} names slot {store}, which is empty",
+                        vm.id()
+                    )
+                })?;
+                *uses.entry(store).or_default() += 1;
+                let head = s.slot(first);
+                if !head.is_head() {
+                    return Err(format!(
+                        "vm {}: huge entry {first:#x} maps a frame that is not huge",
+                        vm.id()
+                    ));
+                }
+                if writable && !head.exclusive() {
+                    return Err(format!(
+                        "R1: vm {} huge entry {first:#x} writable but not exclusive",
+                        vm.id()
+                    ));
+                }
+                *huge.entry((Arc::as_ptr(s) as usize, first)).or_default() += 1;
+                continue;
+            }
             for p in first..(first + PAGES_PER_LEAF).min(vm.table.pages()) {
                 let (store, writable) = match leaf.get(p) {
                     Entry::Present {
@@ -85,6 +118,14 @@ pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
     let (mut resident, mut shared, mut pins) = (0u64, 0u64, 0u64);
     for store in ctx.live_stores() {
         for (p, meta) in store.frames() {
+            if meta.is_head() {
+                let (r, s, n) = audit_huge(&store, p, &mut mapped, &mut huge)?;
+                resident += PAGES_PER_LEAF;
+                shared += s;
+                pins += u64::from(n);
+                debug_assert!(r > 0);
+                continue;
+            }
             let key = (Arc::as_ptr(&store) as usize, p);
             let entries = mapped.remove(&key).unwrap_or(0);
             let (r, m, n) = (meta.refcount(), meta.mapcount(), meta.pincount());
@@ -105,6 +146,11 @@ pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
             shared += u64::from(m >= 2);
             pins += u64::from(n);
         }
+    }
+    if let Some(((_, p), n)) = huge.into_iter().next() {
+        return Err(format!(
+            "{n} huge entries map page {p:#x} of a free frame or a dead store"
+        ));
     }
     if let Some(((_, p), n)) = mapped.into_iter().next() {
         return Err(format!(
@@ -149,4 +195,57 @@ pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+type Counts = HashMap<(usize, u64), u32>;
+
+/// Checks the huge frame at `first`, consuming the entries found mapping
+/// it; returns its refcount, its pages mapped more than once, and its
+/// pincount.
+fn audit_huge(
+    store: &Arc<crate::store::Store>,
+    first: u64,
+    mapped: &mut Counts,
+    huge: &mut Counts,
+) -> Result<(u32, u64, u32), String> {
+    let at = Arc::as_ptr(store) as usize;
+    let head = store.slot(first);
+    let entire = huge.remove(&(at, first)).unwrap_or(0);
+    if head.entire() != entire {
+        return Err(format!(
+            "huge frame {first:#x}: {} huge mappings counted, {entire} entries",
+            head.entire()
+        ));
+    }
+    let (mut small, mut shared) = (0u32, 0u64);
+    for p in first..first + PAGES_PER_LEAF {
+        let own = store.slot(p);
+        if p != first && !own.is_tail() {
+            return Err(format!(
+                "huge frame {first:#x}: page {p:#x} is not its tail"
+            ));
+        }
+        let entries = mapped.remove(&(at, p)).unwrap_or(0);
+        if own.mapcount() != entries {
+            return Err(format!(
+                "huge frame {first:#x}: page {p:#x} mapcount {}, but {entries} entries map it",
+                own.mapcount()
+            ));
+        }
+        small += entries;
+        shared += u64::from(entries + entire >= 2);
+    }
+    let (r, n) = (head.refcount(), head.pincount());
+    if r != small + entire + n {
+        return Err(format!(
+            "huge frame {first:#x}: refcount {r} != {small} small + {entire} huge mappings \
+             + pincount {n}"
+        ));
+    }
+    if n > 0 && entire > 0 && !head.exclusive() {
+        return Err(format!(
+            "R4: huge frame {first:#x} pinned but not exclusive"
+        ));
+    }
+    Ok((r, shared, n))
 }

@@ -170,6 +170,16 @@ impl Entry {
         raw & KIND_MASK == KIND_PRESENT
     }
 
+    /// A present, read-only, unprotected entry for a frame of `store`.
+    pub fn read_only(store: u32, soft_dirty: bool) -> Self {
+        Entry::Present {
+            store,
+            writable: false,
+            wp: false,
+            soft_dirty,
+        }
+    }
+
     /// A present, writable, unprotected entry for a frame of `store`.
     pub fn writable(store: u32) -> Self {
         Entry::Present {

@@ -129,8 +129,21 @@ impl VmMemory {
         if access.allowed_by(e, |s| self.frame_exclusive(s, page)) {
             return Ok(Step::Done(false));
         }
+        if let Some(huge) = leaf.huge() {
+            // Present, never protected: only a write or an unshare of a
+            // read-only entry gets here.
+            if self.huge_cow_fault(leaf, page, huge, access == Access::Write)? {
+                return Ok(Step::Done(true));
+            }
+            // Split: the page goes on as a small one.
+            return self.fault_locked(leaf, page, access, listener_told);
+        }
         match e {
-            Entry::None => self.first_touch(leaf, page)?,
+            Entry::None => {
+                if !(self.wants_huge(leaf, page) && self.first_touch_huge(leaf, page)?) {
+                    self.first_touch(leaf, page)?;
+                }
+            }
             Entry::Marker { wp } => self.touch_marker(leaf, page, wp)?,
             Entry::Present {
                 store,
@@ -289,7 +302,7 @@ impl VmMemory {
         };
         let store = self.store(idx);
         let meta = store.meta(page);
-        if meta.exclusive() || meta.refcount() != 1 {
+        if meta.exclusive() || !store.sole_reference(page) {
             return Ok(());
         }
         meta.set_exclusive();
@@ -305,7 +318,7 @@ impl VmMemory {
         let meta = store.meta(page);
         let reuse = if meta.exclusive() {
             true
-        } else if meta.refcount() == 1 {
+        } else if store.sole_reference(page) {
             // Sole reference: only this entry holds the frame, and no
             // lockless pin can take one without seeing the entry change.
             meta.set_exclusive();

@@ -33,6 +33,13 @@
 //! sequence count. Either fork sees the pin (and copies) or the pinner sees
 //! the count move (and backs off to the locked path, which waits for fork).
 //!
+//! A huge entry (see `huge.rs`) forks as one: shared read-only in both
+//! with its frame's head losing the anon-exclusive bit, or, when its frame
+//! may be pinned, copied whole (a new 2 MiB frame) for the child. Copying
+//! whole keeps the child huge and the parent untouched; splitting and
+//! copying only the pinned pages would save memory but leave both VMs
+//! with 512 small entries to fault through.
+//!
 //! Cost: one visit per installed leaf and per present entry; absent memory
 //! costs nothing, so fork scales with mapped pages, not RAM size.
 //!
@@ -96,6 +103,8 @@ struct LeafPlan {
     demoted: [u64; (PAGES_PER_LEAF as usize).div_ceil(64)],
     /// Frames copied for the child: (page, child's slot, writable).
     copies: Vec<(u64, u32, bool)>,
+    /// A huge frame copied whole for the child: (child's slot, writable).
+    huge_copy: Option<(u32, bool)>,
 }
 
 impl LeafPlan {
@@ -157,21 +166,29 @@ impl VmMemory {
         let dense = self.shed_dense_host_entries();
         let shed = start.elapsed();
         let mut changed = self.demote_runs_whole(&dense)?;
-        self.walk_leaves(0, self.table.pages(), false, |leaf, at, n| {
-            let mut runs = Runs::default();
-            let mut pages = Vec::new();
-            for p in at..at + n {
-                if let Entry::Present { writable: true, .. } = leaf.get(p) {
-                    runs.add(self, p)?;
-                    pages.push(p);
+        {
+            let _map = self.map_lock.read();
+            for (first, leaf) in self.table.leaves() {
+                let _ptl = leaf.lock().lock();
+                if leaf.huge().is_some() {
+                    changed += self.demote_huge(leaf, first)?;
+                    continue;
+                }
+                let mut runs = Runs::default();
+                let mut pages = Vec::new();
+                let end = (first + PAGES_PER_LEAF).min(self.table.pages());
+                for p in first..end {
+                    if let Entry::Present { writable: true, .. } = leaf.get(p) {
+                        runs.add(self, p)?;
+                        pages.push(p);
+                    }
+                }
+                runs.flush(self)?;
+                for p in pages {
+                    changed += u64::from(crate::vm::demote_entry(leaf, p));
                 }
             }
-            runs.flush(self)?;
-            for p in pages {
-                changed += u64::from(crate::vm::demote_entry(leaf, p));
-            }
-            Ok(())
-        })?;
+        }
         self.note_phases(|t| {
             t.shed = shed;
             t.demote = start.elapsed();
@@ -267,12 +284,40 @@ impl VmMemory {
             for at in (first..first + n).step_by(PAGES_PER_LEAF as usize) {
                 let leaf = self.table.leaf(at).expect("a shed leaf exists");
                 let _ptl = leaf.lock().lock();
+                if let Some(Entry::Present {
+                    store,
+                    writable: true,
+                    soft_dirty,
+                    ..
+                }) = leaf.huge()
+                {
+                    leaf.set_huge(at, Entry::read_only(store, soft_dirty));
+                    changed += PAGES_PER_LEAF;
+                    continue;
+                }
                 for p in at..at + PAGES_PER_LEAF {
                     changed += u64::from(crate::vm::demote_entry(leaf, p));
                 }
             }
         }
         Ok(changed)
+    }
+
+    /// Makes the huge entry of `leaf` read-only, host page first; the
+    /// caller holds the leaf's lock. Returns the pages changed.
+    fn demote_huge(&self, leaf: &Leaf, first: u64) -> Result<u64, MemError> {
+        let Some(Entry::Present {
+            store,
+            writable: true,
+            soft_dirty,
+            ..
+        }) = leaf.huge()
+        else {
+            return Ok(0);
+        };
+        self.host_protect(first, PAGES_PER_LEAF, false)?;
+        leaf.set_huge(first, Entry::read_only(store, soft_dirty));
+        Ok(PAGES_PER_LEAF)
     }
 
     /// Hands the host page table entries shed so far to the reaper. Fork
@@ -383,7 +428,13 @@ impl VmMemory {
                 first,
                 demoted: [0; (PAGES_PER_LEAF as usize).div_ceil(64)],
                 copies: Vec::new(),
+                huge_copy: None,
             };
+            if let Some(huge) = leaf.huge() {
+                self.protect_huge_for_fork(child, &stores, first, huge, &mut plan, &mut runs)?;
+                plans.push(plan);
+                continue;
+            }
             // After a demotion ahead most leaves have nothing writable and
             // no pin: one pass over the packed entries tells (the guest is
             // paused for this step).
@@ -432,6 +483,106 @@ impl VmMemory {
         Ok(plans)
     }
 
+    /// Phase 1 for a huge entry: copied whole for the child if its frame
+    /// may be pinned, else write-protected if writable.
+    fn protect_huge_for_fork(
+        &self,
+        child: &VmMemory,
+        stores: &crate::slots::StoreList,
+        first: u64,
+        huge: Entry,
+        plan: &mut LeafPlan,
+        runs: &mut Runs,
+    ) -> Result<(), MemError> {
+        let Entry::Present {
+            store, writable, ..
+        } = huge
+        else {
+            unreachable!("a huge entry is present");
+        };
+        let src = stores.get(store).expect("an entry names a filled slot");
+        let head = src.slot(first);
+        if head.exclusive() && head.maybe_pinned() {
+            runs.flush(self)?;
+            let idx = child.alloc_huge(first)?;
+            let new = child.store(idx);
+            for p in first..first + PAGES_PER_LEAF {
+                // SAFETY: both are whole frames of live stores' direct
+                // maps: the parent's pinned huge frame (held by its entry,
+                // which cannot change under the map lock) and the child's
+                // fresh one, mapped nowhere yet.
+                unsafe { crate::sys::copy_page(src.frame_ptr(p), new.frame_ptr(p)) };
+            }
+            plan.huge_copy = Some((idx, writable));
+            self.ctx
+                .stats
+                .copied
+                .fetch_add(PAGES_PER_LEAF, Ordering::Relaxed);
+        } else if writable {
+            for p in first..first + PAGES_PER_LEAF {
+                runs.add(self, p)?;
+                plan.set_demoted(p);
+            }
+        } else {
+            runs.flush(self)?;
+        }
+        Ok(())
+    }
+
+    /// Phase 2 for a huge entry: shared read-only in both, or the child
+    /// maps the copy phase 1 made.
+    fn copy_huge(
+        &self,
+        child: &VmMemory,
+        child_leaf: &Leaf,
+        leaf: &Leaf,
+        plan: &LeafPlan,
+        huge: Entry,
+    ) -> Result<(u32, bool), MemError> {
+        let first = plan.first;
+        let Entry::Present {
+            store,
+            writable,
+            soft_dirty,
+            ..
+        } = huge
+        else {
+            unreachable!("a huge entry is present");
+        };
+        if let Some((idx, w)) = plan.huge_copy {
+            let new = child.store(idx);
+            new.slot(first).map_entire();
+            child_leaf.set_huge(
+                first,
+                Entry::Present {
+                    store: idx,
+                    writable: w,
+                    wp: false,
+                    soft_dirty: true,
+                },
+            );
+            return Ok((idx, w));
+        }
+        if writable && !plan.demoted(first) {
+            return Err(MemError::Unsupported {
+                gpa: self.gpa(first),
+                state: "writable but neither protected nor copied by fork",
+            });
+        }
+        let s = self.store(store);
+        let head = s.slot(first);
+        if head.exclusive() {
+            head.clear_exclusive();
+        }
+        head.get();
+        head.map_entire();
+        if writable {
+            leaf.set_huge(first, Entry::read_only(store, soft_dirty));
+        }
+        child_leaf.set_huge(first, Entry::read_only(store, soft_dirty));
+        Ok((store, false))
+    }
+
     /// Phase 2 for one leaf: parent entries read-only, child entries
     /// filled, counts updated. Appends the child's host mapping runs.
     fn copy_leaf(
@@ -446,6 +597,16 @@ impl VmMemory {
         let _ptl = leaf.lock().lock();
         let child_leaf = child.table.leaf_or_alloc(first);
         let _child_ptl = child_leaf.lock().lock_as(Rank::ChildTable);
+        if let Some(huge) = leaf.huge() {
+            let (slot, writable) = self.copy_huge(child, child_leaf, leaf, plan, huge)?;
+            if plan.huge_copy.is_none() {
+                child.stores.read().hold_many(slot, 1);
+            }
+            for p in first..first + PAGES_PER_LEAF {
+                child_runs.add(child, p, slot, writable)?;
+            }
+            return Ok(());
+        }
         let mut copies = plan.copies.iter().peekable();
         // Uses per child slot: (slot, count); leaves use very few slots.
         let mut holds: Vec<(u32, u64)> = Vec::new();

@@ -10,11 +10,40 @@
 //! A frame is *free* when `refcount` is 0: its store slot is a hole that
 //! reads zeros. Releasing the last reference passes through `FREEING` while
 //! the slot is punched, so nobody can claim it before it reads zeros again.
+//!
+//! # Huge frames (Linux's large folios)
+//! A huge frame is 512 consecutive slots of one store, 2 MiB aligned. Its
+//! first slot is the *head*; the 511 others are *tails*:
+//!
+//! ```text
+//!   slot:     head          tail          tail     ...   tail
+//!   refcount  all refs      TAIL_REF      TAIL_REF       TAIL_REF
+//!   pincount  all pins      -             -              -
+//!   entire    huge entries  -             -              -
+//!   mapcount  small entries mapping that one 4 KiB page (each slot)
+//!   exclusive that page's bit; the head's is also the huge entry's (R3)
+//! ```
+//!
+//! References and pins are the whole frame's (a pin of one page keeps all
+//! 512 alive, as a folio pin does); mappings and the anon-exclusive bit are
+//! per 4 KiB page, because a huge entry can be split into 512 small ones
+//! that go separate ways (one copied on write, one discarded). The bit of
+//! a page is only read through a small entry; through a huge entry, the
+//! head's bit stands for the whole frame, and splitting the entry copies
+//! it to every page (seed 000, I.6 b). A tail's refcount holds `TAIL_REF`
+//! so that no one claims the slot as a frame of its own. A huge frame is
+//! freed whole, when its last reference goes.
 
 use crate::sync::{AtomicU32, Ordering};
 
 const FREEING: u32 = u32::MAX;
+/// The refcount of a tail slot.
+const TAIL_REF: u32 = u32::MAX - 1;
 const ANON_EXCLUSIVE: u32 = 1;
+/// The head of a huge frame.
+const HEAD: u32 = 2;
+/// A tail of a huge frame.
+const TAIL: u32 = 4;
 
 /// Metadata of one frame (one 4 KiB slot of a store).
 #[derive(Debug, Default)]
@@ -24,14 +53,26 @@ pub(crate) struct FrameMeta {
     pincount: AtomicU32,
     write_pins: AtomicU32,
     flags: AtomicU32,
+    /// Huge entries mapping the frame (heads of huge frames only).
+    entire: AtomicU32,
 }
 
 impl FrameMeta {
     /// Claims a free slot as a new frame with one reference, exclusive (R2).
     pub(crate) fn try_claim(&self) -> bool {
+        self.claim_as(1, ANON_EXCLUSIVE)
+    }
+
+    /// Claims a free slot as a tail of a huge frame being claimed.
+    pub(crate) fn try_claim_tail(&self) -> bool {
+        self.claim_as(TAIL_REF, TAIL)
+    }
+
+    /// Claims a free slot with `refcount` and `flags`, every count zero.
+    fn claim_as(&self, refcount: u32, flags: u32) -> bool {
         if self
             .refcount
-            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .compare_exchange(0, refcount, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
             return false;
@@ -39,15 +80,62 @@ impl FrameMeta {
         self.mapcount.store(0, Ordering::Relaxed);
         self.pincount.store(0, Ordering::Relaxed);
         self.write_pins.store(0, Ordering::Relaxed);
-        self.flags.store(ANON_EXCLUSIVE, Ordering::Release);
+        self.entire.store(0, Ordering::Relaxed);
+        self.flags.store(flags, Ordering::Release);
         true
+    }
+
+    /// Gives back a tail claimed by [`FrameMeta::try_claim_tail`] (the
+    /// huge frame was not claimed, or is freed).
+    pub(crate) fn release_tail(&self) {
+        debug_assert_eq!(self.refcount.load(Ordering::Relaxed), TAIL_REF);
+        self.flags.store(0, Ordering::Relaxed);
+        self.refcount.store(0, Ordering::Release);
+    }
+
+    /// Marks a frame just claimed by [`FrameMeta::try_claim`] as the head
+    /// of a huge frame whose tails are claimed.
+    pub(crate) fn make_head(&self) {
+        self.flags.fetch_or(HEAD, Ordering::Release);
+    }
+
+    /// Whether this slot is the head of a huge frame.
+    pub(crate) fn is_head(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & HEAD != 0
+    }
+
+    /// Whether this slot is a tail of a huge frame.
+    pub(crate) fn is_tail(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & TAIL != 0
+    }
+
+    /// Huge entries mapping this head.
+    pub(crate) fn entire(&self) -> u32 {
+        self.entire.load(Ordering::Acquire)
+    }
+
+    /// Counts one more huge entry mapping this head; returns the new count.
+    pub(crate) fn map_entire(&self) -> u32 {
+        count_up(&self.entire)
+    }
+
+    /// Counts one huge entry fewer; returns the new count.
+    pub(crate) fn unmap_entire(&self) -> u32 {
+        count_down(&self.entire)
+    }
+
+    /// Takes `n` more references at once (a huge entry split into `n`
+    /// small ones); the caller already holds one.
+    pub(crate) fn get_many(&self, n: u32) {
+        let old = self.refcount.fetch_add(n, Ordering::Relaxed);
+        debug_assert!(old != 0 && old < TAIL_REF, "get_many on a free frame");
     }
 
     /// Takes another reference; the caller already holds one (directly or
     /// through a locked entry that maps the frame).
     pub(crate) fn get(&self) {
         let old = self.refcount.fetch_add(1, Ordering::Relaxed);
-        debug_assert!(old != 0 && old != FREEING, "get on a free frame");
+        debug_assert!(old != 0 && old < TAIL_REF, "get on a free frame");
     }
 
     /// Takes a reference unless the frame is free or being freed (the
@@ -55,7 +143,7 @@ impl FrameMeta {
     pub(crate) fn try_get(&self) -> bool {
         let mut c = self.refcount.load(Ordering::Relaxed);
         loop {
-            if c == 0 || c == FREEING {
+            if c == 0 || c >= TAIL_REF {
                 return false;
             }
             match self.refcount.compare_exchange_weak(
@@ -77,7 +165,7 @@ impl FrameMeta {
     pub(crate) fn put(&self) -> bool {
         let mut c = self.refcount.load(Ordering::Relaxed);
         loop {
-            debug_assert!(c != 0 && c != FREEING, "put on a free frame");
+            debug_assert!(c != 0 && c < TAIL_REF, "put on a free frame");
             let next = if c == 1 { FREEING } else { c - 1 };
             match self
                 .refcount
@@ -98,7 +186,7 @@ impl FrameMeta {
 
     pub(crate) fn refcount(&self) -> u32 {
         match self.refcount.load(Ordering::Acquire) {
-            FREEING => 0,
+            FREEING | TAIL_REF => 0,
             c => c,
         }
     }
@@ -109,14 +197,12 @@ impl FrameMeta {
 
     /// Counts one more mapping; returns the new mapcount.
     pub(crate) fn map(&self) -> u32 {
-        self.mapcount.fetch_add(1, Ordering::AcqRel) + 1
+        count_up(&self.mapcount)
     }
 
     /// Counts one mapping fewer; returns the new mapcount.
     pub(crate) fn unmap(&self) -> u32 {
-        let old = self.mapcount.fetch_sub(1, Ordering::AcqRel);
-        debug_assert!(old > 0, "mapcount underflow");
-        old - 1
+        count_down(&self.mapcount)
     }
 
     pub(crate) fn pincount(&self) -> u32 {
@@ -167,6 +253,18 @@ impl FrameMeta {
     pub(crate) fn set_exclusive(&self) {
         self.flags.fetch_or(ANON_EXCLUSIVE, Ordering::AcqRel);
     }
+}
+
+/// Adds one to a count of mappings; returns the new count.
+fn count_up(count: &AtomicU32) -> u32 {
+    count.fetch_add(1, Ordering::AcqRel) + 1
+}
+
+/// Takes one from a count of mappings; returns the new count.
+fn count_down(count: &AtomicU32) -> u32 {
+    let old = count.fetch_sub(1, Ordering::AcqRel);
+    debug_assert!(old > 0, "mapping count underflow");
+    old - 1
 }
 
 #[cfg(all(test, not(loom)))]

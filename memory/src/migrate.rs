@@ -127,7 +127,7 @@ impl VmMemory {
     /// drops, or why nothing is to be moved.
     fn unmap_for_migration(&self, page: u64) -> Result<Result<Arc<Store>, PageMove>, MemError> {
         let _map = self.map_lock.read();
-        let Some(leaf) = self.table.leaf(page) else {
+        let Some(leaf) = self.small_leaf(page) else {
             return Ok(Err(PageMove::Skipped));
         };
         let _ptl = leaf.lock().lock();
@@ -305,7 +305,7 @@ impl VmMemory {
         f: impl FnOnce(&Leaf) -> Result<R, MemError>,
     ) -> Result<R, MemError> {
         let _map = self.map_lock.read();
-        let Some(leaf) = self.table.leaf(page) else {
+        let Some(leaf) = self.small_leaf(page) else {
             return Ok(R::default());
         };
         let _ptl = leaf.lock().lock();
@@ -397,6 +397,10 @@ impl VmMemory {
         };
         let mut out = Vec::new();
         for (first, leaf) in self.table.leaves() {
+            // A huge frame is in one piece already.
+            if leaf.huge().is_some() {
+                continue;
+            }
             let end = (first + crate::layout::PAGES_PER_LEAF).min(self.table.pages());
             for page in first..end {
                 if out.len() as u64 >= budget {

@@ -257,7 +257,17 @@ impl VmMemory {
             return None;
         }
         let leaf = self.table.leaf(page)?;
-        let raw = leaf.raw(page);
+        // The huge entry first (see `table.rs`): a split writes the small
+        // entries before it clears the huge one.
+        let huge = leaf.huge_raw() != 0;
+        let read = || {
+            if huge {
+                leaf.huge_raw()
+            } else {
+                leaf.raw(page)
+            }
+        };
+        let raw = read();
         let Entry::Present {
             store, writable, ..
         } = Entry::unpack(raw)
@@ -278,7 +288,7 @@ impl VmMemory {
         leaf.add_pin();
         meta.pin(write);
         fence(Ordering::SeqCst);
-        if leaf.raw(page) != raw || self.wp_seq.load(Ordering::SeqCst) != seq || !meta.exclusive() {
+        if read() != raw || self.wp_seq.load(Ordering::SeqCst) != seq || !meta.exclusive() {
             meta.unpin(write);
             leaf.sub_pin();
             store.put(page, true);

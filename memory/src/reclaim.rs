@@ -79,7 +79,8 @@ impl VmMemory {
         }
         let shared = {
             let _map = self.map_lock.read();
-            let Some(leaf) = self.table.leaf(page) else {
+            // A page of a huge entry goes alone: the entry is split.
+            let Some(leaf) = self.small_leaf(page) else {
                 return Ok(PageOut::Skipped);
             };
             let _ptl = leaf.lock().lock();
@@ -200,7 +201,7 @@ impl VmMemory {
     /// one, by a swap entry naming `slot`. Returns whether it did.
     fn swap_out_mapping(&self, page: u64, store: &Arc<Store>, slot: u32) -> Result<bool, MemError> {
         let _map = self.map_lock.read();
-        let Some(leaf) = self.table.leaf(page) else {
+        let Some(leaf) = self.small_leaf(page) else {
             return Ok(false);
         };
         let _ptl = leaf.lock().lock();
@@ -431,7 +432,7 @@ impl VmMemory {
         while self.table.present() > limit && scanned < 2 * pages {
             let page = self.limit.hand.fetch_add(1, Ordering::Relaxed) % pages;
             scanned += 1;
-            let Some(leaf) = self.table.leaf(page) else {
+            let Some(leaf) = self.small_leaf(page) else {
                 // Skip the rest of an absent leaf.
                 let skip = crate::layout::PAGES_PER_LEAF - page % crate::layout::PAGES_PER_LEAF - 1;
                 self.limit.hand.fetch_add(skip, Ordering::Relaxed);

@@ -82,7 +82,9 @@ impl VmMemory {
         report: &mut ResetReport,
         slow: &mut Vec<u64>,
     ) {
-        let Some(leaf) = self.table.leaf(group[0]) else {
+        // Both leaves small before either lock is taken.
+        let origin_leaf = origin.small_leaf(group[0]);
+        let Some(leaf) = self.small_leaf(group[0]) else {
             // Nothing mapped here: only the origin can have something.
             slow.extend(
                 group
@@ -92,7 +94,6 @@ impl VmMemory {
             return;
         };
         let _ptl = leaf.lock().lock();
-        let origin_leaf = origin.table.leaf(group[0]);
         let _origin_ptl = origin_leaf.map(|l| l.lock().lock_as(Rank::ChildTable));
         for &p in group {
             let theirs = origin_leaf.map_or(Entry::None, |l| l.get(p));

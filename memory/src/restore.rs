@@ -35,7 +35,7 @@ impl VmMemory {
             let mut page = run.first;
             while page < end {
                 let stop = end.min((page / PAGES_PER_LEAF + 1) * PAGES_PER_LEAF);
-                let leaf = vm.table.leaf_or_alloc(page);
+                let leaf = vm.small_leaf_or_alloc(page);
                 let _ptl = leaf.lock().lock();
                 for p in page..stop {
                     leaf.set(

@@ -61,6 +61,21 @@ impl StoreList {
         }
     }
 
+    /// Claims the free huge frame at `head` in slot `idx`, counting a use
+    /// (for the one huge entry that will map it).
+    pub(crate) fn try_claim_huge(&self, idx: u32, head: u64) -> bool {
+        let Some(slot) = self.slots.get(idx as usize) else {
+            return false;
+        };
+        match &slot.store {
+            Some(s) if s.try_claim_huge(head) => {
+                slot.uses.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Counts `n` more uses of slot `idx` (entries copied by fork).
     pub(crate) fn hold_many(&self, idx: u32, n: u64) {
         self.slots[idx as usize].uses.fetch_add(n, Ordering::AcqRel);

@@ -273,7 +273,7 @@ impl LiveSnapshot {
         // Before any leaf is visited: a change after a visit is recorded.
         vm.table.changes().start(vm.table.pages());
         self.with_seq_odd(vm, || {
-            for (first, leaf) in vm.table.leaves() {
+            for (first, leaf) in vm.small_leaves() {
                 let _ptl = leaf.lock().lock();
                 // Read under the leaf lock: faults run meanwhile and may
                 // add stores, but not empty a slot an entry names.
@@ -362,7 +362,7 @@ impl LiveSnapshot {
         let mut copies = Vec::new();
         let mut pinned = Vec::new();
         for &page in &pages {
-            let Some(leaf) = vm.table.leaf(page) else {
+            let Some(leaf) = vm.small_leaf(page) else {
                 clear_bit(&self.todo, page);
                 continue;
             };

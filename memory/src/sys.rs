@@ -83,6 +83,8 @@ fn seek(fd: BorrowedFd<'_>, offset: u64, whence: libc::c_int) -> io::Result<Opti
 pub(crate) struct Mapping {
     base: NonNull<u8>,
     len: usize,
+    /// Every piece mapped into the range asks for 2 MiB host pages.
+    huge: bool,
 }
 
 // SAFETY: a `Mapping` is an address range; it is only dereferenced through
@@ -109,6 +111,38 @@ impl Mapping {
         Self::from_mmap(p, len)
     }
 
+    /// Reserves `len` bytes like [`Mapping::reserve`], starting on a 2 MiB
+    /// boundary and asking for 2 MiB host pages in everything mapped into
+    /// it later (the host can only map a 2 MiB page at an address and a
+    /// file offset that are both 2 MiB aligned).
+    pub(crate) fn reserve_huge(len: usize) -> io::Result<Self> {
+        let mut outer = Self::reserve(len + PMD_SIZE)?;
+        let start = outer.base.as_ptr() as usize;
+        let head = start.next_multiple_of(PMD_SIZE) - start;
+        let tail = PMD_SIZE - head;
+        let at = |off: usize| outer.base.as_ptr().wrapping_add(off).cast::<libc::c_void>();
+        if head > 0 {
+            // SAFETY: the piece lies inside `outer`, a fresh reservation
+            // that no Rust object occupies.
+            check(unsafe { libc::munmap(at(0), head) })?;
+        }
+        if tail > 0 {
+            // SAFETY: as above; what remains is `len` aligned bytes.
+            check(unsafe { libc::munmap(at(head + len), tail) })?;
+        }
+        let base = NonNull::new(outer.base.as_ptr().wrapping_add(head))
+            .ok_or_else(|| io::Error::other("aligned reservation at NULL"))?;
+        outer.len = 0;
+        std::mem::forget(outer);
+        let mut m = Self {
+            base,
+            len,
+            huge: false,
+        };
+        m.advise_huge()?;
+        Ok(m)
+    }
+
     /// Maps all of `fd` (`len` bytes) shared and read-write.
     pub(crate) fn shared(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
         // SAFETY: as in `reserve`, a fresh mapping at a kernel-chosen address.
@@ -125,13 +159,41 @@ impl Mapping {
         Self::from_mmap(p, len)
     }
 
+    /// Maps all of `fd` (`len` bytes) shared and read-write, 2 MiB aligned
+    /// and asking for 2 MiB host pages.
+    pub(crate) fn shared_huge(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        let m = Self::reserve_huge(len)?;
+        m.map_file(0, (len as u64).div_ceil(PAGE_SIZE), fd, true)?;
+        Ok(m)
+    }
+
     fn from_mmap(p: *mut libc::c_void, len: usize) -> io::Result<Self> {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
         let base =
             NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
-        Ok(Self { base, len })
+        Ok(Self {
+            base,
+            len,
+            huge: false,
+        })
+    }
+
+    /// Asks for 2 MiB host pages in the range, now and in every piece
+    /// mapped into it later.
+    fn advise_huge(&mut self) -> io::Result<()> {
+        self.huge = true;
+        self.advise_huge_span(self.base.as_ptr().cast(), self.len)
+    }
+
+    fn advise_huge_span(&self, addr: *mut libc::c_void, len: usize) -> io::Result<()> {
+        if !self.huge {
+            return Ok(());
+        }
+        // SAFETY: an advice on a range of our own reservation; it changes
+        // how the host backs the pages, never their contents.
+        check(unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) })
     }
 
     /// Address of page `page` of the range.
@@ -180,7 +242,7 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(())
+        self.advise_huge_span(addr, len)
     }
 
     /// Makes `pages` pages inaccessible and drops their backing mapping.
@@ -200,7 +262,8 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(())
+        // The same advice as its neighbours, so that the areas merge.
+        self.advise_huge_span(addr, len)
     }
 
     /// Empties `pages` pages at `page` of their host page table entries,

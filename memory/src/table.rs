@@ -16,6 +16,25 @@
 //! - leaves live until the table is dropped, so a reference obtained from a
 //!   top entry stays valid for the table's lifetime.
 //!
+//! # Huge entries
+//! A leaf may instead hold one *huge* entry, mapping its whole 2 MiB with
+//! one huge frame (Linux's PMD-mapped THP). The leaf stays installed and
+//! its lock guards the huge entry as it guards small ones (the PMD lock);
+//! while a huge entry is set, every small entry is none:
+//!
+//! ```text
+//!   top[i] ──► Leaf { lock, huge: Present{store, w}, entries: [none; 512] }
+//!   split:     Leaf { lock, huge: none, entries: [Present{store, w}; 512] }
+//! ```
+//!
+//! Splitting writes the 512 small entries first, then clears the huge one;
+//! a lockless reader loads the huge entry first and reads small entries
+//! only when it is clear, so it sees one or the other, never neither.
+//! Code that knows nothing of huge entries only reaches leaves through
+//! `VmMemory`'s splitting accessors, which also mark the leaf as used by
+//! small entries: a first touch maps a leaf huge only while it is unused
+//! (see `huge.rs`).
+//!
 //! While a live snapshot arms its protection (see `snapshot.rs`), the table
 //! records every page whose entry is set to anything but a protected entry
 //! with contents ([`Changes`]): those are the pages the snapshot's instant
@@ -26,7 +45,7 @@ use std::sync::Arc;
 use crate::entry::Entry;
 use crate::layout::PAGES_PER_LEAF;
 use crate::lock::{Rank, RankedMutex};
-use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 const YOUNG_WORDS: usize = (PAGES_PER_LEAF as usize).div_ceil(64);
 
@@ -34,6 +53,10 @@ const YOUNG_WORDS: usize = (PAGES_PER_LEAF as usize).div_ceil(64);
 #[derive(Debug)]
 pub(crate) struct Leaf {
     lock: RankedMutex<()>,
+    /// The huge entry, packed (0: none).
+    huge: AtomicU64,
+    /// Code that knows only small entries has used this leaf.
+    small_used: AtomicBool,
     entries: Box<[AtomicU64]>,
     /// Pins taken through this leaf and not yet dropped: a hint that lets
     /// fork skip the frame metadata of leaves nobody pinned. It may count
@@ -54,6 +77,8 @@ impl Leaf {
     fn new(present: Arc<AtomicU64>, changes: Arc<Changes>) -> Self {
         Self {
             lock: RankedMutex::new(Rank::Table, ()),
+            huge: AtomicU64::new(0),
+            small_used: AtomicBool::new(false),
             entries: (0..PAGES_PER_LEAF).map(|_| AtomicU64::new(0)).collect(),
             pins: AtomicU32::new(0),
             young: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -96,9 +121,79 @@ impl Leaf {
     }
 
     /// Reads an entry. Without the lock this is the lockless walk's read:
-    /// the value can change right after.
+    /// the value can change right after. Under a huge entry, every page
+    /// reads as a small entry with the same frame store and access.
     pub(crate) fn get(&self, page: u64) -> Entry {
-        Entry::unpack(self.raw(page))
+        match self.huge() {
+            Some(e) => e,
+            None => Entry::unpack(self.raw(page)),
+        }
+    }
+
+    /// The huge entry, packed (0: none): the lockless walk's read.
+    pub(crate) fn huge_raw(&self) -> u64 {
+        self.huge.load(Ordering::Acquire)
+    }
+
+    /// The huge entry, if one is set.
+    pub(crate) fn huge(&self) -> Option<Entry> {
+        match self.huge.load(Ordering::Acquire) {
+            0 => None,
+            raw => Some(Entry::unpack(raw)),
+        }
+    }
+
+    /// Marks the leaf as used by code that knows only small entries, then
+    /// tells whether it holds a huge entry. Against a first touch that
+    /// maps the leaf huge (which reads the mark under the lock, then sets
+    /// the entry), one of the two sees the other.
+    pub(crate) fn mark_small(&self) -> bool {
+        self.small_used.store(true, Ordering::SeqCst);
+        self.huge.load(Ordering::SeqCst) != 0
+    }
+
+    /// Whether the leaf may be mapped huge by a first touch: no code that
+    /// knows only small entries used it, and every entry is none. The
+    /// caller holds the lock.
+    pub(crate) fn may_map_huge(&self) -> bool {
+        !self.small_used.load(Ordering::SeqCst)
+            && self.huge.load(Ordering::Relaxed) == 0
+            && self
+                .entries
+                .iter()
+                .all(|e| e.load(Ordering::Relaxed) == Entry::None.pack())
+    }
+
+    /// Sets the huge entry of a leaf whose entries are all none, `first`
+    /// being its first page; the caller holds the lock. Counted as 512
+    /// present, young pages.
+    pub(crate) fn set_huge(&self, first: u64, entry: Entry) {
+        crate::lock::assert_held_any(&[Rank::Table, Rank::ChildTable]);
+        debug_assert!(matches!(entry, Entry::Present { wp: false, .. }));
+        debug_assert!(self.may_map_huge() || self.huge().is_some());
+        let was = self.huge.swap(entry.pack(), Ordering::SeqCst);
+        if was == 0 {
+            self.present.fetch_add(PAGES_PER_LEAF, Ordering::Relaxed);
+            for w in &self.young {
+                w.store(u64::MAX, Ordering::Relaxed);
+            }
+            if self.changes.recording() {
+                (first..first + PAGES_PER_LEAF).for_each(|p| self.changes.note(p));
+            }
+        }
+    }
+
+    /// Replaces the huge entry by `small` in every page, the same mapping
+    /// 512 times; the caller holds the lock. Nothing the guest can see
+    /// changes, so nothing is counted or recorded.
+    pub(crate) fn split_huge(&self, small: Entry) {
+        crate::lock::assert_held_any(&[Rank::Table, Rank::ChildTable]);
+        debug_assert!(self.huge().is_some(), "split of a leaf that is not huge");
+        let raw = small.pack();
+        for e in self.entries.iter() {
+            e.store(raw, Ordering::Release);
+        }
+        self.huge.store(0, Ordering::SeqCst);
     }
 
     /// Reads the packed entry.
@@ -111,6 +206,10 @@ impl Leaf {
     /// recorded, any entry but a protected one with contents is recorded.
     pub(crate) fn set(&self, page: u64, entry: Entry) {
         crate::lock::assert_held_any(&[Rank::Table, Rank::ChildTable]);
+        debug_assert!(
+            self.huge.load(Ordering::Relaxed) == 0,
+            "small entry {page:#x} set under a huge entry"
+        );
         if self.changes.recording() && !(entry.wp() && entry.has_contents()) {
             self.changes.note(page);
         }
@@ -136,6 +235,7 @@ impl Leaf {
     /// holds this leaf's lock.
     pub(crate) fn fill_empty(&self, entries: &[(u64, Entry)]) {
         crate::lock::assert_held_any(&[Rank::Table, Rank::ChildTable]);
+        self.small_used.store(true, Ordering::Relaxed);
         let mut present = 0;
         let mut young = [0u64; YOUNG_WORDS];
         for &(page, entry) in entries {

@@ -146,6 +146,9 @@ pub struct FrameInfo {
     pub pincount: u32,
     /// The anon-exclusive bit.
     pub exclusive: bool,
+    /// The page is mapped by a huge entry (the counts are then the huge
+    /// frame's, and `mapcount` counts huge entries too).
+    pub huge: bool,
 }
 
 /// The memory of one VM.
@@ -198,8 +201,12 @@ impl VmMemory {
         limit: crate::reclaim::Limit,
     ) -> Result<Arc<Self>, MemError> {
         let len = layout.size();
-        let host =
-            Mapping::reserve(len as usize).map_err(|source| MemError::Reserve { len, source })?;
+        let host = if ctx.config.huge {
+            Mapping::reserve_huge(len as usize)
+        } else {
+            Mapping::reserve(len as usize)
+        }
+        .map_err(|source| MemError::Reserve { len, source })?;
         let vm = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             id: ctx.new_vm_id(),
@@ -272,9 +279,10 @@ impl VmMemory {
         let meta = meta_owner.meta(page);
         Some(FrameInfo {
             refcount: meta.refcount(),
-            mapcount: meta.mapcount(),
+            mapcount: meta.mapcount() + meta.folio().entire(),
             pincount: meta.pincount(),
             exclusive: meta.exclusive(),
+            huge: leaf.huge().is_some(),
         })
     }
 
@@ -472,9 +480,9 @@ impl VmMemory {
             let leaf_end = (at / crate::layout::PAGES_PER_LEAF + 1) * crate::layout::PAGES_PER_LEAF;
             let run_end = end.min(leaf_end);
             let leaf = if create {
-                Some(self.table.leaf_or_alloc(at))
+                Some(self.small_leaf_or_alloc(at))
             } else {
-                self.table.leaf(at)
+                self.small_leaf(at)
             };
             if let Some(leaf) = leaf {
                 let _ptl = leaf.lock().lock();
@@ -861,6 +869,15 @@ impl Drop for VmMemory {
             .map(|s| s.as_ref().is_some_and(|s| Arc::strong_count(s) == 1))
             .collect();
         for (first, leaf) in self.table.leaves() {
+            if let Some(Entry::Present { store, .. }) = leaf.huge() {
+                let Some(s) = &stores[store as usize] else {
+                    log::error!("huge entry {first:#x} names an empty store slot");
+                    continue;
+                };
+                s.slot(first).unmap_entire();
+                s.put(first, !sole[store as usize]);
+                continue;
+            }
             for p in first..(first + crate::layout::PAGES_PER_LEAF).min(self.table.pages()) {
                 match leaf.get(p) {
                     Entry::Present { store, .. } | Entry::Migration { store, .. } => {

@@ -208,6 +208,7 @@ fn a_damaged_slot_ends_with_an_error_not_wrong_data() {
     let ctx = Context::new(Config {
         fault_around: 1,
         swap_file: Some(path.clone()),
+        ..Config::default()
     });
     let vm = VmMemory::new(&ctx, Layout::new(&[(0, 8 << 20)]).unwrap()).unwrap();
     vm.write(A, &[1; PAGE as usize]).unwrap();

@@ -28,11 +28,19 @@
            over for ever, counting pages written in [2].
    mode 21: touch count pages, set [3] to 1, then spin until [5] is not
            0 (in a VM restored from a snapshot); if [6] is not 0, read the
-           pages back ([2] ticks); then EXIT. */
+           pages back ([2] ticks); then EXIT.
+   mode 22: touch count pages ([2] ticks: first touches), then write
+           every 64th byte of them 4 times over ([3] ticks); then EXIT. */
 #include "guest.h"
 #include "virtio.h"
 #define MB ((volatile u64 *)0x200000)
 #define AREA ((volatile u8 *)0x1000000)
+/* Page i of an area that may be larger than low RAM: pages that would
+   fall in the hole below 4 GiB continue above it, as RAM does. */
+static inline volatile u8 *area_page(u64 i) {
+    u64 a = (u64)AREA + i * PAGE;
+    return (volatile u8 *)(a >= 0xc0000000ul ? a + 0x40000000ul : a);
+}
 
 static inline u64 rdtsc(void) {
     u32 lo, hi;
@@ -257,6 +265,17 @@ void gmain(u64 ram) {
         }
         g_exit(0);
     }
+    if (mode == 22) {
+        u64 t0 = rdtsc();
+        for (u64 i = 0; i < n; i++) AREA[i * PAGE] = 1;
+        u64 t1 = rdtsc();
+        for (u64 pass = 0; pass < 4; pass++)
+            for (u64 off = 0; off < n * PAGE; off += 64)
+                *(volatile u64 *)(AREA + off) = off + pass;
+        MB[2] = t1 - t0;
+        MB[3] = rdtsc() - t1;
+        g_exit(0);
+    }
     if (mode == 1) {
         static char none;
         u64 t0 = rdtsc();
@@ -265,7 +284,7 @@ void gmain(u64 ram) {
         g_exit(0);
     }
     if (mode == 2 || mode == 4) {
-        for (u64 i = 0; i < n; i++) AREA[i * PAGE] = 1;
+        for (u64 i = 0; i < n; i++) *area_page(i) = 1;
     }
     if (mode == 4) for (;;) asm volatile("pause");
     if (mode == 2) {
@@ -275,7 +294,7 @@ void gmain(u64 ram) {
         i64 c = hc(HC_FORK, 0, 0, 0);
         if (c == 0) {
             u64 t0 = rdtsc();
-            for (u64 i = 0; i < n; i++) AREA[i * PAGE] = 2;
+            for (u64 i = 0; i < n; i++) *area_page(i) = 2;
             u64 t1 = rdtsc();
             for (u64 i = 0; i < n; i++) asm volatile("outb %%al, $0x80" ::"a"(0));
             u64 t2 = rdtsc();

@@ -224,6 +224,14 @@ struct RunArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     mem_limit: Option<u64>,
 
+    /// Map guest RAM with 2 MiB pages: the first touch of an empty 2 MiB-aligned block maps
+    /// it whole with one 2 MiB frame (fewer faults, fewer entries to copy at fork); a block
+    /// is split into 4 KiB pages where one page must go its own way (a copy-on-write, a
+    /// discard, a write-protect, a swap-out). Needs 2 MiB pages for shared memory on the host
+    /// (/sys/kernel/mm/transparent_hugepage/shmem_enabled set to advise); refused otherwise.
+    #[arg(long, conflicts_with = "mem_limit")]
+    huge: bool,
+
     /// Listen on the Unix socket PATH (which must not exist; removed at exit) for requests
     /// from other processes, such as `vmm snapshot --live`.
     #[arg(long, value_name = "PATH")]
@@ -361,6 +369,7 @@ fn run(args: RunArgs, matches: Option<&ArgMatches>) -> Result<ExitCode, String> 
         memory: memory::Config {
             fault_around: args.fault_around,
             swap_file: args.swap.clone(),
+            huge: args.huge,
         },
         mem_limit: args.mem_limit,
         devices,
@@ -372,6 +381,9 @@ fn run(args: RunArgs, matches: Option<&ArgMatches>) -> Result<ExitCode, String> 
     };
     // Sizes are checked before the host's limits are weighed against them.
     vmm::vm::ram_layout(args.mem).map_err(|e| error_chain(&e))?;
+    if args.huge {
+        memory::huge_pages_available()?;
+    }
     let hv = Hypervisor::open().map_err(|e| error_chain(&e))?;
     let ctx = memory::Context::new(config.memory.clone());
     if let Some(limit) = memory::max_map_count() {
@@ -431,7 +443,7 @@ fn serve_and_wait(
             "memory: frames resident {}, shared {}, copied {}, pinned {}, first-touch faults {}, \
              frames reused on write {}, faults resolved {}, stores {}, pages in swap {}, \
              swap-ins {}, pages migrated {}, write-protect events {}, pages loaded from snapshot \
-             files {}",
+             files {}, huge mappings made {}, huge mappings split {}",
             s.resident,
             s.shared,
             s.copied,
@@ -444,7 +456,9 @@ fn serve_and_wait(
             s.swap_ins,
             s.migrated,
             s.wp_events,
-            s.image_loads
+            s.image_loads,
+            s.huge_maps,
+            s.huge_splits
         );
     }
     Ok(ExitCode::from(outcome.exit.status() as u8))

@@ -6,6 +6,7 @@
 
 mod fuzz;
 mod fuzz_e2e;
+mod huge;
 mod restore;
 mod snapshot;
 mod swap;
@@ -47,6 +48,7 @@ pub const GROUPS: &[&str] = &[
     "snapshot",
     "fuzz",
     "restore",
+    "huge",
 ];
 
 /// One measured figure.
@@ -89,6 +91,8 @@ struct Bench {
     quick: bool,
     figures: Vec<Figure>,
     console: Option<Arc<Mutex<Vec<u8>>>>,
+    /// VMs made by [`Bench::vm_with`] use huge mappings.
+    huge: bool,
 }
 
 impl Bench {
@@ -105,7 +109,10 @@ impl Bench {
         words: &[u64],
         devices: Vec<crate::virtio::DeviceConfig>,
     ) -> Result<Vm, VmmError> {
-        let ctx = memory::Context::new(memory::Config::default());
+        let ctx = memory::Context::new(memory::Config {
+            huge: self.huge,
+            ..memory::Config::default()
+        });
         let (sink, console) = Sink::capture();
         self.console = Some(console);
         let vm = Vm::new(
@@ -535,7 +542,47 @@ struct LinuxArea {
 }
 
 impl LinuxArea {
+    /// Like [`LinuxArea::new`], on transparent huge pages: 2 MiB aligned
+    /// and advised, so that Linux backs it with 2 MiB pages where it can.
+    fn new_huge(len: usize) -> Result<Self, VmmError> {
+        const HUGE: usize = 2 << 20;
+        let outer = Self::reserve(len + HUGE)?;
+        let start = outer.ptr as usize;
+        let head = start.next_multiple_of(HUGE) - start;
+        let ptr = outer
+            .ptr
+            .cast::<u8>()
+            .wrapping_add(head)
+            .cast::<libc::c_void>();
+        let tail = outer.len - head - len;
+        std::mem::forget(outer);
+        for (at, n) in [
+            (start as *mut libc::c_void, head),
+            (ptr.cast::<u8>().wrapping_add(len).cast(), tail),
+        ] {
+            if n > 0 {
+                // SAFETY: the slack around the aligned part of the mapping
+                // just made, which nothing refers to.
+                unsafe { libc::munmap(at, n) };
+            }
+        }
+        let area = Self { ptr, len };
+        // SAFETY: an advice on our own mapping; it changes how Linux backs
+        // the pages, not their contents.
+        if unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) } != 0 {
+            return Err(VmmError::Thread(std::io::Error::last_os_error()));
+        }
+        area.touch();
+        Ok(area)
+    }
+
     fn new(len: usize) -> Result<Self, VmmError> {
+        let area = Self::reserve(len)?;
+        area.touch();
+        Ok(area)
+    }
+
+    fn reserve(len: usize) -> Result<Self, VmmError> {
         // SAFETY: a fresh private anonymous mapping at an address of the
         // kernel's choosing aliases nothing.
         let ptr = unsafe {
@@ -551,9 +598,7 @@ impl LinuxArea {
         if ptr == libc::MAP_FAILED {
             return Err(VmmError::Thread(std::io::Error::last_os_error()));
         }
-        let area = Self { ptr, len };
-        area.touch();
-        Ok(area)
+        Ok(Self { ptr, len })
     }
 
     /// Writes a byte of every page.
@@ -603,6 +648,7 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
         quick: opts.quick,
         figures: Vec::new(),
         console: None,
+        huge: false,
     };
     if let Some(bad) = opts.only.iter().find(|g| !GROUPS.contains(&g.as_str())) {
         return Err(VmmError::Config(format!(
@@ -664,6 +710,18 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
     }
     if on("restore") {
         b.restore(tsc)?;
+    }
+    if on("huge") {
+        memory::huge_pages_available().map_err(VmmError::Config)?;
+        let sizes: &[u64] = if opts.quick {
+            &[64 << 20]
+        } else {
+            &[1 << 30, 4 << 30]
+        };
+        for &bytes in sizes {
+            b.huge_fork(bytes, tsc)?;
+        }
+        b.huge_stream(if opts.quick { 64 << 20 } else { 1 << 30 }, tsc)?;
     }
     Ok(b.figures)
 }
