@@ -30,11 +30,22 @@ fn read(vm: &VmMemory) -> u8 {
 /// Runs `f` under loom with at most `bound` preemptions, on a fresh VM of
 /// 8 pages (two leaves of 4 under loom) whose page at PAGE holds 1.
 fn model(bound: usize, f: impl Fn(Arc<Context>, Arc<VmMemory>) + Sync + Send + 'static) {
+    model_with(bound, false, f);
+}
+
+/// Like [`model`]; with `huge`, the page's whole leaf is one huge entry
+/// (a leaf is 4 pages under loom).
+fn model_with(
+    bound: usize,
+    huge: bool,
+    f: impl Fn(Arc<Context>, Arc<VmMemory>) + Sync + Send + 'static,
+) {
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = Some(bound);
     builder.check(move || {
         let ctx = Context::new(Config {
             fault_around: 1,
+            huge,
             ..Config::default()
         });
         let vm = VmMemory::new(&ctx, Layout::new(&[(0, 0x8000)]).unwrap()).unwrap();
@@ -187,6 +198,52 @@ fn lockless_pin_races_snapshot_arming() {
         audit(&ctx, &[&vm]).unwrap();
         assert_coherent(&vm, &pin);
         drop((pin, snap, vm));
+        assert_eq!(ctx.stats().resident, 0);
+    });
+}
+
+/// A pin of a page of a huge entry while another thread splits the entry
+/// (a discard of a neighbouring page): the lockless path reads the huge
+/// entry and the split writes the small ones before clearing it, so the
+/// pin ends on the frame the VM maps, exclusive, whichever wins.
+#[test]
+fn lockless_pin_races_a_huge_split() {
+    model_with(3, true, |ctx, vm| {
+        assert!(vm.frame_info(PAGE).unwrap().huge);
+        let splitter = {
+            let vm = vm.clone();
+            loom::thread::spawn(move || vm.discard(PAGE + 0x1000, 0x1000).unwrap())
+        };
+        let pin = vm.pin(PAGE, 1, RW).unwrap();
+        splitter.join().unwrap();
+        audit(&ctx, &[&vm]).unwrap();
+        assert!(!vm.frame_info(PAGE).unwrap().huge);
+        assert_coherent(&vm, &pin);
+        let mut b = [1u8];
+        vm.read(PAGE + 0x1000, &mut b).unwrap();
+        assert_eq!(b[0], 0, "the discarded page kept its contents");
+        drop((pin, vm));
+        assert_eq!(ctx.stats().resident, 0);
+    });
+}
+
+/// A pin of a page of a huge entry while the VM forks: the pinned frame
+/// is copied whole for the child or the pin backs off and unshares after;
+/// either way the device and the parent stay coherent and the child sees
+/// neither.
+#[test]
+fn lockless_pin_races_a_huge_fork() {
+    model_with(3, true, |ctx, vm| {
+        let forker = {
+            let vm = vm.clone();
+            loom::thread::spawn(move || vm.fork().unwrap())
+        };
+        let pin = vm.pin(PAGE, 1, RW).unwrap();
+        let child = forker.join().unwrap();
+        audit(&ctx, &[&vm, &child]).unwrap();
+        assert_coherent(&vm, &pin);
+        assert_eq!(read(&child), 1, "the child sees the pinned frame");
+        drop((pin, child, vm));
         assert_eq!(ctx.stats().resident, 0);
     });
 }
