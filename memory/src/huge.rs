@@ -6,7 +6,8 @@
 //! entry (see `table.rs`); the host maps the block with a 2 MiB page
 //! where it can. Faults, pins and fork know huge entries; everything
 //! else reaches leaves through the accessors here, which *split* a huge
-//! entry into 512 small ones first (Linux's `split_huge_pmd`):
+//! entry into 512 small ones first (Linux's `split_huge_pmd`) and mark the
+//! leaf, under its lock, so that no first touch maps it huge afterwards:
 //!
 //! - the small entries map the same frame's pages, with the same access;
 //! - each page gets a mapping, the frame 511 more references (one per
@@ -111,11 +112,17 @@ impl VmMemory {
         })
     }
 
+    /// Splits the leaf's huge entry, if any, and marks the leaf used by
+    /// small entries, both under its lock: a first touch, which checks the
+    /// mark under the same lock, cannot map it huge between the caller's
+    /// look and its use. Once marked, only a load.
     fn make_small(&self, leaf: &Leaf, page: u64) {
-        if leaf.mark_small() {
-            let _ptl = leaf.lock().lock();
-            self.split_locked(leaf, page - page % PAGES_PER_LEAF);
+        if leaf.used_small() {
+            return;
         }
+        let _ptl = leaf.lock().lock();
+        self.split_locked(leaf, page - page % PAGES_PER_LEAF);
+        leaf.mark_small();
     }
 
     /// Splits the huge entry of `leaf` (first page `first`) into 512 small

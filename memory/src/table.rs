@@ -143,20 +143,26 @@ impl Leaf {
         }
     }
 
-    /// Marks the leaf as used by code that knows only small entries, then
-    /// tells whether it holds a huge entry. Against a first touch that
-    /// maps the leaf huge (which reads the mark under the lock, then sets
-    /// the entry), one of the two sees the other.
-    pub(crate) fn mark_small(&self) -> bool {
-        self.small_used.store(true, Ordering::SeqCst);
-        self.huge.load(Ordering::SeqCst) != 0
+    /// Whether code that knows only small entries has used this leaf:
+    /// then it holds no huge entry, and no first touch will set one.
+    pub(crate) fn used_small(&self) -> bool {
+        self.small_used.load(Ordering::Acquire)
+    }
+
+    /// Marks the leaf as used by code that knows only small entries; the
+    /// caller holds the lock (a first touch reads the mark under it before
+    /// it maps the leaf huge) and has split any huge entry.
+    pub(crate) fn mark_small(&self) {
+        crate::lock::assert_held_any(&[Rank::Table, Rank::ChildTable]);
+        debug_assert!(self.huge().is_none(), "marked small while huge");
+        self.small_used.store(true, Ordering::Release);
     }
 
     /// Whether the leaf may be mapped huge by a first touch: no code that
     /// knows only small entries used it, and every entry is none. The
     /// caller holds the lock.
     pub(crate) fn may_map_huge(&self) -> bool {
-        !self.small_used.load(Ordering::SeqCst)
+        !self.small_used.load(Ordering::Relaxed)
             && self.huge.load(Ordering::Relaxed) == 0
             && self
                 .entries

@@ -247,3 +247,28 @@ fn lockless_pin_races_a_huge_fork() {
         assert_eq!(ctx.stats().resident, 0);
     });
 }
+
+/// Write protection armed on an empty page while a first touch of another
+/// page of the same empty leaf maps the leaf huge: whichever wins, the
+/// protection is kept (a marker, or a protected page of the split entry).
+#[test]
+fn protection_of_an_empty_page_races_a_huge_first_touch() {
+    model_with(3, true, |ctx, vm| {
+        let toucher = {
+            let vm = vm.clone();
+            loom::thread::spawn(move || vm.write(0x1000, &[5]).unwrap())
+        };
+        vm.protect_for_listener(0x2000, 0x1000, true).unwrap();
+        toucher.join().unwrap();
+        assert!(
+            vm.entry(0x2000).unwrap().wp(),
+            "the protection was lost to the huge first touch"
+        );
+        let mut b = [0u8];
+        vm.read(0x1000, &mut b).unwrap();
+        assert_eq!(b[0], 5);
+        audit(&ctx, &[&vm]).unwrap();
+        drop(vm);
+        assert_eq!(ctx.stats().resident, 0);
+    });
+}
