@@ -316,9 +316,9 @@ impl Context {
         }
         let mut n = 0;
         for store in self.live_stores() {
-            for (first, meta) in store.frames() {
+            for (first, meta) in store.huge_frames() {
                 let entire = meta.entire();
-                if !meta.is_head() || entire == 0 {
+                if entire == 0 {
                     continue;
                 }
                 n += (first..first + crate::layout::PAGES_PER_LEAF)

@@ -95,6 +95,15 @@ impl Store {
         })
     }
 
+    /// The live huge frames, as (head page, head's metadata): one look per
+    /// 2 MiB, since a huge frame starts at a leaf's first slot.
+    pub(crate) fn huge_frames(&self) -> impl Iterator<Item = (u64, &FrameMeta)> {
+        self.chunks.iter().enumerate().filter_map(|(c, chunk)| {
+            let head = chunk.get()?.first()?;
+            (head.is_head() && head.refcount() > 0).then_some((c as u64 * PAGES_PER_LEAF, head))
+        })
+    }
+
     /// Records that VM `vm` may map this store's frames.
     pub(crate) fn add_mapper(&self, vm: u64) {
         let mut m = self.mappers.lock();
