@@ -41,18 +41,36 @@ pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
     for vm in vms {
         let stores = vm.stores.read();
         let mut uses: HashMap<u32, u64> = HashMap::new();
+        // The store an entry (`what`, for messages) names, counting a use
+        // of its slot; and R1 for a writable entry.
+        let mut named = |store: u32, what: &dyn Fn() -> String| {
+            let s = stores.get(store).ok_or_else(|| {
+                format!(
+                    "vm {}: {} names slot {store}, which is empty",
+                    vm.id(),
+                    what()
+                )
+            })?;
+            *uses.entry(store).or_default() += 1;
+            Ok::<_, String>(s)
+        };
+        let r1 = |exclusive: bool, what: &dyn Fn() -> String| {
+            if exclusive {
+                return Ok(());
+            }
+            Err(format!(
+                "R1: vm {} {} writable but not exclusive",
+                vm.id(),
+                what()
+            ))
+        };
         for (first, leaf) in vm.table.leaves() {
             if let Some(Entry::Present {
                 store, writable, ..
             }) = leaf.huge()
             {
-                let s = stores.get(store).ok_or_else(|| {
-                    format!(
-                        "vm {}: huge entry {first:#x} names slot {store}, which is empty",
-                        vm.id()
-                    )
-                })?;
-                *uses.entry(store).or_default() += 1;
+                let what = || format!("huge entry {first:#x}");
+                let s = named(store, &what)?;
                 let head = s.slot(first);
                 if !head.is_head() {
                     return Err(format!(
@@ -60,11 +78,8 @@ pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
                         vm.id()
                     ));
                 }
-                if writable && !head.exclusive() {
-                    return Err(format!(
-                        "R1: vm {} huge entry {first:#x} writable but not exclusive",
-                        vm.id()
-                    ));
+                if writable {
+                    r1(head.exclusive(), &what)?;
                 }
                 *huge.entry((Arc::as_ptr(s) as usize, first)).or_default() += 1;
                 continue;
@@ -88,19 +103,10 @@ pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
                     },
                     _ => continue,
                 };
-                let s = stores.get(store).ok_or_else(|| {
-                    format!(
-                        "vm {}: page {p:#x} names slot {store}, which is empty",
-                        vm.id()
-                    )
-                })?;
-                *uses.entry(store).or_default() += 1;
-                let meta = s.meta(p);
-                if writable && !meta.exclusive() {
-                    return Err(format!(
-                        "R1: vm {} page {p:#x} writable but not exclusive",
-                        vm.id()
-                    ));
+                let what = || format!("page {p:#x}");
+                let s = named(store, &what)?;
+                if writable {
+                    r1(s.meta(p).exclusive(), &what)?;
                 }
                 *mapped.entry((Arc::as_ptr(s) as usize, p)).or_default() += 1;
             }

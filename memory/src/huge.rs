@@ -35,7 +35,6 @@
 
 use crate::entry::Entry;
 use crate::layout::{PAGE_SIZE, PAGES_PER_LEAF};
-use crate::store::Store;
 use crate::sync::Ordering;
 use crate::table::Leaf;
 use crate::vm::{MemError, VmMemory};
@@ -208,23 +207,7 @@ impl VmMemory {
     /// Claims a huge frame for the block at `first` in some store of this
     /// VM, creating a store if none has the block free.
     pub(crate) fn alloc_huge(&self, first: u64) -> Result<u32, MemError> {
-        {
-            let stores = self.stores.read();
-            let home = self.home.load(Ordering::Relaxed);
-            for idx in std::iter::once(home).chain(stores.indices()) {
-                if stores.try_claim_huge(idx, first) {
-                    return Ok(idx);
-                }
-            }
-        }
-        let fresh = Store::new(&self.ctx, self.layout.pages()).map_err(MemError::Store)?;
-        fresh.add_mapper(self.id());
-        let mut stores = self.stores.write();
-        let idx = stores.insert(fresh);
-        let claimed = stores.try_claim_huge(idx, first);
-        debug_assert!(claimed, "fresh store had no free block");
-        self.home.store(idx, Ordering::Relaxed);
-        Ok(idx)
+        self.alloc_with(None, |s| s.try_claim_huge(first))
     }
 
     /// A write fault (`write`) or an unshare fault on the read-only huge

@@ -47,28 +47,14 @@ impl StoreList {
             .filter_map(|(i, s)| s.store.as_ref().map(|st| (i as u32, st)))
     }
 
-    /// Claims the free frame of `page` in slot `idx`, counting a use.
-    pub(crate) fn try_claim(&self, idx: u32, page: u64) -> bool {
+    /// Claims a frame of the store in slot `idx` with `claim` (a 4 KiB or
+    /// a huge one), counting a use for the entry that will map it.
+    pub(crate) fn try_claim(&self, idx: u32, claim: impl FnOnce(&Store) -> bool) -> bool {
         let Some(slot) = self.slots.get(idx as usize) else {
             return false;
         };
         match &slot.store {
-            Some(s) if s.try_claim(page) => {
-                slot.uses.fetch_add(1, Ordering::AcqRel);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Claims the free huge frame at `head` in slot `idx`, counting a use
-    /// (for the one huge entry that will map it).
-    pub(crate) fn try_claim_huge(&self, idx: u32, head: u64) -> bool {
-        let Some(slot) = self.slots.get(idx as usize) else {
-            return false;
-        };
-        match &slot.store {
-            Some(s) if s.try_claim_huge(head) => {
+            Some(s) if claim(s) => {
                 slot.uses.fetch_add(1, Ordering::AcqRel);
                 true
             }

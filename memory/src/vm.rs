@@ -430,6 +430,17 @@ impl VmMemory {
     /// store if none has the slot free. `hint` is tried first (a neighbour's
     /// store, so host mappings merge). Returns the store's index.
     pub(crate) fn alloc_frame(&self, page: u64, hint: Option<u32>) -> Result<u32, MemError> {
+        self.alloc_with(hint, |s| s.try_claim(page))
+    }
+
+    /// Claims a frame with `claim` in some store of this VM (`hint`, then
+    /// the home store, then the others), creating a store, which becomes
+    /// the home store, if none has it free. Returns the store's index.
+    pub(crate) fn alloc_with(
+        &self,
+        hint: Option<u32>,
+        claim: impl Fn(&Store) -> bool,
+    ) -> Result<u32, MemError> {
         {
             let stores = self.stores.read();
             let home = self.home.load(Ordering::Relaxed);
@@ -438,7 +449,7 @@ impl VmMemory {
                 .chain(std::iter::once(home))
                 .chain(stores.indices());
             for idx in order {
-                if stores.try_claim(idx, page) {
+                if stores.try_claim(idx, &claim) {
                     return Ok(idx);
                 }
             }
@@ -447,8 +458,8 @@ impl VmMemory {
         fresh.add_mapper(self.id);
         let mut stores = self.stores.write();
         let idx = stores.insert(fresh);
-        let claimed = stores.try_claim(idx, page);
-        debug_assert!(claimed, "fresh store had no free slot");
+        let claimed = stores.try_claim(idx, &claim);
+        debug_assert!(claimed, "a fresh store had the frame taken");
         self.home.store(idx, Ordering::Relaxed);
         Ok(idx)
     }

@@ -8,36 +8,18 @@ use super::{Bench, LinuxArea, goal, median};
 use crate::vm::VmmError;
 
 impl Bench {
-    /// Linux fork() of `bytes` of touched anonymous memory on THP.
-    fn linux_fork_huge(bytes: usize) -> Result<Duration, VmmError> {
-        let area = LinuxArea::new_huge(bytes)?;
-        let mut times = Vec::new();
-        for _ in 0..3 {
-            area.touch();
-            times.push(area.fork_once()?);
-        }
-        Ok(median(times))
-    }
-
     /// Fork of a VM that touched `bytes`, huge and small, next to Linux.
     pub(super) fn huge_fork(&mut self, bytes: u64, tsc: f64) -> Result<(), VmmError> {
-        let linux = Self::linux_fork_huge(bytes as usize)?;
-        let pages = bytes / memory::PAGE_SIZE;
+        let linux = Self::linux_fork(LinuxArea::new_huge(bytes as usize)?)?;
         let mib = bytes >> 20;
         let sample =
             |b: &mut Self, huge: bool| -> Result<(Duration, Duration, Duration), VmmError> {
                 b.huge = huge;
-                let mut totals = Vec::new();
-                let mut pauses = Vec::new();
-                let mut memory = Vec::new();
-                for _ in 0..3 {
-                    let (total, pause, p) = b.fork_touched_vm(bytes + (64 << 20), pages, tsc)?;
-                    totals.push(total);
-                    pauses.push(pause);
-                    memory.push(p.demote + p.protect + p.copy);
-                }
+                let samples = b.fork_samples(bytes, tsc);
                 b.huge = false;
-                Ok((median(totals), median(pauses), median(memory)))
+                let (total, pause, phases) = samples?;
+                let memory = phases.iter().map(|p| p.demote + p.protect + p.copy);
+                Ok((total, pause, median(memory.collect())))
             };
         let (small, small_pause, small_mem) = sample(self, false)?;
         let (huge, huge_pause, huge_mem) = sample(self, true)?;

@@ -282,11 +282,10 @@ impl Bench {
         Ok(())
     }
 
-    /// Linux fork() of a process with `bytes` of anonymous memory it has
-    /// just written (so every page table entry is writable, as after the
-    /// guest's writes below).
-    fn linux_fork(bytes: usize) -> Result<Duration, VmmError> {
-        let area = LinuxArea::new(bytes)?;
+    /// Linux fork() of a process with the anonymous memory of `area`,
+    /// written again before each sample (so every page table entry is
+    /// writable, as after the guest's writes below).
+    fn linux_fork(area: LinuxArea) -> Result<Duration, VmmError> {
         let mut times = Vec::new();
         for _ in 0..3 {
             area.touch();
@@ -300,18 +299,8 @@ impl Bench {
     /// the same VM would find its pages write-protected by the first and
     /// pay nearly nothing for them, which no guest that writes would see.
     fn fork_latency(&mut self, bytes: u64, tsc: f64) -> Result<(), VmmError> {
-        let linux = Self::linux_fork(bytes as usize)?;
-        let pages = bytes / PAGE_SIZE;
-        let mut totals = Vec::new();
-        let mut pauses = Vec::new();
-        let mut phases = Vec::new();
-        for _ in 0..3 {
-            let (total, pause, steps) = self.fork_touched_vm(bytes + (64 << 20), pages, tsc)?;
-            totals.push(total);
-            pauses.push(pause);
-            phases.push(steps);
-        }
-        let (total, pause) = (median(totals), median(pauses));
+        let linux = Self::linux_fork(LinuxArea::new(bytes as usize)?)?;
+        let (total, pause, phases) = self.fork_samples(bytes, tsc)?;
         let mib = bytes >> 20;
         self.record(
             &format!("Linux fork(), {mib} MiB touched anonymous memory"),
@@ -356,6 +345,27 @@ impl Bench {
             );
         }
         Ok(())
+    }
+
+    /// Three forks of a new VM each that has just written `bytes`: the
+    /// medians of the fork's total time and of the guest's pause, and the
+    /// memory steps' times of each.
+    fn fork_samples(
+        &mut self,
+        bytes: u64,
+        tsc: f64,
+    ) -> Result<(Duration, Duration, Vec<memory::ForkPhases>), VmmError> {
+        let pages = bytes / PAGE_SIZE;
+        let mut totals = Vec::new();
+        let mut pauses = Vec::new();
+        let mut phases = Vec::new();
+        for _ in 0..3 {
+            let (total, pause, steps) = self.fork_touched_vm(bytes + (64 << 20), pages, tsc)?;
+            totals.push(total);
+            pauses.push(pause);
+            phases.push(steps);
+        }
+        Ok((median(totals), median(pauses), phases))
     }
 
     /// Starts a VM that touches `pages` pages, forks it once when it has,
