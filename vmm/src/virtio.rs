@@ -184,12 +184,12 @@ impl DeviceConfig {
     }
 
     fn what(&self) -> &'static str {
-        match self {
-            Self::Blk(_) => "virtio-blk",
-            Self::Net { .. } => "virtio-net",
-            Self::Vsock { .. } => "virtio-vsock",
-            Self::Balloon => "virtio-balloon",
-        }
+        type_name(match self {
+            Self::Blk(_) => devices::virtio::id::BLOCK,
+            Self::Net { .. } => devices::virtio::id::NET,
+            Self::Vsock { .. } => devices::virtio::id::VSOCK,
+            Self::Balloon => devices::virtio::id::BALLOON,
+        })
     }
 
     fn create(&self, mode: Mode) -> Result<Box<dyn VirtioDevice>, VirtioError> {
