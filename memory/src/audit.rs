@@ -85,7 +85,7 @@ pub fn audit(ctx: &Context, vms: &[&VmMemory]) -> Result<(), String> {
                 continue;
             }
             for p in first..(first + PAGES_PER_LEAF).min(vm.table.pages()) {
-                let (store, writable) = match leaf.get(p) {
+                let (store, writable) = match leaf.peek(p) {
                     Entry::Present {
                         store, writable, ..
                     } => (store, writable),

@@ -59,6 +59,7 @@ pub(crate) struct Stats {
     pub(crate) image_loads: AtomicU64,
     pub(crate) huge_maps: AtomicU64,
     pub(crate) huge_splits: AtomicU64,
+    pub(crate) collapses: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -98,12 +99,14 @@ pub struct StatsSnapshot {
     pub huge_maps: u64,
     /// Huge entries split into small ones.
     pub huge_splits: u64,
+    /// Huge entries made by collapsing small ones.
+    pub collapses: u64,
 }
 
 impl StatsSnapshot {
     /// The counters in the order of the guest ABI's STATS call: the first
     /// eight are fixed by the ABI, later ones are appended.
-    pub fn to_abi(&self) -> [u64; 16] {
+    pub fn to_abi(&self) -> [u64; 17] {
         [
             self.resident,
             self.shared,
@@ -121,6 +124,7 @@ impl StatsSnapshot {
             self.image_pages,
             self.huge_maps,
             self.huge_splits,
+            self.collapses,
         ]
     }
 }
@@ -301,6 +305,7 @@ impl Context {
             image_pages: self.image_refs.iter().map(l).sum(),
             huge_maps: l(&s.huge_maps),
             huge_splits: l(&s.huge_splits),
+            collapses: l(&s.collapses),
         }
     }
 
@@ -311,7 +316,10 @@ impl Context {
     /// frames), not kept up to date, because a page's mappings are then
     /// two counts changed under different VMs' locks.
     fn huge_shared(&self) -> u64 {
-        if !self.config.huge {
+        // Huge frames come from huge first touches and from collapses.
+        if self.stats.huge_maps.load(Ordering::Relaxed) == 0
+            && self.stats.collapses.load(Ordering::Relaxed) == 0
+        {
             return 0;
         }
         let mut n = 0;

@@ -114,9 +114,11 @@ impl VmMemory {
     /// Splits the leaf's huge entry, if any, and marks the leaf used by
     /// small entries, both under its lock: a first touch, which checks the
     /// mark under the same lock, cannot map it huge between the caller's
-    /// look and its use. Once marked, only a load.
+    /// look and its use. Once marked and split, only loads: a collapse,
+    /// the other way a leaf becomes huge, waits for the memory-map lock
+    /// the caller holds.
     fn make_small(&self, leaf: &Leaf, page: u64) {
-        if leaf.used_small() {
+        if leaf.used_small() && leaf.huge_raw() == 0 {
             return;
         }
         let _ptl = leaf.lock().lock();

@@ -30,13 +30,16 @@
 //! reference (pins). The write-protect sequence count is not a lock: fork
 //! and a live snapshot hold it odd while they write-protect the VM (under
 //! the memory-map lock, which keeps them apart), and the lockless pin path
-//! gives up when it saw it odd or changed.
+//! gives up when it saw it odd or changed. A collapse retracts a leaf's
+//! small table under the memory-map lock held for writing and the leaf's
+//! lock, and waits for the lockless walkers inside the leaf (`table.rs`).
 //!
 //! `memory` knows nothing of KVM: it hands the VMM host ranges to register
 //! as memslots and changes the protection of host pages itself; KVM follows
 //! through its MMU notifiers.
 
 mod audit;
+mod collapse;
 mod context;
 mod dirty;
 mod entry;
@@ -49,6 +52,7 @@ mod image;
 mod layout;
 mod lock;
 mod migrate;
+mod periodic;
 mod pin;
 mod reclaim;
 mod reset;
@@ -65,6 +69,7 @@ mod vm;
 mod wp;
 
 pub use audit::audit;
+pub use collapse::{Collapse, CollapseRefusal, Collapser, HUGE_SIZE};
 pub use context::{Config, Context, StatsSnapshot};
 pub use entry::{Entry, MigrationKind};
 pub use fork::ForkPhases;

@@ -406,7 +406,7 @@ impl VmMemory {
                 if out.len() as u64 >= budget {
                     return out;
                 }
-                let Entry::Present { store, .. } = leaf.get(page) else {
+                let Entry::Present { store, .. } = leaf.peek(page) else {
                     continue;
                 };
                 if store == home_idx || self.is_unevictable(page) {
@@ -447,8 +447,7 @@ impl crate::Context {
 /// Dropping it stops the thread.
 #[derive(Debug)]
 pub struct Compactor {
-    stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _worker: crate::periodic::Periodic,
 }
 
 impl Compactor {
@@ -459,50 +458,9 @@ impl Compactor {
         interval: std::time::Duration,
         budget: u64,
     ) -> std::io::Result<Self> {
-        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let thread = {
-            let (stop, ctx) = (stop.clone(), Arc::downgrade(ctx));
-            std::thread::Builder::new()
-                .name("compactor".into())
-                .spawn(move || {
-                    let (lock, cond) = &*stop;
-                    let mut stopped = lock
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    while !*stopped {
-                        stopped = cond
-                            .wait_timeout(stopped, interval)
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .0;
-                        if *stopped {
-                            break;
-                        }
-                        let Some(ctx) = ctx.upgrade() else { break };
-                        drop(stopped);
-                        ctx.compact_all(budget);
-                        drop(ctx);
-                        stopped = lock
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    }
-                })?
-        };
-        Ok(Self {
-            stop,
-            thread: Some(thread),
+        crate::periodic::Periodic::start("compactor", ctx, interval, move |ctx| {
+            ctx.compact_all(budget);
         })
-    }
-}
-
-impl Drop for Compactor {
-    fn drop(&mut self) {
-        let (lock, cond) = &*self.stop;
-        *lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
-        cond.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        .map(|w| Self { _worker: w })
     }
 }

@@ -33,6 +33,7 @@ use crate::entry::Entry;
 use crate::layout::PAGE_SIZE;
 use crate::store::Store;
 use crate::sync::{Ordering, fence};
+use crate::table::{Leaf, Walk};
 use crate::vm::{Access, MemError, VmMemory};
 
 /// How a range is pinned.
@@ -257,14 +258,28 @@ impl VmMemory {
             return None;
         }
         let leaf = self.table.leaf(page)?;
+        // A walker of the leaf from the first read of its entry to the
+        // last: a collapse retracting its small table waits for us.
+        leaf.walk(|walk| self.pin_walk(walk, leaf, page, write, seq))
+    }
+
+    /// [`VmMemory::pin_fast`] inside its walk of `leaf`.
+    fn pin_walk(
+        &self,
+        walk: &Walk<'_>,
+        leaf: &Leaf,
+        page: u64,
+        write: bool,
+        seq: u64,
+    ) -> Option<PinnedFrame> {
         // The huge entry first (see `table.rs`): a split writes the small
         // entries before it clears the huge one.
-        let huge = leaf.huge_raw() != 0;
+        let huge = walk.huge_raw() != 0;
         let read = || {
             if huge {
-                leaf.huge_raw()
+                walk.huge_raw()
             } else {
-                leaf.raw(page)
+                walk.raw(page)
             }
         };
         let raw = read();

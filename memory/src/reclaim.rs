@@ -439,7 +439,7 @@ impl VmMemory {
                 scanned += skip;
                 continue;
             };
-            if !matches!(leaf.get(page), Entry::Present { .. })
+            if !matches!(leaf.peek(page), Entry::Present { .. })
                 || self.limit.recent.contains(page)
                 || self.is_unevictable(page)
                 || leaf.take_young(page)

@@ -29,7 +29,30 @@
 //!
 //! Splitting writes the 512 small entries first, then clears the huge one;
 //! a lockless reader loads the huge entry first and reads small entries
-//! only when it is clear, so it sees one or the other, never neither.
+//! only when it is clear, so it sees one or the other.
+//!
+//! # Retraction
+//! The 512 small entries live in a table of their own ([`Small`], Linux's
+//! PTE table) that the leaf points to. A collapse (see `collapse.rs`)
+//! *retracts* it: with the VM's memory-map lock held for writing (every
+//! locked walk starts under it) and the leaf's lock, it detaches the table
+//! and waits until no lockless walker (R8) is inside the leaf; only then is
+//! the table reused, kept for the next split like Linux's deposited page
+//! table:
+//!
+//! ```text
+//!   Leaf { small ──► Small[512], deposit: ∅ }          before
+//!   Leaf { small: ∅, huge: Present{..}, deposit ──► Small[none; 512] }
+//! ```
+//!
+//! So the small table may only be read under the leaf's lock, under the
+//! memory-map lock, or inside [`Leaf::walk`], which counts the walker in
+//! the leaf (a Dekker pairing with the detach: the walker counts itself,
+//! then loads the pointer; the retraction clears the pointer, then reads
+//! the count; a sequentially consistent fence between the two on each
+//! side). A lockless walker that finds neither a huge entry nor a
+//! small table reads none, and falls back to the locked path, which waits
+//! for the collapse.
 //! Code that knows nothing of huge entries only reaches leaves through
 //! `VmMemory`'s splitting accessors, which also mark the leaf as used by
 //! small entries: a first touch maps a leaf huge only while it is unused
@@ -45,9 +68,28 @@ use std::sync::Arc;
 use crate::entry::Entry;
 use crate::layout::PAGES_PER_LEAF;
 use crate::lock::{Rank, RankedMutex};
-use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering, fence};
 
 const YOUNG_WORDS: usize = (PAGES_PER_LEAF as usize).div_ceil(64);
+
+/// A leaf's small entries, packed (Linux's PTE table).
+#[derive(Debug)]
+pub(crate) struct Small([AtomicU64; PAGES_PER_LEAF as usize]);
+
+impl Small {
+    fn new() -> Box<Self> {
+        Box::new(Self(std::array::from_fn(|_| AtomicU64::new(0))))
+    }
+
+    fn slot(&self, page: u64) -> &AtomicU64 {
+        &self.0[(page % PAGES_PER_LEAF) as usize]
+    }
+
+    /// The packed entries.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().map(|e| e.load(Ordering::Acquire))
+    }
+}
 
 /// 512 entries and the lock that serialises changes to them.
 #[derive(Debug)]
@@ -57,7 +99,14 @@ pub(crate) struct Leaf {
     huge: AtomicU64,
     /// Code that knows only small entries has used this leaf.
     small_used: AtomicBool,
-    entries: Box<[AtomicU64]>,
+    /// The small entries (a `Box<Small>` turned into a raw pointer); null
+    /// only while a huge entry is set after a collapse, or while one runs.
+    small: AtomicPtr<Small>,
+    /// A retracted small table, all none, kept for the next split (null:
+    /// none). Changed only under the leaf's lock; no walker can reach it.
+    deposit: AtomicPtr<Small>,
+    /// Lockless walkers inside [`Leaf::walk`]: a retraction waits for none.
+    walkers: AtomicU32,
     /// Pins taken through this leaf and not yet dropped: a hint that lets
     /// fork skip the frame metadata of leaves nobody pinned. It may count
     /// too many (a pinned page since discarded), never too few: a pinner
@@ -79,7 +128,9 @@ impl Leaf {
             lock: RankedMutex::new(Rank::Table, ()),
             huge: AtomicU64::new(0),
             small_used: AtomicBool::new(false),
-            entries: (0..PAGES_PER_LEAF).map(|_| AtomicU64::new(0)).collect(),
+            small: AtomicPtr::new(Box::into_raw(Small::new())),
+            deposit: AtomicPtr::new(std::ptr::null_mut()),
+            walkers: AtomicU32::new(0),
             pins: AtomicU32::new(0),
             young: std::array::from_fn(|_| AtomicU64::new(0)),
             present,
@@ -120,14 +171,45 @@ impl Leaf {
         &self.lock
     }
 
-    /// Reads an entry. Without the lock this is the lockless walk's read:
-    /// the value can change right after. Under a huge entry, every page
-    /// reads as a small entry with the same frame store and access.
+    /// Reads an entry; the caller holds the leaf's lock or the memory-map
+    /// lock, which exclude a retraction (lockless readers use
+    /// [`Leaf::walk`]). Under a huge entry, every page reads as a small
+    /// entry with the same frame store and access.
     pub(crate) fn get(&self, page: u64) -> Entry {
+        assert_locked();
         match self.huge() {
             Some(e) => e,
             None => Entry::unpack(self.raw(page)),
         }
+    }
+
+    /// The small table, if attached. The caller holds the leaf's lock or
+    /// the memory-map lock, or is inside [`Leaf::walk`].
+    fn small(&self) -> Option<&Small> {
+        let ptr = self.small.load(Ordering::SeqCst);
+        // SAFETY: a non-null `small` came from `Box::into_raw`; it is freed
+        // or reused only by `drop` (`&mut self`) or after `detach_small`,
+        // which holds the leaf lock and the memory-map lock for writing and
+        // waits for every walker: the caller's lock or walk excludes both.
+        (!ptr.is_null()).then(|| unsafe { &*ptr })
+    }
+
+    /// Runs `f` as a lockless walker of this leaf (R8): the small table it
+    /// reads through the [`Walk`] stays valid until it returns, though its
+    /// entries may change at any time. Keep `f` short: a collapse waits.
+    pub(crate) fn walk<R>(&self, f: impl FnOnce(&Walk<'_>) -> R) -> R {
+        self.walkers.fetch_add(1, Ordering::SeqCst);
+        // Pairs with the fence in `detach_small` (a store, then a load of
+        // the other's word, on each side).
+        fence(Ordering::SeqCst);
+        let r = f(&Walk { leaf: self });
+        self.walkers.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
+    /// Reads an entry without a lock, as [`Leaf::walk`] does.
+    pub(crate) fn peek(&self, page: u64) -> Entry {
+        self.walk(|w| w.get(page))
     }
 
     /// The huge entry, packed (0: none): the lockless walk's read.
@@ -165,9 +247,8 @@ impl Leaf {
         !self.small_used.load(Ordering::Relaxed)
             && self.huge.load(Ordering::Relaxed) == 0
             && self
-                .entries
-                .iter()
-                .all(|e| e.load(Ordering::Relaxed) == Entry::None.pack())
+                .small()
+                .is_none_or(|t| t.entries().all(|e| e == Entry::None.pack()))
     }
 
     /// Sets the huge entry of a leaf whose entries are all none, `first`
@@ -196,15 +277,109 @@ impl Leaf {
         crate::lock::assert_held_any(&[Rank::Table, Rank::ChildTable]);
         debug_assert!(self.huge().is_some(), "split of a leaf that is not huge");
         let raw = small.pack();
-        for e in self.entries.iter() {
+        let table = self.attach_small();
+        for e in table.0.iter() {
             e.store(raw, Ordering::Release);
         }
         self.huge.store(0, Ordering::SeqCst);
     }
 
-    /// Reads the packed entry.
+    /// The small table, attaching the deposited one (or a new one) if a
+    /// collapse retracted it; the caller holds the lock. The entries are
+    /// written before a caller clears the huge entry, so a lockless walker
+    /// that finds no huge entry finds them.
+    fn attach_small(&self) -> &Small {
+        if let Some(t) = self.small() {
+            return t;
+        }
+        let deposit = self.deposit.swap(std::ptr::null_mut(), Ordering::Relaxed);
+        let fresh = if deposit.is_null() {
+            Box::into_raw(Small::new())
+        } else {
+            // SAFETY: a deposited table came from `Box::into_raw`, and only
+            // we, under the leaf lock, can reach it.
+            let t = unsafe { &*deposit };
+            t.0.iter().for_each(|e| e.store(0, Ordering::Relaxed));
+            deposit
+        };
+        self.small.store(fresh, Ordering::SeqCst);
+        self.small().expect("just attached")
+    }
+
+    /// Detaches the small table for a collapse and waits until no
+    /// lockless walker is inside the leaf; returns it, now the caller's
+    /// alone. The caller holds the memory-map lock for writing and the
+    /// leaf's lock, and either gives the table back with
+    /// [`Leaf::reattach_small`] or retires it with [`Leaf::install_collapsed`].
+    pub(crate) fn detach_small(&self) -> Box<Small> {
+        crate::lock::assert_held(Rank::MapLock);
+        crate::lock::assert_held(Rank::Table);
+        let ptr = self.small.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        assert!(!ptr.is_null(), "detach of a leaf without small entries");
+        fence(Ordering::SeqCst);
+        let mut turn = 0;
+        while self.walkers.load(Ordering::SeqCst) != 0 {
+            crate::sync::spin(turn);
+            turn = turn.wrapping_add(1);
+        }
+        // SAFETY: `ptr` came from `Box::into_raw`; it is no longer in the
+        // leaf, no lock holder can reach it (we hold both locks that
+        // exclude us) and every walker that could have loaded it has left.
+        unsafe { Box::from_raw(ptr) }
+    }
+
+    /// Gives back a table detached by [`Leaf::detach_small`] (a collapse
+    /// that was refused); the caller holds the locks it was detached under.
+    pub(crate) fn reattach_small(&self, table: Box<Small>) {
+        crate::lock::assert_held(Rank::Table);
+        let was = self.small.swap(Box::into_raw(table), Ordering::SeqCst);
+        debug_assert!(was.is_null(), "reattached over a table");
+    }
+
+    /// Finishes a collapse: sets the huge entry `entry` over the leaf
+    /// whose small table `old` was detached (its entries already dropped
+    /// by the caller), counting the leaf as 512 present young pages, and
+    /// keeps `old`, cleared, for the next split.
+    pub(crate) fn install_collapsed(&self, first: u64, entry: Entry, old: Box<Small>) {
+        crate::lock::assert_held(Rank::Table);
+        debug_assert!(matches!(entry, Entry::Present { wp: false, .. }));
+        debug_assert!(self.huge().is_none() && self.small().is_none());
+        let mut was_present = 0;
+        for e in old.0.iter() {
+            if Entry::raw_is_present(e.swap(0, Ordering::Relaxed)) {
+                was_present += 1;
+            }
+        }
+        // Checked builds poison the retired table until a split takes it
+        // back: a walker that reads it (one the detach failed to wait for)
+        // trips over it.
+        #[cfg(any(loom, debug_assertions))]
+        old.0
+            .iter()
+            .for_each(|e| e.store(RETIRED, Ordering::SeqCst));
+        self.huge.store(entry.pack(), Ordering::SeqCst);
+        self.present
+            .fetch_add(PAGES_PER_LEAF - was_present, Ordering::Relaxed);
+        for w in &self.young {
+            w.store(u64::MAX, Ordering::Relaxed);
+        }
+        if self.changes.recording() {
+            (first..first + PAGES_PER_LEAF).for_each(|p| self.changes.note(p));
+        }
+        let was = self.deposit.swap(Box::into_raw(old), Ordering::Relaxed);
+        if !was.is_null() {
+            // SAFETY: a deposited table came from `Box::into_raw` and is
+            // reachable only through `deposit`, which we just emptied.
+            drop(unsafe { Box::from_raw(was) });
+        }
+    }
+
+    /// Reads the packed entry (0, none, if the small table is detached);
+    /// the caller holds the leaf's lock or the memory-map lock.
     pub(crate) fn raw(&self, page: u64) -> u64 {
-        self.entries[(page % PAGES_PER_LEAF) as usize].load(Ordering::Acquire)
+        assert_locked();
+        self.small()
+            .map_or(0, |t| t.slot(page).load(Ordering::Acquire))
     }
 
     /// Writes an entry. The caller holds this leaf's lock. An entry that
@@ -220,7 +395,7 @@ impl Leaf {
             self.changes.note(page);
         }
         let new = entry.pack();
-        let old = self.entries[(page % PAGES_PER_LEAF) as usize].swap(new, Ordering::Release);
+        let old = self.attach_small().slot(page).swap(new, Ordering::Release);
         match (Entry::raw_is_present(old), Entry::raw_is_present(new)) {
             (false, true) => {
                 self.present.fetch_add(1, Ordering::Relaxed);
@@ -244,9 +419,10 @@ impl Leaf {
         self.small_used.store(true, Ordering::Relaxed);
         let mut present = 0;
         let mut young = [0u64; YOUNG_WORDS];
+        let table = self.attach_small();
         for &(page, entry) in entries {
             let new = entry.pack();
-            let slot = &self.entries[(page % PAGES_PER_LEAF) as usize];
+            let slot = table.slot(page);
             debug_assert_eq!(
                 slot.load(Ordering::Relaxed),
                 Entry::None.pack(),
@@ -266,6 +442,72 @@ impl Leaf {
             if bits != 0 {
                 self.young[w].fetch_or(bits, Ordering::Relaxed);
             }
+        }
+    }
+}
+
+/// Debug builds: asserts that the thread holds a lock that excludes a
+/// retraction (a leaf lock or a memory-map lock).
+fn assert_locked() {
+    crate::lock::assert_held_any(&[
+        Rank::MapLock,
+        Rank::ChildMapLock,
+        Rank::Table,
+        Rank::ChildTable,
+    ]);
+}
+
+impl Drop for Leaf {
+    fn drop(&mut self) {
+        for p in [&self.small, &self.deposit] {
+            let ptr = p.swap(std::ptr::null_mut(), Ordering::Relaxed);
+            if !ptr.is_null() {
+                // SAFETY: both came from `Box::into_raw`; `&mut self`
+                // proves no walker or lock holder is left.
+                drop(unsafe { Box::from_raw(ptr) });
+            }
+        }
+    }
+}
+
+/// What a retired small table holds in checked builds (no entry packs to
+/// it).
+#[cfg(any(loom, debug_assertions))]
+const RETIRED: u64 = u64::MAX;
+
+/// A lockless walker inside a leaf (see [`Leaf::walk`]).
+pub(crate) struct Walk<'a> {
+    leaf: &'a Leaf,
+}
+
+impl Walk<'_> {
+    /// The huge entry, packed (0: none). Read it before small entries: a
+    /// split writes those first.
+    pub(crate) fn huge_raw(&self) -> u64 {
+        self.leaf.huge_raw()
+    }
+
+    /// A small entry, packed; 0 (none) while the small table is detached.
+    pub(crate) fn raw(&self, page: u64) -> u64 {
+        let raw = self
+            .leaf
+            .small()
+            .map_or(0, |t| t.slot(page).load(Ordering::Acquire));
+        #[cfg(any(loom, debug_assertions))]
+        assert_ne!(raw, RETIRED, "a lockless walker read a retired table");
+        raw
+    }
+
+    /// The entry of `page`, huge or small.
+    pub(crate) fn get(&self, page: u64) -> Entry {
+        match self.huge_raw() {
+            0 => match self.raw(page) {
+                // Detached under us: the collapse may have set the huge
+                // entry by now.
+                0 => Entry::unpack(self.huge_raw()),
+                raw => Entry::unpack(raw),
+            },
+            raw => Entry::unpack(raw),
         }
     }
 }
@@ -417,9 +659,9 @@ impl Table {
         }
     }
 
-    /// Reads an entry without a lock.
+    /// Reads an entry without a lock (a lockless walk, see [`Leaf::walk`]).
     pub(crate) fn get(&self, page: u64) -> Entry {
-        self.leaf(page).map_or(Entry::None, |l| l.get(page))
+        self.leaf(page).map_or(Entry::None, |l| l.peek(page))
     }
 
     /// Indices of the installed leaves, in order.

@@ -45,6 +45,14 @@ pub enum MemError {
         /// Its length.
         len: u64,
     },
+    /// The address is not aligned as the call needs.
+    #[error("guest-physical address {gpa:#x} is not aligned to {align:#x}")]
+    Unaligned {
+        /// The address.
+        gpa: u64,
+        /// The alignment needed.
+        align: u64,
+    },
     /// The host refused to create a frame store.
     #[error("cannot create a frame store")]
     Store(#[source] io::Error),
@@ -164,6 +172,8 @@ pub struct VmMemory {
     pub(crate) stores: RankedRwLock<StoreList>,
     /// Index of the store new frames go to first.
     pub(crate) home: AtomicU32,
+    /// The collapse scanner's next leaf (see `collapse.rs`).
+    pub(crate) collapse_cursor: AtomicU64,
     /// The host mapping KVM sees.
     pub(crate) host: Mapping,
     /// Linux's `mmap_lock`: read for faults and pins, write for fork and
@@ -215,6 +225,7 @@ impl VmMemory {
             layout,
             stores: RankedRwLock::new(Rank::Stores, StoreList::default()),
             home: AtomicU32::new(0),
+            collapse_cursor: AtomicU64::new(0),
             host,
             map_lock: RankedRwLock::new(Rank::MapLock, ()),
             wp_seq: AtomicU64::new(0),
@@ -879,6 +890,9 @@ impl Drop for VmMemory {
             .iter()
             .map(|s| s.as_ref().is_some_and(|s| Arc::strong_count(s) == 1))
             .collect();
+        // Nobody else can reach the table now; the lock is for the rule
+        // that entries are read under one.
+        let _map = self.map_lock.write();
         for (first, leaf) in self.table.leaves() {
             if let Some(Entry::Present { store, .. }) = leaf.huge() {
                 let Some(s) = &stores[store as usize] else {

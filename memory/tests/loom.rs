@@ -12,7 +12,10 @@ use std::sync::Arc;
 
 use std::os::unix::fs::FileExt;
 
-use memory::{Config, Context, Layout, LiveSnapshot, Pin, PinFlags, VmMemory, audit};
+use memory::{
+    Collapse, CollapseRefusal, Config, Context, Entry, HUGE_SIZE, Layout, LiveSnapshot, Pin,
+    PinFlags, VmMemory, audit,
+};
 
 const RW: PinFlags = PinFlags {
     write: true,
@@ -42,6 +45,7 @@ fn model_with(
 ) {
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = Some(bound);
+    builder.max_branches = 20_000;
     builder.check(move || {
         let ctx = Context::new(Config {
             fault_around: 1,
@@ -145,17 +149,26 @@ fn lockless_pin_races_migration() {
 /// writes, and every count adds up.
 #[test]
 fn migration_pin_and_fork_race() {
-    model(2, |ctx, vm| {
-        let mover = {
+    op_fork_and_pin_race(|vm| {
+        vm.migrate(PAGE, 1).unwrap();
+    });
+}
+
+/// `op` on one thread, a fork on another and a lockless pin at once: the
+/// pin stays coherent with the parent, and the child reads what the page
+/// held at the fork.
+fn op_fork_and_pin_race(op: fn(&VmMemory)) {
+    model(2, move |ctx, vm| {
+        let other = {
             let vm = vm.clone();
-            loom::thread::spawn(move || vm.migrate(PAGE, 1).unwrap())
+            loom::thread::spawn(move || op(&vm))
         };
         let forker = {
             let vm = vm.clone();
             loom::thread::spawn(move || vm.fork().unwrap())
         };
         let pin = vm.pin(PAGE, 1, RW).unwrap();
-        mover.join().unwrap();
+        other.join().unwrap();
         let child = forker.join().unwrap();
 
         audit(&ctx, &[&vm, &child]).unwrap();
@@ -251,6 +264,66 @@ fn protection_of_an_empty_page_races_a_huge_first_touch() {
         let mut b = [0u8];
         vm.read(0x1000, &mut b).unwrap();
         assert_eq!(b[0], 5);
+        audit(&ctx, &[&vm]).unwrap();
+        drop(vm);
+        assert_eq!(ctx.stats().resident, 0);
+    });
+}
+
+/// Seed 004: a collapse retracts the small table of the leaf that a
+/// lockless pin is walking. Either the collapse sees the pin (and leaves
+/// everything as it was) or the pinner finds the table gone or changed
+/// (and pins through the locked path, after the collapse): the pin ends
+/// on the frame the VM maps, whichever wins, and no frame leaks.
+#[test]
+fn lockless_pin_races_a_collapse() {
+    model(3, |ctx, vm| {
+        let block = PAGE - PAGE % HUGE_SIZE;
+        let collapser = {
+            let vm = vm.clone();
+            loom::thread::spawn(move || vm.collapse(block).unwrap())
+        };
+        let pin = vm.pin(PAGE, 1, RW).unwrap();
+        let outcome = collapser.join().unwrap();
+        audit(&ctx, &[&vm]).unwrap();
+        let huge = vm.frame_info(PAGE).unwrap().huge;
+        match outcome {
+            Collapse::Done { .. } => assert!(huge, "collapsed, yet not huge"),
+            Collapse::Refused(CollapseRefusal::Pinned) => assert!(!huge),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_coherent(&vm, &pin);
+        drop((pin, vm));
+        assert_eq!(ctx.stats().resident, 0);
+    });
+}
+
+/// A collapse, a fork and a lockless pin at once: the child reads what
+/// the block held at the fork, the pin stays coherent with the parent.
+#[test]
+fn collapse_fork_and_pin_race() {
+    op_fork_and_pin_race(|vm| {
+        vm.collapse(PAGE - PAGE % HUGE_SIZE).unwrap();
+    });
+}
+
+/// A lockless read of an entry (the walk every lockless path starts with)
+/// while a collapse retracts the table under it: it reads the old small
+/// entry, none (mid-collapse), or the huge one, never a retired table.
+#[test]
+fn lockless_read_races_a_collapse() {
+    model(3, |ctx, vm| {
+        let block = PAGE - PAGE % HUGE_SIZE;
+        let collapser = {
+            let vm = vm.clone();
+            loom::thread::spawn(move || vm.collapse(block).unwrap())
+        };
+        let seen = vm.entry(PAGE).unwrap();
+        assert!(
+            matches!(seen, Entry::Present { .. } | Entry::None),
+            "{seen:?}"
+        );
+        assert!(matches!(collapser.join().unwrap(), Collapse::Done { .. }));
         audit(&ctx, &[&vm]).unwrap();
         drop(vm);
         assert_eq!(ctx.stats().resident, 0);
