@@ -1,4 +1,4 @@
-//! MEMORY-MODEL.md's acceptance scenarios 1-9 on 4 KiB frames, and seed
+//! MEMORY-MODEL.md's acceptance scenarios 1-10 on 4 KiB frames, and seed
 //! 003's two failure stories, as guest programs under real KVM. Each guest
 //! checks what it and the pin-test device see, and exits 0 only if every
 //! check held.
@@ -44,6 +44,13 @@ fn s6_rw_pin_then_fork() {
 #[test]
 fn s7_s8_s9_read_only_pins_see_later_writes() {
     expect_ok("cow_ro_pin", "COW-RO-PIN-OK");
+}
+
+#[test]
+fn s10_collapse_before_and_after_fork() {
+    let stats = expect_ok("cow_collapse", "COW-COLLAPSE-OK");
+    // Two in the parent, one in the child, one after the refusals.
+    assert_eq!(stats.collapses, 4);
 }
 
 const MAILBOX: u64 = 0x20_0000;
@@ -109,6 +116,10 @@ fn every_scenario(opts: &Options) -> Vec<memory::StatsSnapshot> {
         ("cow_ro_pin", "COW-RO-PIN-OK"),
     ] {
         stats.push(expect_ok_with(program, marker, opts));
+    }
+    // A collapse makes a 2 MiB frame, which a resident limit refuses.
+    if opts.mem_limit.is_none() {
+        stats.push(expect_ok_with("cow_collapse", "COW-COLLAPSE-OK", opts));
     }
     host_driven_with("cow_mprotect", "COW-MPROTECT-OK", opts, |mem| {
         mem.write_protect(BUF, 4096).unwrap();

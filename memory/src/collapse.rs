@@ -287,7 +287,12 @@ impl VmMemory {
         let Some(leaf) = self.table.leaf(first) else {
             return false;
         };
-        if leaf.huge_raw() != 0 || self.huge_block(self.gpa(first)).is_err() {
+        // Unevictable pages (the VMM's own) are left where they are, as
+        // the compactor leaves them.
+        if leaf.huge_raw() != 0
+            || self.huge_block(self.gpa(first)).is_err()
+            || (first..first + PAGES_PER_LEAF).any(|p| self.is_unevictable(p))
+        {
             return false;
         }
         (first..first + PAGES_PER_LEAF).all(|p| match leaf.peek(p) {

@@ -5,7 +5,7 @@
 use std::sync::PoisonError;
 
 use devices::pin_test::{PinTest, PinTestError};
-use memory::{MemError, PAGE_SIZE, VmMemory};
+use memory::{Collapse, CollapseRefusal, MemError, PAGE_SIZE, VmMemory};
 
 use crate::abi::{Hypercall, errno};
 use crate::vm::{Exit, Mode, VmShared};
@@ -34,6 +34,7 @@ pub(crate) fn dispatch(shared: &VmShared, nr: u64, args: [u64; 3]) -> Result<i64
         Hypercall::Migrate => migrate(shared, a, b),
         Hypercall::Wp => write_protect(shared, a, b, c),
         Hypercall::WpEvents => wp_events(shared, a, b),
+        Hypercall::Collapse => collapse(shared, a),
         Hypercall::CoverageMap if shared.mode == Mode::Program => {
             crate::x86::program::COVERAGE_MAP as i64
         }
@@ -150,6 +151,28 @@ fn migrate(shared: &VmShared, addr: u64, len: u64) -> i64 {
     over_pages(shared, "MIGRATE", addr, len, |mem, len| {
         mem.migrate(addr, len).map(|r| r.moved as i64)
     })
+}
+
+/// COLLAPSE(addr): maps the 2 MiB-aligned block at addr with one huge
+/// frame. -EBUSY if a page is pinned, write-protected or marked (or kept
+/// moving to swap), -ENOMEM under a resident limit, -EINVAL if addr is
+/// not 2 MiB-aligned (or holds the VMM's first MiB in program mode),
+/// -EFAULT if the block is not wholly RAM.
+fn collapse(shared: &VmShared, addr: u64) -> i64 {
+    if addr % memory::HUGE_SIZE != 0 || (shared.mode == Mode::Program && addr < LOW_END) {
+        return -errno::EINVAL;
+    }
+    match shared.mem.collapse(addr) {
+        Ok(Collapse::Done { .. } | Collapse::AlreadyHuge) => 0,
+        Ok(Collapse::Refused(CollapseRefusal::ResidentLimit)) => -errno::ENOMEM,
+        Ok(Collapse::Refused(_)) => -errno::EBUSY,
+        Err(MemError::NotRam { .. }) => -errno::EFAULT,
+        Err(MemError::Unaligned { .. }) => -errno::EINVAL,
+        Err(e) => {
+            log::warn!("COLLAPSE {addr:#x}: {}", crate::vcpu::chain(&e));
+            -errno::EIO
+        }
+    }
 }
 
 /// WP(addr, len, on): arms or lifts write protection for the VM's

@@ -242,6 +242,14 @@ struct RunArgs {
     #[arg(long)]
     compact: bool,
 
+    /// With --huge: collapse in the background (every 100 ms, up to 16 blocks per VM) each
+    /// 2 MiB block whose 512 pages are all present, exclusive, unpinned and unprotected into
+    /// one 2 MiB frame, as Linux's khugepaged does (blocks split by a discard, a swap-out or
+    /// a copy-on-write the other VM has since dropped). The guest's COLLAPSE call works
+    /// without it.
+    #[arg(long, requires = "huge")]
+    collapse: bool,
+
     /// The input the fuzzing hypercall SNAPSHOT hands the program (default: an empty input),
     /// to replay a crash or hang a fuzzer saved. DONE(status) then ends the VM with exit code
     /// `status`, as EXIT does.
@@ -408,6 +416,11 @@ fn run(args: RunArgs, matches: Option<&ArgMatches>) -> Result<ExitCode, String> 
         .then(|| memory::Compactor::start(&ctx, std::time::Duration::from_millis(100), 256))
         .transpose()
         .map_err(|e| format!("cannot start the compactor: {e}"))?;
+    let _collapser = args
+        .collapse
+        .then(|| memory::Collapser::start(&ctx, std::time::Duration::from_millis(100), 16))
+        .transpose()
+        .map_err(|e| format!("cannot start the collapser: {e}"))?;
     serve_and_wait(vm, args.api_sock.as_deref(), args.stats)
 }
 
@@ -443,7 +456,7 @@ fn serve_and_wait(
             "memory: frames resident {}, shared {}, copied {}, pinned {}, first-touch faults {}, \
              frames reused on write {}, faults resolved {}, stores {}, pages in swap {}, \
              swap-ins {}, pages migrated {}, write-protect events {}, pages loaded from snapshot \
-             files {}, huge mappings made {}, huge mappings split {}",
+             files {}, huge mappings made {}, huge mappings split {}, huge mappings collapsed {}",
             s.resident,
             s.shared,
             s.copied,
@@ -458,7 +471,8 @@ fn serve_and_wait(
             s.wp_events,
             s.image_loads,
             s.huge_maps,
-            s.huge_splits
+            s.huge_splits,
+            s.collapses
         );
     }
     Ok(ExitCode::from(outcome.exit.status() as u8))

@@ -160,21 +160,39 @@ fn a_memory_limit_swaps_and_the_swap_file_is_emptied_after() {
     );
 }
 
+/// The number a guest printed after `word` on its console.
+fn count_after(out: &VmmOutput, word: &str) -> u64 {
+    out.stdout
+        .split(word)
+        .nth(1)
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count after `{word}`: {out}"))
+}
+
 #[test]
 fn the_background_compactor_moves_scattered_frames() {
-    let moved = |out: &VmmOutput| -> u64 {
-        out.stdout
-            .split("moved ")
-            .nth(1)
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no count: {out}"))
-    };
+    let moved = |out: &VmmOutput| count_after(out, "moved ");
     let out = run_guest("scatter", &["--compact"]);
     assert_eq!(out.status, Some(0), "{out}");
     assert!(moved(&out) >= 32, "{out}");
     let out = run_guest("scatter", &[]);
     assert_eq!(out.status, Some(0), "{out}");
     assert_eq!(moved(&out), 0, "frames moved without --compact: {out}");
+}
+
+#[test]
+fn the_background_collapser_maps_a_split_block_whole_again() {
+    let collapsed = |out: &VmmOutput| count_after(out, "collapsed ");
+    let out = run_guest("collapse_scan", &["--huge", "--collapse"]);
+    assert_eq!(out.status, Some(0), "{out}");
+    assert!(collapsed(&out) >= 1, "{out}");
+    let out = run_guest("collapse_scan", &["--huge"]);
+    assert_eq!(out.status, Some(0), "{out}");
+    assert_eq!(collapsed(&out), 0, "collapsed without --collapse: {out}");
+    let out = run_guest("collapse_scan", &["--collapse"]);
+    assert_eq!(out.status, Some(2), "--collapse without --huge: {out}");
+    assert!(out.stderr.contains("--huge"), "{out}");
+    assert!(out.stdout.is_empty(), "the guest ran:\n{out}");
 }
 
 #[test]
@@ -273,6 +291,8 @@ fn help_mentions_the_commands_and_flags() {
         "--swap",
         "--mem-limit",
         "--compact",
+        "--huge",
+        "--collapse",
     ] {
         assert!(
             out.stdout.contains(flag),

@@ -1,8 +1,9 @@
 //! Huge mappings: fork of a touched VM on 2 MiB mappings next to the same
 //! VM on 4 KiB mappings and to Linux fork() of a process on transparent
-//! huge pages; a guest streaming over its memory on both.
+//! huge pages; a guest streaming over its memory on both; COLLAPSE of a
+//! split block next to Linux's MADV_COLLAPSE.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{Bench, LinuxArea, goal, median};
 use crate::vm::VmmError;
@@ -108,4 +109,92 @@ impl Bench {
         }
         Ok(())
     }
+}
+
+impl Bench {
+    /// COLLAPSE of `blocks` 2 MiB blocks split into 4 KiB pages, each
+    /// (the cost per 2 MiB and how long the VM's faults were held), next to
+    /// Linux's MADV_COLLAPSE of an anonymous area of the same size.
+    pub(super) fn huge_collapse(&mut self, blocks: u64) -> Result<(), VmmError> {
+        let linux = linux_collapse(blocks)?;
+        let ctx = memory::Context::new(memory::Config {
+            huge: true,
+            ..memory::Config::default()
+        });
+        let bytes = blocks * memory::HUGE_SIZE;
+        let layout =
+            memory::Layout::new(&[(0, bytes)]).map_err(|e| VmmError::Config(e.to_string()))?;
+        let vm = memory::VmMemory::new(&ctx, layout).map_err(VmmError::Memory)?;
+        vm.populate(0, bytes, memory::Access::Write)
+            .map_err(VmmError::Memory)?;
+        let mut took = Vec::new();
+        let mut held = Vec::new();
+        for b in 0..blocks {
+            let gpa = b * memory::HUGE_SIZE;
+            // A write-protect of one page splits the block (and leaves it
+            // collapsible once lifted).
+            vm.write_protect(gpa, memory::PAGE_SIZE)
+                .map_err(VmmError::Memory)?;
+            let t = Instant::now();
+            match vm.collapse(gpa).map_err(VmmError::Memory)? {
+                memory::Collapse::Done { held: h, .. } => held.push(h),
+                other => {
+                    return Err(VmmError::Config(format!(
+                        "block {b} did not collapse: {other:?}"
+                    )));
+                }
+            }
+            took.push(t.elapsed());
+        }
+        let worst = held.iter().max().copied().unwrap_or_default();
+        let (took, held) = (median(took), median(held));
+        let us = |d: Duration| format!("{:.0} us", d.as_secs_f64() * 1e6);
+        self.record(
+            "Linux MADV_COLLAPSE of 2 MiB (4 KiB pages, anonymous)",
+            us(linux),
+            "baseline".into(),
+        );
+        self.record(
+            "COLLAPSE of 2 MiB split into 4 KiB pages",
+            us(took),
+            format!("{:.2}x Linux", took.as_secs_f64() / linux.as_secs_f64()),
+        );
+        self.record(
+            "  of which the VM's faults were held (memory-map lock)",
+            us(held),
+            format!("worst of {blocks}: {}", us(worst)),
+        );
+        Ok(())
+    }
+}
+
+/// Median time of MADV_COLLAPSE of one 2 MiB block of an anonymous area of
+/// `blocks` blocks, each touched on 4 KiB pages first.
+fn linux_collapse(blocks: u64) -> Result<Duration, VmmError> {
+    const HUGE: usize = 2 << 20;
+    const MADV_COLLAPSE: i32 = 25;
+    let len = blocks as usize * HUGE;
+    let area = LinuxArea::aligned(len)?;
+    let os = |r: i32| {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(VmmError::Thread(std::io::Error::last_os_error()))
+        }
+    };
+    // SAFETY: advice on our own mapping; it changes how Linux backs the
+    // pages, not their contents.
+    os(unsafe { libc::madvise(area.ptr, len, libc::MADV_NOHUGEPAGE) })?;
+    area.touch();
+    // SAFETY: as above.
+    os(unsafe { libc::madvise(area.ptr, len, libc::MADV_HUGEPAGE) })?;
+    let mut took = Vec::new();
+    for b in 0..blocks as usize {
+        let at = area.ptr.cast::<u8>().wrapping_add(b * HUGE).cast();
+        let t = Instant::now();
+        // SAFETY: as above; the block lies inside the area.
+        os(unsafe { libc::madvise(at, HUGE, MADV_COLLAPSE) })?;
+        took.push(t.elapsed());
+    }
+    Ok(median(took))
 }

@@ -555,6 +555,18 @@ impl LinuxArea {
     /// Like [`LinuxArea::new`], on transparent huge pages: 2 MiB aligned
     /// and advised, so that Linux backs it with 2 MiB pages where it can.
     fn new_huge(len: usize) -> Result<Self, VmmError> {
+        let area = Self::aligned(len)?;
+        // SAFETY: an advice on our own mapping; it changes how Linux backs
+        // the pages, not their contents.
+        if unsafe { libc::madvise(area.ptr, len, libc::MADV_HUGEPAGE) } != 0 {
+            return Err(VmmError::Thread(std::io::Error::last_os_error()));
+        }
+        area.touch();
+        Ok(area)
+    }
+
+    /// An untouched area of `len` bytes at a 2 MiB-aligned address.
+    fn aligned(len: usize) -> Result<Self, VmmError> {
         const HUGE: usize = 2 << 20;
         let outer = Self::reserve(len + HUGE)?;
         let start = outer.ptr as usize;
@@ -576,14 +588,7 @@ impl LinuxArea {
                 unsafe { libc::munmap(at, n) };
             }
         }
-        let area = Self { ptr, len };
-        // SAFETY: an advice on our own mapping; it changes how Linux backs
-        // the pages, not their contents.
-        if unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) } != 0 {
-            return Err(VmmError::Thread(std::io::Error::last_os_error()));
-        }
-        area.touch();
-        Ok(area)
+        Ok(Self { ptr, len })
     }
 
     fn new(len: usize) -> Result<Self, VmmError> {
@@ -732,6 +737,7 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
             b.huge_fork(bytes, tsc)?;
         }
         b.huge_stream(if opts.quick { 64 << 20 } else { 1 << 30 }, tsc)?;
+        b.huge_collapse(if opts.quick { 8 } else { 64 })?;
     }
     Ok(b.figures)
 }
