@@ -17,7 +17,10 @@ static void check_pin_sees_writes(u8 *buf, u64 want_copies, const char *what) {
     fill(buf, 4, PAGE);
     G_CHECK(pin_read(h, out) == PAGE, "PIN_READ failed");
     if (!all(out, 4, PAGE)) { g_puts("FAIL: pin does not see the guest's write: "); g_puts(what); g_puts("\n"); g_exit(1); }
-    if (!swapped && copies != want_copies) {
+    /* The count is the whole VM tree's: a live child's own first write
+       (its stack) may land between the two reads, so a copy that is
+       wanted must happen, and none may where none is wanted. */
+    if (!swapped && (want_copies == 0 ? copies != 0 : copies < want_copies)) {
         g_puts("FAIL: wrong number of copies taking the pin: "); g_puts(what); g_puts(", copies ");
         g_putu(copies); g_puts("\n"); g_exit(1);
     }
