@@ -212,6 +212,11 @@ impl VmMemory {
         let pages = self.table.pages();
         let mut run: Option<(u64, u64)> = None;
         let mut done = Vec::new();
+        // Runs of writable huge entries: the host maps each with one entry
+        // (a 2 MiB page), so there is nothing to shed, only a run to
+        // take write access from at once.
+        let mut huge_run: Option<(u64, u64)> = None;
+        let mut huge_runs = Vec::new();
         let mut shed = |run: &mut Option<(u64, u64)>| {
             if let Some((first, n)) = run.take() {
                 match self.host.move_entries_out(first, n) {
@@ -224,7 +229,19 @@ impl VmMemory {
             }
         };
         for (first, leaf) in self.table.leaves() {
-            let dense = first + PAGES_PER_LEAF <= pages && {
+            let huge = matches!(leaf.huge(), Some(Entry::Present { writable: true, .. }));
+            match huge_run {
+                Some((start, n)) if huge && start + n == first => {
+                    huge_run = Some((start, n + PAGES_PER_LEAF));
+                }
+                _ => {
+                    huge_runs.extend(huge_run.take());
+                    if huge {
+                        huge_run = Some((first, PAGES_PER_LEAF));
+                    }
+                }
+            }
+            let dense = !huge && first + PAGES_PER_LEAF <= pages && {
                 let one = match leaf.get(first) {
                     Entry::Present {
                         store,
@@ -256,6 +273,8 @@ impl VmMemory {
             }
         }
         shed(&mut run);
+        huge_runs.extend(huge_run);
+        done.extend(huge_runs);
         done
     }
 
@@ -275,8 +294,15 @@ impl VmMemory {
         let _map = self.map_lock.write();
         let mut changed = 0;
         for &(first, n) in runs {
-            let present =
-                (first..first + n).all(|p| matches!(self.table.get(p), Entry::Present { .. }));
+            let present = (first..first + n)
+                .step_by(PAGES_PER_LEAF as usize)
+                .all(|at| {
+                    self.table.leaf(at).is_some_and(|leaf| {
+                        leaf.huge().is_some()
+                            || (at..at + PAGES_PER_LEAF)
+                                .all(|p| matches!(leaf.get(p), Entry::Present { .. }))
+                    })
+                });
             if !present {
                 continue;
             }
@@ -595,16 +621,19 @@ impl VmMemory {
         let first = plan.first;
         let end = (first + PAGES_PER_LEAF).min(self.table.pages());
         let _ptl = leaf.lock().lock();
-        let child_leaf = child.table.leaf_or_alloc(first);
+        let parent_huge = leaf.huge();
+        let child_leaf = if parent_huge.is_some() {
+            child.table.leaf_or_alloc_huge(first)
+        } else {
+            child.table.leaf_or_alloc(first)
+        };
         let _child_ptl = child_leaf.lock().lock_as(Rank::ChildTable);
-        if let Some(huge) = leaf.huge() {
+        if let Some(huge) = parent_huge {
             let (slot, writable) = self.copy_huge(child, child_leaf, leaf, plan, huge)?;
             if plan.huge_copy.is_none() {
                 child.stores.read().hold_many(slot, 1);
             }
-            for p in first..first + PAGES_PER_LEAF {
-                child_runs.add(child, p, slot, writable)?;
-            }
+            child_runs.add_many(child, first, PAGES_PER_LEAF, slot, writable)?;
             return Ok(());
         }
         let mut copies = plan.copies.iter().peekable();
@@ -749,14 +778,26 @@ struct MapRuns {
 
 impl MapRuns {
     fn add(&mut self, vm: &VmMemory, page: u64, slot: u32, writable: bool) -> Result<(), MemError> {
+        self.add_many(vm, page, 1, slot, writable)
+    }
+
+    /// Adds `pages` pages from `page` on, all of store `slot`.
+    fn add_many(
+        &mut self,
+        vm: &VmMemory,
+        page: u64,
+        pages: u64,
+        slot: u32,
+        writable: bool,
+    ) -> Result<(), MemError> {
         if let Some((first, n, s, w)) = &mut self.run {
             if *first + *n == page && *s == slot && *w == writable {
-                *n += 1;
+                *n += pages;
                 return Ok(());
             }
         }
         self.flush(vm)?;
-        self.run = Some((page, 1, slot, writable));
+        self.run = Some((page, pages, slot, writable));
         Ok(())
     }
 

@@ -100,7 +100,8 @@ pub(crate) struct Leaf {
     /// Code that knows only small entries has used this leaf.
     small_used: AtomicBool,
     /// The small entries (a `Box<Small>` turned into a raw pointer); null
-    /// only while a huge entry is set after a collapse, or while one runs.
+    /// only while a huge entry is set (after a collapse, or in a leaf made
+    /// for one), or while a collapse runs.
     small: AtomicPtr<Small>,
     /// A retracted small table, all none, kept for the next split (null:
     /// none). Changed only under the leaf's lock; no walker can reach it.
@@ -123,12 +124,18 @@ pub(crate) struct Leaf {
 }
 
 impl Leaf {
-    fn new(present: Arc<AtomicU64>, changes: Arc<Changes>) -> Self {
+    /// An empty leaf; `small`: with a small table (a leaf about to hold a
+    /// huge entry needs none until it is split).
+    fn new(present: Arc<AtomicU64>, changes: Arc<Changes>, small: bool) -> Self {
         Self {
             lock: RankedMutex::new(Rank::Table, ()),
             huge: AtomicU64::new(0),
             small_used: AtomicBool::new(false),
-            small: AtomicPtr::new(Box::into_raw(Small::new())),
+            small: AtomicPtr::new(if small {
+                Box::into_raw(Small::new())
+            } else {
+                std::ptr::null_mut()
+            }),
             deposit: AtomicPtr::new(std::ptr::null_mut()),
             walkers: AtomicU32::new(0),
             pins: AtomicU32::new(0),
@@ -637,12 +644,23 @@ impl Table {
 
     /// The leaf covering `page`, installing an empty one if there is none.
     pub(crate) fn leaf_or_alloc(&self, page: u64) -> &Leaf {
+        self.leaf_or_alloc_with(page, true)
+    }
+
+    /// Like [`Table::leaf_or_alloc`], for a leaf that gets a huge entry
+    /// next: a new one has no small table (a split attaches one).
+    pub(crate) fn leaf_or_alloc_huge(&self, page: u64) -> &Leaf {
+        self.leaf_or_alloc_with(page, false)
+    }
+
+    fn leaf_or_alloc_with(&self, page: u64, small: bool) -> &Leaf {
         if let Some(leaf) = self.leaf(page) {
             return leaf;
         }
         let fresh = Box::into_raw(Box::new(Leaf::new(
             self.present.clone(),
             self.changes.clone(),
+            small,
         )));
         match self
             .slot(page)
