@@ -29,6 +29,24 @@ pub struct Config {
     /// RAM maps it whole with one 2 MiB frame and one huge entry. Check
     /// the host with [`crate::huge_pages_available`] first.
     pub huge: bool,
+    /// What a guest write to a 2 MiB block shared after a fork copies
+    /// (see [`HugeCow`]).
+    pub huge_cow: HugeCow,
+}
+
+/// What a guest write to a huge entry shared after a fork copies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HugeCow {
+    /// The 4 KiB page written; the entry is split (Linux's choice).
+    Page,
+    /// The whole 2 MiB block, into a new huge frame.
+    Block,
+    /// The page written first; when the same VM's next copy-on-write fault
+    /// hits the same block, the block is collapsed into a new huge frame
+    /// (one 2 MiB copy instead of up to 510 more faults). The default:
+    /// `vmm bench --only huge` measures the three.
+    #[default]
+    Adaptive,
 }
 
 impl Default for Config {
@@ -37,6 +55,7 @@ impl Default for Config {
             fault_around: 16,
             swap_file: None,
             huge: false,
+            huge_cow: HugeCow::default(),
         }
     }
 }

@@ -46,6 +46,7 @@ impl VmMemory {
         if changed {
             self.ctx.stats.host_faults.fetch_add(1, Ordering::Relaxed);
         }
+        self.collapse_wanted_block();
         Ok(changed)
     }
 
@@ -327,6 +328,7 @@ impl VmMemory {
             false
         };
         if !reuse {
+            self.note_small_cow(page);
             return self.copy_on_fault(leaf, page, idx, &store, write);
         }
         if write {

@@ -33,6 +33,7 @@
 //! leaf's lock, under the memory-map lock held for reading, like any
 //! change of a leaf entry.
 
+use crate::HugeCow;
 use crate::entry::Entry;
 use crate::layout::{PAGE_SIZE, PAGES_PER_LEAF};
 use crate::sync::Ordering;
@@ -238,12 +239,20 @@ impl VmMemory {
             false
         };
         if !reuse {
+            if self.ctx.config.huge_cow == HugeCow::Block {
+                self.copy_huge_block(leaf, first, idx, write)?;
+                return Ok(true);
+            }
             // The page alone may still be this entry's only: then the
             // small path reuses it after the split instead of copying.
             let sole = store.sole_reference(page);
             self.split_locked(leaf, first);
             if sole {
                 store.slot(page).set_exclusive();
+            } else {
+                // The small path copies this page next: not yet a second.
+                self.cow_block
+                    .store((first / PAGES_PER_LEAF + 1) | COW_FIRST, Ordering::Relaxed);
             }
             return Ok(false);
         }
@@ -253,6 +262,87 @@ impl VmMemory {
             self.ctx.stats.reused.fetch_add(1, Ordering::Relaxed);
         }
         Ok(true)
+    }
+}
+
+/// Marks [`VmMemory::cow_block`] as split by the fault whose page the
+/// small path is about to copy.
+const COW_FIRST: u64 = 1 << 63;
+
+impl VmMemory {
+    /// Replaces the shared huge frame `old_idx` of `leaf` (first page
+    /// `first`) by an exclusive copy of the whole block
+    /// ([`HugeCow::Block`]); the caller holds the leaf's lock.
+    fn copy_huge_block(
+        &self,
+        leaf: &Leaf,
+        first: u64,
+        old_idx: u32,
+        writable: bool,
+    ) -> Result<(), MemError> {
+        let idx = self.alloc_huge(first)?;
+        let (old, new) = (self.store(old_idx), self.store(idx));
+        for p in first..first + PAGES_PER_LEAF {
+            // SAFETY: both are whole frames of live stores' direct maps: the
+            // old one held by this entry (read-only everywhere: it is
+            // shared, so no pin writes it, R4) and the new one, mapped
+            // nowhere yet.
+            unsafe { crate::sys::copy_page(old.frame_ptr(p), new.frame_ptr(p)) };
+        }
+        if let Err(e) = self.host_map(first, PAGES_PER_LEAF, &new, writable) {
+            self.unclaim(idx, first);
+            return Err(e);
+        }
+        new.slot(first).map_entire();
+        leaf.set_huge(
+            first,
+            Entry::Present {
+                store: idx,
+                writable,
+                wp: false,
+                soft_dirty: true,
+            },
+        );
+        old.slot(first).unmap_entire();
+        old.put(first, true);
+        drop(old);
+        self.slot_release(old_idx);
+        self.ctx
+            .stats
+            .copied
+            .fetch_add(PAGES_PER_LEAF, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// [`HugeCow::Adaptive`]: a copy-on-write fault copied `page` out of a
+    /// block whose huge entry this VM split on an earlier copy-on-write
+    /// fault; the block is to be collapsed once the fault is done.
+    pub(crate) fn note_small_cow(&self, page: u64) {
+        if self.ctx.config.huge_cow != HugeCow::Adaptive {
+            return;
+        }
+        let block = page / PAGES_PER_LEAF + 1;
+        let last = self.cow_block.load(Ordering::Relaxed);
+        if last == block | COW_FIRST {
+            self.cow_block.store(block, Ordering::Relaxed);
+        } else if last == block {
+            self.collapse_wanted.store(block, Ordering::Relaxed);
+        }
+    }
+
+    /// Collapses the block a fault asked for ([`VmMemory::note_small_cow`]);
+    /// called by the faulting thread once it holds no lock.
+    pub(crate) fn collapse_wanted_block(&self) {
+        let block = self.collapse_wanted.swap(0, Ordering::Relaxed);
+        if block == 0 {
+            return;
+        }
+        self.cow_block.store(0, Ordering::Relaxed);
+        let gpa = self.gpa((block - 1) * PAGES_PER_LEAF);
+        match self.collapse(gpa) {
+            Ok(c) => log::trace!("collapse of the block at {gpa:#x} after copy-on-write: {c:?}"),
+            Err(e) => log::debug!("collapse of the block at {gpa:#x} after copy-on-write: {e}"),
+        }
     }
 }
 

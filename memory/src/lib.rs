@@ -70,7 +70,7 @@ mod wp;
 
 pub use audit::audit;
 pub use collapse::{Collapse, CollapseRefusal, Collapser, HUGE_SIZE};
-pub use context::{Config, Context, StatsSnapshot};
+pub use context::{Config, Context, HugeCow, StatsSnapshot};
 pub use entry::{Entry, MigrationKind};
 pub use fork::ForkPhases;
 pub use huge::{SHMEM_THP_2M_KNOB, SHMEM_THP_KNOB, huge_pages_available};

@@ -271,9 +271,10 @@ impl Leaf {
             for w in &self.young {
                 w.store(u64::MAX, Ordering::Relaxed);
             }
-            if self.changes.recording() {
-                (first..first + PAGES_PER_LEAF).for_each(|p| self.changes.note(p));
-            }
+        }
+        // As `set` records every change (a new frame after a copy too).
+        if self.changes.recording() {
+            (first..first + PAGES_PER_LEAF).for_each(|p| self.changes.note(p));
         }
     }
 

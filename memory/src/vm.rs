@@ -174,6 +174,11 @@ pub struct VmMemory {
     pub(crate) home: AtomicU32,
     /// The collapse scanner's next leaf (see `collapse.rs`).
     pub(crate) collapse_cursor: AtomicU64,
+    /// The block (leaf index + 1; 0: none) of this VM's last copy-on-write
+    /// fault on a block a huge entry shared, and the block such a fault
+    /// asked to collapse ([`crate::HugeCow::Adaptive`]).
+    pub(crate) cow_block: AtomicU64,
+    pub(crate) collapse_wanted: AtomicU64,
     /// The host mapping KVM sees.
     pub(crate) host: Mapping,
     /// Linux's `mmap_lock`: read for faults and pins, write for fork and
@@ -226,6 +231,8 @@ impl VmMemory {
             stores: RankedRwLock::new(Rank::Stores, StoreList::default()),
             home: AtomicU32::new(0),
             collapse_cursor: AtomicU64::new(0),
+            cow_block: AtomicU64::new(0),
+            collapse_wanted: AtomicU64::new(0),
             host,
             map_lock: RankedRwLock::new(Rank::MapLock, ()),
             wp_seq: AtomicU64::new(0),

@@ -427,3 +427,56 @@ fn a_page_the_other_vm_copied_away_is_reused_not_copied() {
     drop((c, p));
     assert_eq!(ctx.stats().resident, 0);
 }
+
+/// A VM on huge mappings whose copy-on-write of shared blocks is `cow`.
+fn setup_cow(cow: memory::HugeCow) -> (Arc<Context>, Arc<VmMemory>) {
+    memory::huge_pages_available().expect("the host must back shared memory with 2 MiB pages");
+    let ctx = Context::new(Config {
+        fault_around: 1,
+        huge: true,
+        huge_cow: cow,
+        ..Config::default()
+    });
+    let vm = VmMemory::new(&ctx, Layout::new(&[(0, 8 << 20)]).unwrap()).unwrap();
+    (ctx, vm)
+}
+
+/// The three choices of what a vCPU's write to a shared huge block copies
+/// (`VmMemory::fault`, as a write exit resolves it): the page, the block,
+/// or the page and then, on the next write fault in that block, the block.
+#[test]
+fn a_write_fault_on_a_shared_block_copies_as_configured() {
+    use memory::HugeCow;
+    for cow in [HugeCow::Page, HugeCow::Block, HugeCow::Adaptive] {
+        let (ctx, p) = setup_cow(cow);
+        fill(&p, 1);
+        let c = p.fork().unwrap();
+        assert!(c.fault(H + 2 * PAGE, Access::Write).unwrap());
+        let (copied, huge) = (ctx.stats().copied, info(&c, H).huge);
+        match cow {
+            HugeCow::Block => assert_eq!((copied, huge), (N, true), "{cow:?}"),
+            _ => assert_eq!((copied, huge), (1, false), "{cow:?}"),
+        }
+        assert!(c.fault(H + 3 * PAGE, Access::Write).unwrap() || cow == HugeCow::Block);
+        let s = ctx.stats();
+        match cow {
+            HugeCow::Page => assert_eq!((s.copied, s.collapses), (2, 0), "{cow:?}"),
+            HugeCow::Block => assert_eq!((s.copied, s.collapses), (N, 0), "{cow:?}"),
+            // The second fault copies its page, then the block collapses.
+            HugeCow::Adaptive => assert_eq!((s.copied, s.collapses), (2, 1), "{cow:?}"),
+        }
+        let i = info(&c, H + 100 * PAGE);
+        assert_eq!(
+            i.huge && i.exclusive,
+            cow != HugeCow::Page,
+            "{cow:?}: {i:?}"
+        );
+        // Either way the child's writes stay its own.
+        c.write(H + 100 * PAGE, &[0xcc]).unwrap();
+        assert_filled(&p, 1, &[]);
+        assert_filled(&c, 1, &[100]);
+        check(&ctx, &[&p, &c]);
+        drop((p, c));
+        assert_eq!(ctx.stats().resident, 0, "{cow:?}: a frame leaked");
+    }
+}

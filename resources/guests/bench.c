@@ -30,7 +30,10 @@
            0 (in a VM restored from a snapshot); if [6] is not 0, read the
            pages back ([2] ticks); then EXIT.
    mode 22: touch count pages ([2] ticks: first touches), then write
-           every 64th byte of them 4 times over ([3] ticks); then EXIT. */
+           every 64th byte of them 4 times over ([3] ticks); then EXIT.
+   mode 23: touch count pages, FORK; the child writes one byte of every
+           [5]-th page ([2]: ticks in all, through its exit code) while
+           the parent waits, so the pages stay shared. */
 #include "guest.h"
 #include "virtio.h"
 #define MB ((volatile u64 *)0x200000)
@@ -304,6 +307,19 @@ void gmain(u64 ram) {
         u64 st = (u64)hc(HC_WAIT, (u64)c, 0, 0);
         MB[2] = st >> 32;
         MB[3] = st & 0xffffffff;
+        g_exit(0);
+    }
+    if (mode == 23) {
+        for (u64 i = 0; i < n; i++) *area_page(i) = 1;
+        u64 stride = MB[5];
+        i64 c = hc(HC_FORK, 0, 0, 0);
+        if (c == 0) {
+            u64 t0 = rdtsc();
+            for (u64 i = 0; i < n; i += stride) *area_page(i) = 2;
+            g_exit(rdtsc() - t0);
+        }
+        G_CHECK(c > 0, "FORK failed");
+        MB[2] = (u64)hc(HC_WAIT, (u64)c, 0, 0);
         g_exit(0);
     }
     if (mode == 3) {

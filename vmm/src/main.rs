@@ -378,6 +378,7 @@ fn run(args: RunArgs, matches: Option<&ArgMatches>) -> Result<ExitCode, String> 
             fault_around: args.fault_around,
             swap_file: args.swap.clone(),
             huge: args.huge,
+            ..memory::Config::default()
         },
         mem_limit: args.mem_limit,
         devices,

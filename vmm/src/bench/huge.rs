@@ -198,3 +198,57 @@ fn linux_collapse(blocks: u64) -> Result<Duration, VmmError> {
     }
     Ok(median(took))
 }
+
+impl Bench {
+    /// A child writing one page of each shared 2 MiB block, then every
+    /// page of them, after a fork of a VM that touched `bytes` on huge
+    /// mappings: per block, for each choice of what such a write copies.
+    pub(super) fn huge_cow_policies(&mut self, bytes: u64, tsc: f64) -> Result<(), VmmError> {
+        use memory::HugeCow;
+        let pages = bytes / memory::PAGE_SIZE;
+        let blocks = bytes / memory::HUGE_SIZE;
+        let run = |b: &mut Self, policy: HugeCow, stride: u64| -> Result<f64, VmmError> {
+            b.huge = true;
+            b.huge_cow = policy;
+            let vm = b.vm_with(
+                bytes + (64 << 20),
+                1,
+                &[23, pages, 0, 0, tsc as u64, stride],
+                Vec::new(),
+            );
+            b.huge = false;
+            b.huge_cow = HugeCow::default();
+            let vm = vm?;
+            let mem = vm.memory().clone();
+            b.run_to_exit(vm, "copy-on-write guest")?;
+            Ok(Self::mailbox(&mem, 2) as f64 / tsc * 1e6 / blocks as f64)
+        };
+        let policies = [
+            ("4 KiB", HugeCow::Page),
+            ("2 MiB", HugeCow::Block),
+            ("adaptive", HugeCow::Adaptive),
+        ];
+        for (what, stride) in [
+            ("one page of each", memory::PAGES_PER_LEAF),
+            ("every page of each", 1),
+        ] {
+            let mut us = Vec::new();
+            for (_, policy) in policies {
+                let mut v: Vec<f64> = (0..3)
+                    .map(|_| run(self, policy, stride))
+                    .collect::<Result<_, _>>()?;
+                v.sort_by(f64::total_cmp);
+                us.push(v[1]);
+            }
+            let best = us.iter().copied().fold(f64::INFINITY, f64::min);
+            for ((name, _), t) in policies.iter().zip(&us) {
+                self.record(
+                    &format!("child writes {what} shared 2 MiB block, copies {name}"),
+                    format!("{t:.0} us/block"),
+                    format!("{:.2}x the best", t / best),
+                );
+            }
+        }
+        Ok(())
+    }
+}

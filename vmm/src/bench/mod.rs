@@ -93,6 +93,8 @@ struct Bench {
     console: Option<Arc<Mutex<Vec<u8>>>>,
     /// VMs made by [`Bench::vm_with`] use huge mappings.
     huge: bool,
+    /// And copy shared huge blocks so.
+    huge_cow: memory::HugeCow,
 }
 
 impl Bench {
@@ -111,6 +113,7 @@ impl Bench {
     ) -> Result<Vm, VmmError> {
         let ctx = memory::Context::new(memory::Config {
             huge: self.huge,
+            huge_cow: self.huge_cow,
             ..memory::Config::default()
         });
         let (sink, console) = Sink::capture();
@@ -664,6 +667,7 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
         figures: Vec::new(),
         console: None,
         huge: false,
+        huge_cow: memory::HugeCow::default(),
     };
     if let Some(bad) = opts.only.iter().find(|g| !GROUPS.contains(&g.as_str())) {
         return Err(VmmError::Config(format!(
@@ -738,6 +742,7 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
         }
         b.huge_stream(if opts.quick { 64 << 20 } else { 1 << 30 }, tsc)?;
         b.huge_collapse(if opts.quick { 8 } else { 64 })?;
+        b.huge_cow_policies(if opts.quick { 16 << 20 } else { 256 << 20 }, tsc)?;
     }
     Ok(b.figures)
 }
