@@ -1,13 +1,14 @@
 //! MEMORY-MODEL.md's acceptance scenarios 1-9 and 11 again, with the
 //! frames involved swapped out, or migrated, right before the decisive
-//! step (and undisturbed, for reference). What each VM and each pin reads
+//! step (and undisturbed, for reference), each on small and on huge
+//! mappings. What each VM and each pin reads
 //! must not change; the audit checks R1, R4 and every count after each.
 
 mod common;
 
 use std::sync::Arc;
 
-use common::{A, PAGE, RO, RW, byte, setup};
+use common::{A, PAGE, RO, RW, byte, setup, setup_huge};
 use memory::{Context, Entry, Pin, VmMemory, audit};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,13 +18,34 @@ enum Disturb {
     Migrate,
 }
 
-const EACH: [Disturb; 3] = [Disturb::Nothing, Disturb::Swap, Disturb::Migrate];
+/// One run of a scenario: the disturbance, and whether the VM maps its
+/// memory with huge entries (then a swap-out or a migration of page A
+/// splits the block holding it first, keeping exclusivity and protection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Case {
+    disturb: Disturb,
+    huge: bool,
+}
+
+/// Every disturbance, on small and on huge mappings.
+fn cases() -> impl Iterator<Item = Case> {
+    [false, true].into_iter().flat_map(|huge| {
+        [Disturb::Nothing, Disturb::Swap, Disturb::Migrate]
+            .into_iter()
+            .map(move |disturb| Case { disturb, huge })
+    })
+}
+
+/// The context and VM of [`common::setup`], on huge mappings if asked.
+fn setup_for(c: Case) -> (Arc<Context>, Arc<VmMemory>) {
+    if c.huge { setup_huge() } else { setup() }
+}
 
 /// Swaps out or migrates page A of each VM; returns how many pages were
 /// skipped as pinned.
-fn disturb(d: Disturb, vms: &[&Arc<VmMemory>]) -> u64 {
+fn disturb(d: Case, vms: &[&Arc<VmMemory>]) -> u64 {
     vms.iter()
-        .map(|vm| match d {
+        .map(|vm| match d.disturb {
             Disturb::Nothing => 0,
             Disturb::Swap => vm.swap_out(A, PAGE).unwrap().pinned,
             Disturb::Migrate => vm.migrate(A, PAGE).unwrap().pinned,
@@ -37,16 +59,17 @@ fn pin_byte(pin: &Pin) -> u8 {
     b[0]
 }
 
-fn check(ctx: &Context, vms: &[&Arc<VmMemory>], d: Disturb) {
+fn check(ctx: &Context, vms: &[&Arc<VmMemory>], d: Case) {
     let vms: Vec<&VmMemory> = vms.iter().map(|v| &***v).collect();
     audit(ctx, &vms).unwrap_or_else(|e| panic!("{d:?}: {e}"));
 }
 
 #[test]
 fn s1_basic_cow_after_fork() {
-    for d in EACH {
-        let (ctx, p) = setup();
+    for d in cases() {
+        let (ctx, p) = setup_for(d);
         p.write(A, &[1]).unwrap();
+        assert_eq!(p.frame_info(A).unwrap().huge, d.huge, "{d:?}");
         let c = p.fork().unwrap();
         disturb(d, &[&p, &c]);
         check(&ctx, &[&p, &c], d);
@@ -61,8 +84,8 @@ fn s1_basic_cow_after_fork() {
 
 #[test]
 fn s2_read_only_then_writable_again() {
-    for d in EACH {
-        let (ctx, p) = setup();
+    for d in cases() {
+        let (ctx, p) = setup_for(d);
         p.write(A, &[1]).unwrap();
         let c = p.fork().unwrap();
         disturb(d, &[&p, &c]);
@@ -78,8 +101,8 @@ fn s2_read_only_then_writable_again() {
 
 #[test]
 fn s3_child_read_pin_then_parent_write() {
-    for d in EACH {
-        let (ctx, p) = setup();
+    for d in cases() {
+        let (ctx, p) = setup_for(d);
         p.write(A, &[1]).unwrap();
         let c = p.fork().unwrap();
         let pin = c.pin(A, 1, RO).unwrap();
@@ -97,9 +120,9 @@ fn s3_child_read_pin_then_parent_write() {
 
 #[test]
 fn s4_parent_read_pin_then_child_write() {
-    for d in EACH {
+    for d in cases() {
         for pin_before in [true, false] {
-            let (ctx, p) = setup();
+            let (ctx, p) = setup_for(d);
             p.write(A, &[1]).unwrap();
             let (pin, c) = if pin_before {
                 let pin = p.pin(A, 1, RO).unwrap();
@@ -120,15 +143,15 @@ fn s4_parent_read_pin_then_child_write() {
 
 #[test]
 fn s5_rw_pin_read_only_mapping_then_guest_write() {
-    for d in EACH {
-        let (ctx, p) = setup();
+    for d in cases() {
+        let (ctx, p) = setup_for(d);
         p.write(A, &[1]).unwrap();
         let pin = p.pin(A, PAGE, RW).unwrap();
         p.write_protect(A, PAGE).unwrap();
         let skipped = disturb(d, &[&p]);
         assert_eq!(
             skipped,
-            u64::from(d != Disturb::Nothing),
+            u64::from(d.disturb != Disturb::Nothing),
             "{d:?}: a pinned frame moved"
         );
         p.write(A, &[7]).unwrap();
@@ -143,8 +166,8 @@ fn s5_rw_pin_read_only_mapping_then_guest_write() {
 
 #[test]
 fn s6_rw_pin_then_fork() {
-    for d in EACH {
-        let (ctx, p) = setup();
+    for d in cases() {
+        let (ctx, p) = setup_for(d);
         p.write(A, &[1]).unwrap();
         let pin = p.pin(A, PAGE, RW).unwrap();
         let c = p.fork().unwrap();
@@ -164,8 +187,8 @@ fn s6_rw_pin_then_fork() {
 
 #[test]
 fn s7_read_pin_on_a_shared_frame() {
-    for d in EACH {
-        let (ctx, p) = setup();
+    for d in cases() {
+        let (ctx, p) = setup_for(d);
         p.write(A, &[1]).unwrap();
         let c = p.fork().unwrap();
         disturb(d, &[&p, &c]);
@@ -183,8 +206,8 @@ fn s7_read_pin_on_a_shared_frame() {
 
 #[test]
 fn s8_read_pin_on_a_frame_whose_sharer_is_gone() {
-    for d in EACH {
-        let (ctx, p) = setup();
+    for d in cases() {
+        let (ctx, p) = setup_for(d);
         p.write(A, &[1]).unwrap();
         drop(p.fork().unwrap());
         disturb(d, &[&p]);
@@ -197,8 +220,8 @@ fn s8_read_pin_on_a_frame_whose_sharer_is_gone() {
 
 #[test]
 fn s9_read_pin_on_an_exclusive_frame() {
-    for d in EACH {
-        let (ctx, p) = setup();
+    for d in cases() {
+        let (ctx, p) = setup_for(d);
         p.write(A, &[1]).unwrap();
         disturb(d, &[&p]);
         let pin = p.pin(A, 1, RO).unwrap();
@@ -210,9 +233,10 @@ fn s9_read_pin_on_an_exclusive_frame() {
 
 #[test]
 fn s11_protection_survives_swap_migration_and_zap_and_fork_only_where_asked() {
-    for d in EACH {
-        let (ctx, p) = setup();
+    for d in cases() {
+        let (ctx, p) = setup_for(d);
         p.write(A, &[1]).unwrap();
+        assert_eq!(p.frame_info(A).unwrap().huge, d.huge, "{d:?}");
         p.protect_for_listener(A, PAGE, true).unwrap();
         disturb(d, &[&p]);
         assert!(p.entry(A).unwrap().wp(), "{d:?}: protection lost");

@@ -20,14 +20,7 @@ const HUGE: u64 = 2 << 20;
 const N: u64 = HUGE / PAGE;
 
 fn setup() -> (Arc<Context>, Arc<VmMemory>) {
-    memory::huge_pages_available().expect("the host must back shared memory with 2 MiB pages");
-    let ctx = Context::new(Config {
-        fault_around: 1,
-        huge: true,
-        ..Config::default()
-    });
-    let vm = VmMemory::new(&ctx, Layout::new(&[(0, 8 << 20)]).unwrap()).unwrap();
-    (ctx, vm)
+    common::setup_huge()
 }
 
 fn info(vm: &VmMemory, gpa: u64) -> FrameInfo {

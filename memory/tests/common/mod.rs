@@ -31,6 +31,19 @@ pub fn setup() -> (Arc<Context>, Arc<VmMemory>) {
     (ctx, vm)
 }
 
+/// Like [`setup`], on huge mappings (needs 2 MiB shmem pages on the host:
+/// `scripts/setup` sets the knob).
+pub fn setup_huge() -> (Arc<Context>, Arc<VmMemory>) {
+    memory::huge_pages_available().expect("the host must back shared memory with 2 MiB pages");
+    let ctx = Context::new(Config {
+        fault_around: 1,
+        huge: true,
+        ..Config::default()
+    });
+    let vm = VmMemory::new(&ctx, Layout::new(&[(0, 8 << 20)]).unwrap()).unwrap();
+    (ctx, vm)
+}
+
 /// The byte at `gpa` as the VMM reads it.
 pub fn byte(vm: &VmMemory, gpa: u64) -> u8 {
     let mut b = [0u8];
