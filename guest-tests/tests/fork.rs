@@ -70,6 +70,8 @@ fn library_fork_of_a_running_guest() {
     vm.start().unwrap();
     let parent = vm.memory().clone();
     wait_until("the guest counts", || counter(&parent) > 10_000);
+    // The clone's KVM VM and memory made ahead: the fork runs it there.
+    vm.prepare_fork().expect("prepare a fork");
     let child = vm.fork().expect("fork");
     assert_ne!(child.id(), 0);
     let cmem = child.memory().clone();
@@ -85,6 +87,16 @@ fn library_fork_of_a_running_guest() {
     assert!(vm.last_fork_pause() > Duration::ZERO);
     child.stop(Exit::Code(3));
     assert_eq!(child.wait().exit, Exit::Code(3));
+    // Again, with whatever the first fork made ahead (or made now).
+    let child = vm.fork().expect("second fork");
+    let second = child.memory().clone();
+    let at_fork = counter(&second);
+    wait_until("the second clone counts", || {
+        counter(&second) > at_fork + 10_000
+    });
+    child.stop(Exit::Code(4));
+    assert_eq!(child.wait().exit, Exit::Code(4));
+    drop(second);
     vm.stop(Exit::Code(0));
     let outcome = vm.wait();
     assert_eq!(outcome.exit, Exit::Code(0));

@@ -397,6 +397,43 @@ impl VmMemory {
         protected: impl FnOnce(&Arc<VmMemory>),
     ) -> Result<Arc<VmMemory>, MemError> {
         let child = VmMemory::with_limit(&self.ctx, self.layout.clone(), self.limit.inherit())?;
+        self.fork_locked(child, protected)
+    }
+
+    /// Memory for a later fork of this VM ([`VmMemory::fork_into`]): empty,
+    /// with this VM's layout. Made ahead, together with whatever will run
+    /// it (a KVM VM whose memory slots point at its host ranges, which do
+    /// not move), it takes that setup out of the fork.
+    pub fn spare(&self) -> Result<Arc<VmMemory>, MemError> {
+        VmMemory::new(&self.ctx, self.layout.clone())
+    }
+
+    /// Like [`VmMemory::fork_with`], into `spare`, which
+    /// [`VmMemory::spare`] made from this VM (or a VM of the same
+    /// context and layout) and nothing has used since. It inherits this
+    /// VM's resident limit as it is now.
+    pub fn fork_into(
+        self: &Arc<Self>,
+        spare: Arc<VmMemory>,
+        protected: impl FnOnce(&Arc<VmMemory>),
+    ) -> Result<Arc<VmMemory>, MemError> {
+        let fits = Arc::ptr_eq(&spare.ctx, &self.ctx)
+            && spare.layout == self.layout
+            && spare.table.leaves().next().is_none()
+            && spare.stores.read().stores().next().is_none();
+        if !fits {
+            return Err(MemError::SpareUnfit);
+        }
+        spare.limit.copy_from(&self.limit);
+        self.fork_locked(spare, protected)
+    }
+
+    /// The fork itself, into the empty `child`.
+    fn fork_locked(
+        self: &Arc<Self>,
+        child: Arc<VmMemory>,
+        protected: impl FnOnce(&Arc<VmMemory>),
+    ) -> Result<Arc<VmMemory>, MemError> {
         let _parent_map = self.map_lock.write();
         let _child_map = child.map_lock.write_as(Rank::ChildMapLock);
 

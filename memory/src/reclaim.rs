@@ -330,11 +330,15 @@ impl Limit {
     /// A child's copy: the same limit and unevictable ranges.
     pub(crate) fn inherit(&self) -> Self {
         let child = Self::new();
+        child.copy_from(self);
         child
-            .pages
-            .store(self.pages.load(Ordering::Relaxed), Ordering::Relaxed);
-        *child.unevictable_mut() = self.unevictable().clone();
-        child
+    }
+
+    /// Takes `parent`'s limit and unevictable ranges.
+    pub(crate) fn copy_from(&self, parent: &Self) {
+        self.pages
+            .store(parent.pages.load(Ordering::Relaxed), Ordering::Relaxed);
+        *self.unevictable_mut() = parent.unevictable().clone();
     }
 
     pub(crate) fn pages(&self) -> Option<u64> {

@@ -53,6 +53,10 @@ pub enum MemError {
         /// The alignment needed.
         align: u64,
     },
+    /// A spare handed to [`VmMemory::fork_into`] was used already, or
+    /// made for another context or layout.
+    #[error("the spare memory for a fork is not an unused one of this VM's layout")]
+    SpareUnfit,
     /// The host refused to create a frame store.
     #[error("cannot create a frame store")]
     Store(#[source] io::Error),

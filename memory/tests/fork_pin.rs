@@ -4,7 +4,10 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use common::{A, RO, RW, byte, info, setup};
+use memory::{Layout, VmMemory, audit};
 
 #[test]
 fn s1_basic_cow_after_fork() {
@@ -321,4 +324,31 @@ fn a_vm_keeps_only_the_stores_it_uses() {
     let s = ctx.stats();
     assert!(s.stores <= 3, "{} stores open with no clone left", s.stores);
     memory::audit(&ctx, &[&p]).unwrap();
+}
+
+/// A fork into a spare made ahead is a fork like any other; a spare that
+/// was used, or made for another layout, is refused.
+#[test]
+fn a_fork_into_a_spare_is_an_ordinary_fork() {
+    let (ctx, p) = setup();
+    p.write(A, &[1]).unwrap();
+    let spare = p.spare().unwrap();
+    let c = p.fork_into(spare.clone(), |_| {}).unwrap();
+    assert!(Arc::ptr_eq(&c, &spare));
+    drop(spare);
+    p.write(A, &[2]).unwrap();
+    assert_eq!((byte(&p, A), byte(&c, A)), (2, 1));
+    audit(&ctx, &[&p, &c]).unwrap();
+    assert!(matches!(
+        p.fork_into(c.clone(), |_| {}),
+        Err(memory::MemError::SpareUnfit)
+    ));
+    let other = VmMemory::new(&ctx, Layout::new(&[(0, 4 << 20)]).unwrap()).unwrap();
+    assert!(matches!(
+        p.fork_into(other, |_| {}),
+        Err(memory::MemError::SpareUnfit)
+    ));
+    audit(&ctx, &[&p, &c]).unwrap();
+    drop((p, c));
+    assert_eq!(ctx.stats().resident, 0);
 }

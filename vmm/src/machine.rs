@@ -10,14 +10,17 @@
 //! thread or stopping a VM.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use memory::VmMemory;
+
 use crate::console::Sink;
+use crate::fork::Spare;
 use crate::kvm::Hypervisor;
-use crate::vm::{Exit, VmShared};
+use crate::vm::{Exit, VmShared, VmmError};
 
 #[derive(Debug, Default)]
 struct Record {
@@ -50,6 +53,10 @@ pub(crate) struct Machine {
     pub(crate) vmm_pinned: AtomicU64,
     records: Mutex<HashMap<u32, Record>>,
     changed: Condvar,
+    /// The next clone, made ahead (see `fork.rs`), and whether a thread is
+    /// making one.
+    spare: Mutex<Option<Spare>>,
+    making_spare: AtomicBool,
 }
 
 impl Machine {
@@ -63,6 +70,8 @@ impl Machine {
             vmm_pinned: AtomicU64::new(0),
             records: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
+            spare: Mutex::new(None),
+            making_spare: AtomicBool::new(false),
         });
         m.lock().insert(0, Record::default());
         m
@@ -174,6 +183,55 @@ impl Machine {
 
     /// Frees the resources of clones that have ended; their exits stay
     /// for WAIT.
+    /// The spare made ahead, if it fits a fork of `parent` with `vcpus`
+    /// vCPUs.
+    pub(crate) fn take_spare(&self, parent: &VmMemory, vcpus: usize) -> Option<Spare> {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        spare.take_if(|s| s.fits(parent, vcpus))
+    }
+
+    /// Makes a spare for forks of `parent` now, unless one fits already.
+    pub(crate) fn make_spare(&self, parent: &VmMemory, vcpus: usize) -> Result<(), VmmError> {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.as_ref().is_some_and(|s| s.fits(parent, vcpus)) {
+            return Ok(());
+        }
+        *spare = Some(Spare::make(&self.hv, parent, vcpus)?);
+        Ok(())
+    }
+
+    /// Makes the next spare for forks of `parent` on a thread of its own,
+    /// unless one is there or on its way.
+    pub(crate) fn refill_spare(self: &Arc<Self>, parent: &Arc<VmMemory>, vcpus: usize) {
+        if self
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+            || self.making_spare.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let (machine, parent) = (Arc::downgrade(self), parent.clone());
+        let made = std::thread::Builder::new()
+            .name("clone-spare".into())
+            .spawn(move || {
+                let Some(machine) = machine.upgrade() else {
+                    return;
+                };
+                match Spare::make(&machine.hv, &parent, vcpus) {
+                    Ok(s) => {
+                        *machine.spare.lock().unwrap_or_else(PoisonError::into_inner) = Some(s)
+                    }
+                    Err(e) => log::debug!("no spare clone: {}", crate::error_chain(&e)),
+                }
+                machine.making_spare.store(false, Ordering::Release);
+            });
+        if made.is_err() {
+            self.making_spare.store(false, Ordering::Release);
+        }
+    }
+
     pub(crate) fn reap(&self) {
         let done: Vec<Record> = {
             let mut records = self.lock();

@@ -435,6 +435,16 @@ impl Vm {
         Ok(())
     }
 
+    /// Makes the next clone's KVM VM, vCPUs and empty memory now, so that
+    /// the next fork only forks memory and loads vCPU states (each fork
+    /// makes the one after it so, on a thread of its own).
+    pub fn prepare_fork(&self) -> Result<(), VmmError> {
+        let shared = &self.shared;
+        shared
+            .machine
+            .make_spare(&shared.mem, shared.controls.len())
+    }
+
     /// Forks the running VM: the clone continues from this instant with
     /// the same vCPU state and its memory copy-on-write; it runs on its own
     /// threads until it ends. The VM's vCPUs are paused meanwhile.

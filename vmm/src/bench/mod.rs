@@ -95,6 +95,9 @@ struct Bench {
     huge: bool,
     /// And copy shared huge blocks so.
     huge_cow: memory::HugeCow,
+    /// Forks measured by [`Bench::fork_touched_vm`] find their clone's
+    /// KVM VM made ahead ([`Vm::prepare_fork`]).
+    prepared: bool,
 }
 
 impl Bench {
@@ -383,6 +386,9 @@ impl Bench {
         let mut vm = self.vm(mem_bytes, 4, pages, tsc)?;
         vm.start()?;
         wait_touched(&vm, |vm| vm.memory().context().stats().resident >= pages)?;
+        if self.prepared {
+            vm.prepare_fork()?;
+        }
         std::thread::sleep(Duration::from_millis(20));
         let t = Instant::now();
         let forked = vm.fork();
@@ -668,6 +674,7 @@ pub fn run(opts: BenchOptions) -> Result<Vec<Figure>, VmmError> {
         console: None,
         huge: false,
         huge_cow: memory::HugeCow::default(),
+        prepared: false,
     };
     if let Some(bad) = opts.only.iter().find(|g| !GROUPS.contains(&g.as_str())) {
         return Err(VmmError::Config(format!(
