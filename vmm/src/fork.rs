@@ -163,7 +163,6 @@ pub(crate) fn fork(
         Some(mem) => parent.mem.fork_into(mem, protected),
         None => parent.mem.fork_with(protected),
     };
-    machine.refill_spare(&parent.mem, n);
     drop(still);
     resume();
     let built = match builder {
@@ -191,7 +190,10 @@ pub(crate) fn fork(
     // Recorded before it runs: a clone may end (and record its exit) at
     // once.
     machine.add_clone(id, parent.id, shared.clone());
-    match spawn_vcpus(&shared, fds) {
+    let spawned = spawn_vcpus(&shared, fds);
+    // The next clone, made once this one runs (not to compete with it).
+    machine.refill_spare(&parent.mem, n);
+    match spawned {
         Ok(threads) => machine.set_threads(id, threads),
         Err(e) => {
             shared.finish(Exit::Error(format!(
