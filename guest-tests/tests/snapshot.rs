@@ -90,13 +90,18 @@ fn a_live_snapshot_is_one_instant_of_a_guest_that_keeps_writing() {
 fn a_live_snapshot_waits_for_the_block_requests_in_flight() {
     let disk = guest_tests::Scratch::new("snap-blk.img", &[0x5a; 64 << 10]);
     let blk = vmm::virtio::DeviceConfig::Blk(devices::virtio::blk::BlockConfig {
-        latency: Some(std::time::Duration::from_millis(300)),
+        latency: Some(std::time::Duration::from_millis(1000)),
         ..devices::virtio::blk::BlockConfig::new(disk.0.clone())
     });
     let vm = Running::start_with(guest("snap_blk"), 16 * MIB, 1, vec![blk]);
     vm.wait_until("the read was submitted", |v| {
         v.console().contains("submitted")
     });
+    // The guest's notification reaches the device's thread a moment after
+    // the guest prints; a request the device has not taken yet is not in
+    // flight, and the snapshot rightly does not wait for it. Give the
+    // device time to take it (the disk then holds it for a second).
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let console = vm.console();
     let (buf, used) = (field(&console, "buf="), field(&console, "used="));
     let image = scratch();

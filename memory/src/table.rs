@@ -3,18 +3,20 @@
 //! Two levels, like an x86 page directory and page table:
 //!
 //! ```text
-//!   top[page / 512] ──► Leaf { lock, entries[page % 512] }
+//!   top[page / 512] ──► Leaf { lock, huge, small ──► Small[page % 512] }
 //!   (one top entry per 2 MiB of RAM; a leaf covers 512 pages)
 //! ```
 //!
 //! Rules (MEMORY-MODEL.md, "Huge mappings and table retraction"):
 //! - leaf entries change only under their leaf's lock;
-//! - a top entry, once it points at a leaf, is not changed under a leaf
-//!   lock: it is installed once (compare-and-swap from empty) and only
-//!   replaced by code that holds the VM's memory-map lock for writing and
-//!   has waited for lockless walkers;
-//! - leaves live until the table is dropped, so a reference obtained from a
-//!   top entry stays valid for the table's lifetime.
+//! - a top entry, once it points at a leaf, never changes: it is installed
+//!   once (compare-and-swap from empty), and leaves live until the table
+//!   is dropped, so a reference obtained from a top entry stays valid for
+//!   the table's lifetime;
+//! - what a collapse retracts is the leaf's small table (the next level
+//!   down, Linux's PTE table), which only code holding the VM's memory-map
+//!   lock for writing and the leaf's lock detaches, after waiting for the
+//!   lockless walkers (see "Retraction" below).
 //!
 //! # Huge entries
 //! A leaf may instead hold one *huge* entry, mapping its whole 2 MiB with
@@ -23,9 +25,12 @@
 //! while a huge entry is set, every small entry is none:
 //!
 //! ```text
-//!   top[i] ──► Leaf { lock, huge: Present{store, w}, entries: [none; 512] }
-//!   split:     Leaf { lock, huge: none, entries: [Present{store, w}; 512] }
+//!   top[i] ──► Leaf { lock, huge: Present{store, w}, small: [none; 512] or ∅ }
+//!   split:     Leaf { lock, huge: none, small: [Present{store, w}; 512] }
 //! ```
+//!
+//! (A leaf made for a huge entry, by fork, has no small table until it is
+//! split.)
 //!
 //! Splitting writes the 512 small entries first, then clears the huge one;
 //! a lockless reader loads the huge entry first and reads small entries
