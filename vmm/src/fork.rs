@@ -256,9 +256,13 @@ pub(crate) struct Spare {
 }
 
 impl Spare {
-    /// A spare for forks of `parent` (of `vcpus` vCPUs).
-    pub(crate) fn make(hv: &Hypervisor, parent: &VmMemory, vcpus: usize) -> Result<Self, VmmError> {
-        let mem = parent.spare()?;
+    /// A spare over the empty memory `mem` (from [`VmMemory::spare`]),
+    /// with `vcpus` vCPUs.
+    pub(crate) fn make(
+        hv: &Hypervisor,
+        mem: Arc<VmMemory>,
+        vcpus: usize,
+    ) -> Result<Self, VmmError> {
         let kvm = hv.create_vm(&mem)?;
         let vcpus = create_vcpus(hv, &kvm, vcpus)?;
         Ok(Self { mem, kvm, vcpus })

@@ -196,7 +196,7 @@ impl Machine {
         if spare.as_ref().is_some_and(|s| s.fits(parent, vcpus)) {
             return Ok(());
         }
-        *spare = Some(Spare::make(&self.hv, parent, vcpus)?);
+        *spare = Some(Spare::make(&self.hv, parent.spare()?, vcpus)?);
         Ok(())
     }
 
@@ -212,14 +212,24 @@ impl Machine {
         {
             return;
         }
-        let (machine, parent) = (Arc::downgrade(self), parent.clone());
+        // Neither the parent nor the machine while it works: a thread
+        // holding either would keep the parent's frames past its end.
+        let (machine, hv, ctx, layout) = (
+            Arc::downgrade(self),
+            self.hv.clone(),
+            parent.context().clone(),
+            parent.layout().clone(),
+        );
         let made = std::thread::Builder::new()
             .name("clone-spare".into())
             .spawn(move || {
+                let made = VmMemory::new(&ctx, layout)
+                    .map_err(VmmError::from)
+                    .and_then(|mem| Spare::make(&hv, mem, vcpus));
                 let Some(machine) = machine.upgrade() else {
                     return;
                 };
-                match Spare::make(&machine.hv, &parent, vcpus) {
+                match made {
                     Ok(s) => {
                         *machine.spare.lock().unwrap_or_else(PoisonError::into_inner) = Some(s)
                     }
