@@ -115,7 +115,8 @@ impl VmMemory {
         Ok(Collapse::Refused(CollapseRefusal::Moving))
     }
 
-    /// The first page of the block at `gpa`: 2 MiB-aligned, one RAM range.
+    /// The first page of the block at `gpa`: 2 MiB-aligned, one RAM range,
+    /// one leaf.
     fn huge_block(&self, gpa: u64) -> Result<u64, MemError> {
         if gpa % HUGE_SIZE != 0 {
             return Err(MemError::Unaligned {
@@ -123,18 +124,13 @@ impl VmMemory {
                 align: HUGE_SIZE,
             });
         }
-        let not_ram = MemError::NotRam {
-            gpa,
-            len: HUGE_SIZE,
-        };
-        let first = self.layout.page_of(gpa).ok_or(not_ram)?;
-        match self.layout.page_of(gpa + HUGE_SIZE - PAGE_SIZE) {
-            Some(last) if last == first + PAGES_PER_LEAF - 1 => Ok(first),
-            _ => Err(MemError::NotRam {
+        self.layout
+            .page_of(gpa)
+            .filter(|&first| first % PAGES_PER_LEAF == 0 && self.is_huge_block(first))
+            .ok_or(MemError::NotRam {
                 gpa,
                 len: HUGE_SIZE,
-            }),
-        }
+            })
     }
 
     /// Reads back the block's pages that are in swap or under migration
@@ -290,17 +286,16 @@ impl VmMemory {
         // Unevictable pages (the VMM's own) are left where they are, as
         // the compactor leaves them.
         if leaf.huge_raw() != 0
-            || self.huge_block(self.gpa(first)).is_err()
+            || !self.is_huge_block(first)
             || (first..first + PAGES_PER_LEAF).any(|p| self.is_unevictable(p))
         {
             return false;
         }
+        let stores = self.stores.read();
         (first..first + PAGES_PER_LEAF).all(|p| match leaf.peek(p) {
             Entry::Present {
                 store, wp: false, ..
-            } => self
-                .stores
-                .read()
+            } => stores
                 .get(store)
                 .is_some_and(|s| s.meta(p).exclusive() && !s.meta(p).maybe_pinned()),
             _ => false,

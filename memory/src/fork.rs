@@ -96,6 +96,18 @@ pub struct ForkPhases {
     pub copy: Duration,
 }
 
+/// Extends `run` (first page, pages) by the leaf at `first` if `member`
+/// and it follows on; returns the run this leaf ends, if any.
+fn grow_run(run: &mut Option<(u64, u64)>, first: u64, member: bool) -> Option<(u64, u64)> {
+    match run {
+        Some((start, n)) if member && *start + *n == first => {
+            *n += PAGES_PER_LEAF;
+            None
+        }
+        _ => std::mem::replace(run, member.then_some((first, PAGES_PER_LEAF))),
+    }
+}
+
 /// What phase 1 did to one leaf, for phase 2.
 struct LeafPlan {
     first: u64,
@@ -217,30 +229,16 @@ impl VmMemory {
         // take write access from at once.
         let mut huge_run: Option<(u64, u64)> = None;
         let mut huge_runs = Vec::new();
-        let mut shed = |run: &mut Option<(u64, u64)>| {
-            if let Some((first, n)) = run.take() {
-                match self.host.move_entries_out(first, n) {
-                    Ok(moved) => {
-                        self.shed_list().push(moved);
-                        done.push((first, n));
-                    }
-                    Err(e) => log::debug!("host entries of pages {first:#x}+{n} stay: {e}"),
-                }
+        let mut shed = |(first, n): (u64, u64)| match self.host.move_entries_out(first, n) {
+            Ok(moved) => {
+                self.shed_list().push(moved);
+                done.push((first, n));
             }
+            Err(e) => log::debug!("host entries of pages {first:#x}+{n} stay: {e}"),
         };
         for (first, leaf) in self.table.leaves() {
             let huge = matches!(leaf.huge(), Some(Entry::Present { writable: true, .. }));
-            match huge_run {
-                Some((start, n)) if huge && start + n == first => {
-                    huge_run = Some((start, n + PAGES_PER_LEAF));
-                }
-                _ => {
-                    huge_runs.extend(huge_run.take());
-                    if huge {
-                        huge_run = Some((first, PAGES_PER_LEAF));
-                    }
-                }
-            }
+            huge_runs.extend(grow_run(&mut huge_run, first, huge));
             let dense = !huge && first + PAGES_PER_LEAF <= pages && {
                 let one = match leaf.get(first) {
                     Entry::Present {
@@ -260,19 +258,13 @@ impl VmMemory {
                         _ => false,
                     })
             };
-            match run {
-                Some((start, n)) if dense && start + n == first => {
-                    run = Some((start, n + PAGES_PER_LEAF));
-                }
-                _ => {
-                    shed(&mut run);
-                    if dense {
-                        run = Some((first, PAGES_PER_LEAF));
-                    }
-                }
+            if let Some(ended) = grow_run(&mut run, first, dense) {
+                shed(ended);
             }
         }
-        shed(&mut run);
+        if let Some(last) = run {
+            shed(last);
+        }
         huge_runs.extend(huge_run);
         done.extend(huge_runs);
         done
@@ -400,18 +392,12 @@ impl VmMemory {
         self.fork_locked(child, protected)
     }
 
-    /// Memory for a later fork of this VM ([`VmMemory::fork_into`]): empty,
-    /// with this VM's layout. Made ahead, together with whatever will run
-    /// it (a KVM VM whose memory slots point at its host ranges, which do
-    /// not move), it takes that setup out of the fork.
-    pub fn spare(&self) -> Result<Arc<VmMemory>, MemError> {
-        VmMemory::new(&self.ctx, self.layout.clone())
-    }
-
-    /// Like [`VmMemory::fork_with`], into `spare`, which
-    /// [`VmMemory::spare`] made from this VM (or a VM of the same
-    /// context and layout) and nothing has used since. It inherits this
-    /// VM's resident limit as it is now.
+    /// Like [`VmMemory::fork_with`], into `spare`: memory made by
+    /// [`VmMemory::new`] with this VM's context and layout, which nothing
+    /// has used since. Made ahead, together with whatever will run it (a
+    /// KVM VM whose memory slots point at its host ranges, which do not
+    /// move), it takes that setup out of the fork. It inherits this VM's
+    /// resident limit as it is now.
     pub fn fork_into(
         self: &Arc<Self>,
         spare: Arc<VmMemory>,
@@ -568,14 +554,9 @@ impl VmMemory {
         if head.exclusive() && head.maybe_pinned() {
             runs.flush(self)?;
             let idx = child.alloc_huge(first)?;
-            let new = child.store(idx);
-            for p in first..first + PAGES_PER_LEAF {
-                // SAFETY: both are whole frames of live stores' direct
-                // maps: the parent's pinned huge frame (held by its entry,
-                // which cannot change under the map lock) and the child's
-                // fresh one, mapped nowhere yet.
-                unsafe { crate::sys::copy_page(src.frame_ptr(p), new.frame_ptr(p)) };
-            }
+            // The parent's pinned huge frame is held by its entry, which
+            // cannot change under the map lock.
+            crate::huge::copy_huge_frame(&child.store(idx), src, first);
             plan.huge_copy = Some((idx, writable));
             self.ctx
                 .stats

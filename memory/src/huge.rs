@@ -36,6 +36,7 @@
 use crate::HugeCow;
 use crate::entry::Entry;
 use crate::layout::{PAGE_SIZE, PAGES_PER_LEAF};
+use crate::store::Store;
 use crate::sync::Ordering;
 use crate::table::Leaf;
 use crate::vm::{MemError, VmMemory};
@@ -172,14 +173,18 @@ impl VmMemory {
         if !self.ctx.config.huge || self.limit.pages().is_some() {
             return false;
         }
-        let first = page - page % PAGES_PER_LEAF;
+        self.is_huge_block(page - page % PAGES_PER_LEAF) && leaf.may_map_huge()
+    }
+
+    /// Whether the leaf whose first page is `first` covers one 2 MiB-aligned
+    /// block of one RAM range (pages are numbered across the holes between
+    /// ranges, so a leaf may not).
+    pub(crate) fn is_huge_block(&self, first: u64) -> bool {
         let last = first + PAGES_PER_LEAF - 1;
         let (Some(a), Some(b)) = (self.layout.gpa_of(first), self.layout.gpa_of(last)) else {
             return false;
         };
-        a % (PAGES_PER_LEAF * PAGE_SIZE) == 0
-            && b == a + (PAGES_PER_LEAF - 1) * PAGE_SIZE
-            && leaf.may_map_huge()
+        a % (PAGES_PER_LEAF * PAGE_SIZE) == 0 && b == a + (PAGES_PER_LEAF - 1) * PAGE_SIZE
     }
 
     /// Maps the empty leaf holding `page` with a fresh huge frame,
@@ -265,6 +270,19 @@ impl VmMemory {
     }
 }
 
+/// Copies the huge frame at `first` of `src` into the one just claimed at
+/// `first` of `dst` (mapped nowhere yet). A device writing the source
+/// through a pin meanwhile may leave the copy torn, as DMA can during
+/// Linux's fork; the copy never reaches outside the two frames.
+pub(crate) fn copy_huge_frame(dst: &Store, src: &Store, first: u64) {
+    for p in first..first + PAGES_PER_LEAF {
+        // SAFETY: both stores are borrowed, so their direct maps stay
+        // mapped for the call, and a huge frame is 512 slots of one store,
+        // so every page lies inside both.
+        unsafe { crate::sys::copy_page(src.frame_ptr(p), dst.frame_ptr(p)) };
+    }
+}
+
 /// Marks [`VmMemory::cow_block`] as split by the fault whose page the
 /// small path is about to copy.
 const COW_FIRST: u64 = 1 << 63;
@@ -282,13 +300,7 @@ impl VmMemory {
     ) -> Result<(), MemError> {
         let idx = self.alloc_huge(first)?;
         let (old, new) = (self.store(old_idx), self.store(idx));
-        for p in first..first + PAGES_PER_LEAF {
-            // SAFETY: both are whole frames of live stores' direct maps: the
-            // old one held by this entry (read-only everywhere: it is
-            // shared, so no pin writes it, R4) and the new one, mapped
-            // nowhere yet.
-            unsafe { crate::sys::copy_page(old.frame_ptr(p), new.frame_ptr(p)) };
-        }
+        copy_huge_frame(&new, &old, first);
         if let Err(e) = self.host_map(first, PAGES_PER_LEAF, &new, writable) {
             self.unclaim(idx, first);
             return Err(e);
@@ -333,6 +345,11 @@ impl VmMemory {
     /// Collapses the block a fault asked for ([`VmMemory::note_small_cow`]);
     /// called by the faulting thread once it holds no lock.
     pub(crate) fn collapse_wanted_block(&self) {
+        // Every vCPU fault passes here: a load, not a swap, when nothing
+        // is wanted.
+        if self.collapse_wanted.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         let block = self.collapse_wanted.swap(0, Ordering::Relaxed);
         if block == 0 {
             return;

@@ -391,6 +391,12 @@ impl Leaf {
     /// the caller holds the leaf's lock or the memory-map lock.
     pub(crate) fn raw(&self, page: u64) -> u64 {
         assert_locked();
+        self.load(page)
+    }
+
+    /// The packed small entry of `page`, 0 (none) while the small table is
+    /// detached; the caller is entitled to read it (see [`Leaf::small`]).
+    fn load(&self, page: u64) -> u64 {
         self.small()
             .map_or(0, |t| t.slot(page).load(Ordering::Acquire))
     }
@@ -502,10 +508,7 @@ impl Walk<'_> {
 
     /// A small entry, packed; 0 (none) while the small table is detached.
     pub(crate) fn raw(&self, page: u64) -> u64 {
-        let raw = self
-            .leaf
-            .small()
-            .map_or(0, |t| t.slot(page).load(Ordering::Acquire));
+        let raw = self.leaf.load(page);
         #[cfg(any(loom, debug_assertions))]
         assert_ne!(raw, RETIRED, "a lockless walker read a retired table");
         raw

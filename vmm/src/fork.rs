@@ -256,13 +256,14 @@ pub(crate) struct Spare {
 }
 
 impl Spare {
-    /// A spare over the empty memory `mem` (from [`VmMemory::spare`]),
-    /// with `vcpus` vCPUs.
+    /// A spare for forks of VMs of `ctx` with `layout` and `vcpus` vCPUs.
     pub(crate) fn make(
         hv: &Hypervisor,
-        mem: Arc<VmMemory>,
+        ctx: &Arc<memory::Context>,
+        layout: memory::Layout,
         vcpus: usize,
     ) -> Result<Self, VmmError> {
+        let mem = VmMemory::new(ctx, layout)?;
         let kvm = hv.create_vm(&mem)?;
         let vcpus = create_vcpus(hv, &kvm, vcpus)?;
         Ok(Self { mem, kvm, vcpus })

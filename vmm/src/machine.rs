@@ -181,8 +181,6 @@ impl Machine {
         drop(r.shared.take());
     }
 
-    /// Frees the resources of clones that have ended; their exits stay
-    /// for WAIT.
     /// The spare made ahead, if it fits a fork of `parent` with `vcpus`
     /// vCPUs.
     pub(crate) fn take_spare(&self, parent: &VmMemory, vcpus: usize) -> Option<Spare> {
@@ -196,7 +194,12 @@ impl Machine {
         if spare.as_ref().is_some_and(|s| s.fits(parent, vcpus)) {
             return Ok(());
         }
-        *spare = Some(Spare::make(&self.hv, parent.spare()?, vcpus)?);
+        *spare = Some(Spare::make(
+            &self.hv,
+            parent.context(),
+            parent.layout().clone(),
+            vcpus,
+        )?);
         Ok(())
     }
 
@@ -223,9 +226,7 @@ impl Machine {
         let made = std::thread::Builder::new()
             .name("clone-spare".into())
             .spawn(move || {
-                let made = VmMemory::new(&ctx, layout)
-                    .map_err(VmmError::from)
-                    .and_then(|mem| Spare::make(&hv, mem, vcpus));
+                let made = Spare::make(&hv, &ctx, layout, vcpus);
                 let Some(machine) = machine.upgrade() else {
                     return;
                 };
@@ -242,6 +243,8 @@ impl Machine {
         }
     }
 
+    /// Frees the resources of clones that have ended; their exits stay
+    /// for WAIT.
     pub(crate) fn reap(&self) {
         let done: Vec<Record> = {
             let mut records = self.lock();
