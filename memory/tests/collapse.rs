@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use common::{PAGE, RO, RW, byte, info};
 use memory::{
-    Access, Collapse, CollapseRefusal, Config, Context, Entry, Layout, MemError, VmMemory, audit,
+    Access, Collapse, CollapseRefusal, Context, Entry, Layout, MemError, VmMemory, audit,
 };
 
 /// A 2 MiB-aligned address: the second huge block of the test VM.
@@ -22,14 +22,13 @@ const HUGE: u64 = 2 << 20;
 /// Pages in a huge block.
 const N: u64 = HUGE / PAGE;
 
+/// The tests' 8 MiB VM, on huge mappings if `huge`.
 fn setup(huge: bool) -> (Arc<Context>, Arc<VmMemory>) {
-    let ctx = Context::new(Config {
-        fault_around: 1,
-        huge,
-        ..Config::default()
-    });
-    let vm = VmMemory::new(&ctx, Layout::new(&[(0, 8 << 20)]).unwrap()).unwrap();
-    (ctx, vm)
+    if huge {
+        common::setup_huge()
+    } else {
+        common::setup()
+    }
 }
 
 fn check(ctx: &Context, vms: &[&VmMemory]) {

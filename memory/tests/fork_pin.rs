@@ -332,7 +332,7 @@ fn a_vm_keeps_only_the_stores_it_uses() {
 fn a_fork_into_a_spare_is_an_ordinary_fork() {
     let (ctx, p) = setup();
     p.write(A, &[1]).unwrap();
-    let spare = p.spare().unwrap();
+    let spare = VmMemory::new(&ctx, p.layout().clone()).unwrap();
     let c = p.fork_into(spare.clone(), |_| {}).unwrap();
     assert!(Arc::ptr_eq(&c, &spare));
     drop(spare);

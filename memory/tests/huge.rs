@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{PAGE, RO, RW, byte};
-use memory::{Access, Config, Context, FrameInfo, Layout, VmMemory, audit};
+use memory::{Access, Context, FrameInfo, VmMemory, audit};
 
 /// A 2 MiB-aligned address: the second huge block of the test VM.
 const H: u64 = 0x20_0000;
@@ -421,19 +421,6 @@ fn a_page_the_other_vm_copied_away_is_reused_not_copied() {
     assert_eq!(ctx.stats().resident, 0);
 }
 
-/// A VM on huge mappings whose copy-on-write of shared blocks is `cow`.
-fn setup_cow(cow: memory::HugeCow) -> (Arc<Context>, Arc<VmMemory>) {
-    memory::huge_pages_available().expect("the host must back shared memory with 2 MiB pages");
-    let ctx = Context::new(Config {
-        fault_around: 1,
-        huge: true,
-        huge_cow: cow,
-        ..Config::default()
-    });
-    let vm = VmMemory::new(&ctx, Layout::new(&[(0, 8 << 20)]).unwrap()).unwrap();
-    (ctx, vm)
-}
-
 /// The three choices of what a vCPU's write to a shared huge block copies
 /// (`VmMemory::fault`, as a write exit resolves it): the page, the block,
 /// or the page and then, on the next write fault in that block, the block.
@@ -441,7 +428,7 @@ fn setup_cow(cow: memory::HugeCow) -> (Arc<Context>, Arc<VmMemory>) {
 fn a_write_fault_on_a_shared_block_copies_as_configured() {
     use memory::HugeCow;
     for cow in [HugeCow::Page, HugeCow::Block, HugeCow::Adaptive] {
-        let (ctx, p) = setup_cow(cow);
+        let (ctx, p) = common::setup_huge_cow(cow);
         fill(&p, 1);
         let c = p.fork().unwrap();
         assert!(c.fault(H + 2 * PAGE, Access::Write).unwrap());

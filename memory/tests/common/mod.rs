@@ -34,10 +34,17 @@ pub fn setup() -> (Arc<Context>, Arc<VmMemory>) {
 /// Like [`setup`], on huge mappings (needs 2 MiB shmem pages on the host:
 /// `scripts/setup` sets the knob).
 pub fn setup_huge() -> (Arc<Context>, Arc<VmMemory>) {
+    setup_huge_cow(memory::HugeCow::default())
+}
+
+/// Like [`setup_huge`], with `cow` for what a write to a shared huge block
+/// copies.
+pub fn setup_huge_cow(cow: memory::HugeCow) -> (Arc<Context>, Arc<VmMemory>) {
     memory::huge_pages_available().expect("the host must back shared memory with 2 MiB pages");
     let ctx = Context::new(Config {
         fault_around: 1,
         huge: true,
+        huge_cow: cow,
         ..Config::default()
     });
     let vm = VmMemory::new(&ctx, Layout::new(&[(0, 8 << 20)]).unwrap()).unwrap();
