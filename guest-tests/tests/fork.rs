@@ -52,22 +52,27 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn library_fork_of_a_running_guest() {
-    let hv = hypervisor();
-    let ctx = memory::Context::new(memory::Config::default());
+/// Starts `program` in a 32 MiB VM of `ctx`, its console captured.
+fn start(ctx: &std::sync::Arc<memory::Context>, program: &str) -> Vm {
     let (sink, _) = Sink::capture();
     let mut vm = Vm::new(
-        &hv,
-        &ctx,
+        &hypervisor(),
+        ctx,
         VmConfig {
             mem: 32 * MIB,
             sink,
-            ..VmConfig::program(guest("spin_counter"))
+            ..VmConfig::program(guest(program))
         },
     )
     .unwrap();
     vm.start().unwrap();
+    vm
+}
+
+#[test]
+fn library_fork_of_a_running_guest() {
+    let ctx = memory::Context::new(memory::Config::default());
+    let vm = start(&ctx, "spin_counter");
     let parent = vm.memory().clone();
     wait_until("the guest counts", || counter(&parent) > 10_000);
     // The clone's KVM VM and memory made ahead: the fork runs it there.
@@ -107,4 +112,27 @@ fn library_fork_of_a_running_guest() {
         (0, 0),
         "frames or stores left: {s:?}"
     );
+}
+
+/// On huge mappings, a fork copies for the clone only the pages the VMM
+/// keeps pinned (its ring-0 stacks), not the 2 MiB block around them: that
+/// block is kept on small pages (`VmMemory::keep_small`), while the rest
+/// of RAM is mapped huge and shared.
+#[test]
+fn a_fork_on_huge_mappings_copies_only_the_pinned_pages() {
+    let ctx = memory::Context::new(memory::Config {
+        huge: true,
+        ..memory::Config::default()
+    });
+    let vm = start(&ctx, "vcpu_idle");
+    let before = ctx.stats();
+    assert!(before.huge_maps >= 1, "nothing mapped huge: {before:?}");
+    let child = vm.fork().expect("fork");
+    let copied = ctx.stats().copied - before.copied;
+    assert!(
+        (1..64).contains(&copied),
+        "the fork copied {copied} pages for the clone"
+    );
+    assert_eq!(child.wait().exit, Exit::Code(0));
+    assert_eq!(vm.wait().exit, Exit::Code(0));
 }

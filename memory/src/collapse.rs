@@ -63,6 +63,10 @@ pub enum CollapseRefusal {
     /// The VM has a resident limit: it is reclaimed page by page.
     #[error("the VM has a resident limit")]
     ResidentLimit,
+    /// The block was asked to stay on small entries
+    /// ([`VmMemory::keep_small`]).
+    #[error("the block is kept on small pages")]
+    KeptSmall,
 }
 
 /// What a collapse did.
@@ -159,6 +163,9 @@ impl VmMemory {
     fn collapse_locked(&self, leaf: &Leaf, first: u64) -> Result<Option<Collapse>, MemError> {
         if leaf.huge().is_some() {
             return Ok(Some(Collapse::AlreadyHuge));
+        }
+        if leaf.kept_small() {
+            return Ok(Some(Collapse::Refused(CollapseRefusal::KeptSmall)));
         }
         let mut old: Vec<(u64, u32)> = Vec::new();
         for p in first..first + PAGES_PER_LEAF {
@@ -286,6 +293,7 @@ impl VmMemory {
         // Unevictable pages (the VMM's own) are left where they are, as
         // the compactor leaves them.
         if leaf.huge_raw() != 0
+            || leaf.kept_small()
             || !self.is_huge_block(first)
             || (first..first + PAGES_PER_LEAF).any(|p| self.is_unevictable(p))
         {

@@ -646,6 +646,10 @@ impl VmMemory {
             child.table.leaf_or_alloc(first)
         };
         let _child_ptl = child_leaf.lock().lock_as(Rank::ChildTable);
+        if leaf.kept_small() {
+            // Like a VMA's VM_NOHUGEPAGE, the request is inherited.
+            child_leaf.keep_small();
+        }
         if let Some(huge) = parent_huge {
             let (slot, writable) = self.copy_huge(child, child_leaf, leaf, plan, huge)?;
             if plan.huge_copy.is_none() {

@@ -113,6 +113,29 @@ impl VmMemory {
         })
     }
 
+    /// Keeps `[gpa, gpa + len)` on small entries, like Linux's
+    /// `madvise(MADV_NOHUGEPAGE)`: a huge entry over any of it is split,
+    /// and no first touch or collapse maps its blocks huge again (a fork's
+    /// child keeps the request). For memory the VMM pins for the VM's
+    /// life: fork copies a pinned frame for the child, and a huge one
+    /// would cost it 2 MiB where a small one costs 4 KiB.
+    pub fn keep_small(&self, gpa: u64, len: u64) -> Result<(), MemError> {
+        let runs = self.page_range(gpa, len)?;
+        let _map = self.map_lock.read();
+        for (first, off, run) in runs {
+            let end = first + (off + run).div_ceil(PAGE_SIZE);
+            let mut page = first - first % PAGES_PER_LEAF;
+            while page < end {
+                let leaf = self.table.leaf_or_alloc(page);
+                let _ptl = leaf.lock().lock();
+                self.split_locked(leaf, page);
+                leaf.keep_small();
+                page += PAGES_PER_LEAF;
+            }
+        }
+        Ok(())
+    }
+
     /// Splits the leaf's huge entry, if any, and marks the leaf used by
     /// small entries, both under its lock: a first touch, which checks the
     /// mark under the same lock, cannot map it huge between the caller's

@@ -104,6 +104,10 @@ pub(crate) struct Leaf {
     huge: AtomicU64,
     /// Code that knows only small entries has used this leaf.
     small_used: AtomicBool,
+    /// The VM asked for small entries here ([`crate::VmMemory::keep_small`],
+    /// Linux's `MADV_NOHUGEPAGE`): no first touch and no collapse maps the
+    /// leaf huge. Set once, under the lock; kept for the leaf's life.
+    kept_small: AtomicBool,
     /// The small entries (a `Box<Small>` turned into a raw pointer); null
     /// only while a huge entry is set (after a collapse, or in a leaf made
     /// for one), or while a collapse runs.
@@ -136,6 +140,7 @@ impl Leaf {
             lock: RankedMutex::new(Rank::Table, ()),
             huge: AtomicU64::new(0),
             small_used: AtomicBool::new(false),
+            kept_small: AtomicBool::new(false),
             small: AtomicPtr::new(if small {
                 Box::into_raw(Small::new())
             } else {
@@ -250,6 +255,18 @@ impl Leaf {
         crate::lock::assert_held_any(&[Rank::Table, Rank::ChildTable]);
         debug_assert!(self.huge().is_none(), "marked small while huge");
         self.small_used.store(true, Ordering::Release);
+    }
+
+    /// Keeps the leaf on small entries for good (see `kept_small`); the
+    /// caller holds the lock and has split any huge entry.
+    pub(crate) fn keep_small(&self) {
+        self.mark_small();
+        self.kept_small.store(true, Ordering::Release);
+    }
+
+    /// Whether the VM asked for small entries in this leaf.
+    pub(crate) fn kept_small(&self) -> bool {
+        self.kept_small.load(Ordering::Acquire)
     }
 
     /// Whether the leaf may be mapped huge by a first touch: no code that

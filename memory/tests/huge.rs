@@ -460,3 +460,47 @@ fn a_write_fault_on_a_shared_block_copies_as_configured() {
         assert_eq!(ctx.stats().resident, 0, "{cow:?}: a frame leaked");
     }
 }
+
+/// Memory kept small (`VmMemory::keep_small`, Linux's MADV_NOHUGEPAGE) is
+/// never mapped huge: not by a first touch, not by a collapse, not in a
+/// fork's child; a huge block asked for later is split in place. A pinned
+/// page there costs a fork 4 KiB, not the whole block.
+#[test]
+fn memory_kept_small_stays_small_across_touch_collapse_and_fork() {
+    use memory::{Collapse, CollapseRefusal};
+    let (ctx, vm) = setup();
+    vm.keep_small(0, PAGE).unwrap();
+    vm.write(0x1000, &[1]).unwrap();
+    assert!(!info(&vm, 0x1000).huge, "first touch of a kept block");
+    assert_eq!(
+        vm.collapse(0).unwrap(),
+        Collapse::Refused(CollapseRefusal::KeptSmall)
+    );
+    // A block already huge is split in place, contents and all.
+    fill(&vm, 3);
+    assert!(info(&vm, H).huge);
+    vm.keep_small(H + 7 * PAGE, 1).unwrap();
+    assert!(!info(&vm, H).huge);
+    assert_filled(&vm, 3, &[]);
+
+    // A block kept small before anything touched it.
+    let empty = 2 * HUGE;
+    vm.keep_small(empty, HUGE).unwrap();
+
+    let pin = vm.pin(0x1000, PAGE, RW).unwrap();
+    let c = vm.fork().unwrap();
+    assert_eq!(ctx.stats().copied, 1, "the pinned page alone is copied");
+    assert_eq!(byte(&c, 0x1000), 1);
+    c.write(empty + PAGE, &[9]).unwrap();
+    assert!(
+        !info(&c, empty + PAGE).huge,
+        "the child keeps the block small"
+    );
+    assert_eq!(
+        c.collapse(H).unwrap(),
+        Collapse::Refused(CollapseRefusal::KeptSmall)
+    );
+    check(&ctx, &[&vm, &c]);
+    drop((pin, c, vm));
+    assert_eq!(ctx.stats().resident, 0);
+}

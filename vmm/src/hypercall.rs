@@ -165,6 +165,7 @@ fn collapse(shared: &VmShared, addr: u64) -> i64 {
     match shared.mem.collapse(addr) {
         Ok(Collapse::Done { .. } | Collapse::AlreadyHuge) => 0,
         Ok(Collapse::Refused(CollapseRefusal::ResidentLimit)) => -errno::ENOMEM,
+        Ok(Collapse::Refused(CollapseRefusal::KeptSmall)) => -errno::EINVAL,
         Ok(Collapse::Refused(_)) => -errno::EBUSY,
         Err(MemError::NotRam { .. }) => -errno::EFAULT,
         Err(MemError::Unaligned { .. }) => -errno::EINVAL,

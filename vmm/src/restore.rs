@@ -64,6 +64,7 @@ impl Vm {
         })?;
         let image = Image::open(file, memory_file.display().to_string(), layout, &saved.runs)?;
         let mem = VmMemory::restore(ctx, &image)?;
+        mem.keep_small(0, program::LOW_END)?;
         mem.set_unevictable(0, program::LOW_END)?;
         mem.populate(0, program::LOW_END, Access::Read)?;
         let (kvm, fds, running) = crate::fork::build_vcpus(hv, &mem, &saved.vcpus)?;

@@ -351,6 +351,9 @@ impl Vm {
         let mut vmm_pins = VmmPins::none(&machine);
         match (&cfg.boot, program) {
             (Boot::Program(_), Some(program)) => {
+                // The VMM pins its ring-0 stacks there for the VM's life:
+                // on a huge frame, each fork would copy 2 MiB for them.
+                mem.keep_small(0, program::LOW_END)?;
                 program::build(&mem, cfg.vcpus)?;
                 // The CPU reads these without a fault it could report.
                 mem.set_unevictable(0, program::LOW_END)?;
