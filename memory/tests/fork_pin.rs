@@ -352,3 +352,31 @@ fn a_fork_into_a_spare_is_an_ordinary_fork() {
     drop((p, c));
     assert_eq!(ctx.stats().resident, 0);
 }
+
+/// A spare with a store made ahead takes the fork's copy of a pinned page
+/// there: the fork opens no store of its own, and the store is the
+/// child's like any other (closed with it).
+#[test]
+fn a_fork_copies_pinned_pages_into_the_store_made_ahead() {
+    let (ctx, p) = setup();
+    p.write(A, &[1]).unwrap();
+    let pin = p.pin(A, 1, RW).unwrap();
+    let spare = VmMemory::new(&ctx, p.layout().clone()).unwrap();
+    spare.make_store_ahead().unwrap();
+    spare.make_store_ahead().unwrap();
+    let stores = ctx.stats().stores;
+    let c = p.fork_into(spare, |_| {}).unwrap();
+    assert_eq!(ctx.stats().copied, 1, "the pinned page is copied");
+    assert_eq!(ctx.stats().stores, stores, "the fork opened a store");
+    p.write(A, &[2]).unwrap();
+    assert_eq!((byte(&p, A), byte(&c, A)), (2, 1));
+    audit(&ctx, &[&p, &c]).unwrap();
+    drop(c);
+    assert_eq!(ctx.stats().stores, stores - 1, "the child's store stayed");
+    let unused = VmMemory::new(&ctx, p.layout().clone()).unwrap();
+    unused.make_store_ahead().unwrap();
+    drop(unused);
+    assert_eq!(ctx.stats().stores, stores - 1, "an unused store stayed");
+    drop((pin, p));
+    assert_eq!((ctx.stats().resident, ctx.stats().stores), (0, 0));
+}

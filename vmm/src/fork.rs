@@ -264,6 +264,8 @@ impl Spare {
         vcpus: usize,
     ) -> Result<Self, VmmError> {
         let mem = VmMemory::new(ctx, layout)?;
+        // The frames the fork copies for the clone (pinned ones) go there.
+        mem.make_store_ahead()?;
         let kvm = hv.create_vm(&mem)?;
         let vcpus = create_vcpus(hv, &kvm, vcpus)?;
         Ok(Self { mem, kvm, vcpus })
