@@ -206,14 +206,14 @@ impl Machine {
     /// Makes the next spare for forks of `parent` on a thread of its own,
     /// unless one is there or on its way.
     pub(crate) fn refill_spare(self: &Arc<Self>, parent: &Arc<VmMemory>, vcpus: usize) {
-        if self
-            .spare
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
-            || self.making_spare.swap(true, Ordering::AcqRel)
         {
-            return;
+            // The flag changes under the spare's lock (here and where the
+            // maker publishes), or a refill between the maker's publishing
+            // and clearing it would be lost, and no spare made again.
+            let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+            if spare.is_some() || self.making_spare.swap(true, Ordering::AcqRel) {
+                return;
+            }
         }
         // Neither the parent nor the machine while it works: a thread
         // holding either would keep the parent's frames past its end.
@@ -230,10 +230,9 @@ impl Machine {
                 let Some(machine) = machine.upgrade() else {
                     return;
                 };
+                let mut spare = machine.spare.lock().unwrap_or_else(PoisonError::into_inner);
                 match made {
-                    Ok(s) => {
-                        *machine.spare.lock().unwrap_or_else(PoisonError::into_inner) = Some(s)
-                    }
+                    Ok(s) => *spare = Some(s),
                     Err(e) => log::debug!("no spare clone: {}", crate::error_chain(&e)),
                 }
                 machine.making_spare.store(false, Ordering::Release);

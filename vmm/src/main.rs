@@ -130,7 +130,7 @@ struct BenchArgs {
     quick: bool,
 
     /// Run only these groups of figures (comma-separated): startup, hypercall, cow, pin,
-    /// fork, virtio, swap, migration, snapshot, fuzz, restore.
+    /// fork, virtio, swap, migration, snapshot, fuzz, restore, huge.
     #[arg(long, value_name = "GROUP[,GROUP...]", value_delimiter = ',')]
     only: Vec<String>,
 }

@@ -363,6 +363,22 @@ pub(crate) struct VcpuState {
     pub(crate) xcrs: kvm_xcrs,
 }
 
+impl Clone for VcpuState {
+    fn clone(&self) -> Self {
+        Self {
+            regs: self.regs,
+            sregs: self.sregs,
+            // The 4 KiB region is all of it: program-mode guests have no
+            // XSAVE feature beyond it (see `restore`).
+            xsave: kvm_xsave {
+                region: self.xsave.region,
+                ..Default::default()
+            },
+            xcrs: self.xcrs,
+        }
+    }
+}
+
 impl VcpuState {
     /// Loads the state into a vCPU that has not run yet.
     pub(crate) fn restore(&self, fd: &VcpuFd) -> Result<(), KvmError> {

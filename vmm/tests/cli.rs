@@ -383,3 +383,19 @@ fn vmm_snapshot_live_writes_an_image_of_a_running_vm() {
     assert_refused(&out, "a VM that is gone", "--api-sock");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn bench_help_names_every_group() {
+    let out = vmm(&["bench", "--help"]);
+    assert_eq!(out.status, Some(0), "{out}");
+    let words: Vec<&str> = out
+        .stdout
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .collect();
+    for group in vmm::bench::GROUPS {
+        assert!(
+            words.contains(group),
+            "`vmm bench --help` does not name the group {group}:\n{out}"
+        );
+    }
+}

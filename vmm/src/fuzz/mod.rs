@@ -14,6 +14,7 @@ pub mod forkserver;
 pub(crate) mod harness;
 pub mod mock;
 pub mod mutate;
+mod spare;
 pub mod vm_target;
 
 pub use vm_target::{TargetFactory, vm_targets};

@@ -42,13 +42,12 @@ use kvm_ioctls::{SyncReg, VcpuFd};
 use memory::VmMemory;
 
 use super::harness::Harness;
+use super::spare::{Recipe, Spare, Spares};
 use super::{Crash, FuzzError, MAP_SIZE, Target, Verdict};
 use crate::dirty::Dirty;
-use crate::kvm::create_vcpu;
 use crate::vcpu::{Flow, Vcpu, VcpuControl, VcpuState};
 use crate::virtio::Template;
 use crate::vm::{Exit, Vm, VmConfig, VmShared};
-use crate::x86::cpuid::{self, Guest};
 use crate::x86::program::COVERAGE_MAP;
 
 const MSR_IA32_TSC: u32 = 0x10;
@@ -150,9 +149,33 @@ pub struct Snapshot {
     /// shared copy-on-write with this one's).
     parent: Option<Arc<Snapshot>>,
     taken: Box<Taken>,
+    /// The next clone's KVM side and empty memory, made ahead.
+    spare: Arc<Spares>,
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        self.spare.close();
+    }
+}
+
+pub(crate) fn vm_err(what: &str, e: &dyn std::error::Error) -> FuzzError {
+    FuzzError::Vm(format!("{what}: {}", crate::error_chain(e)))
 }
 
 impl Snapshot {
+    /// A snapshot, its first clone's KVM VM being made at once.
+    fn new(root: Arc<Vm>, parent: Option<Arc<Snapshot>>, taken: Box<Taken>) -> Arc<Self> {
+        let snap = Arc::new(Snapshot {
+            root,
+            parent,
+            taken,
+            spare: Arc::default(),
+        });
+        snap.refill_spare();
+        snap
+    }
+
     /// Runs the program of `cfg` until it calls SNAPSHOT.
     pub fn take(
         hv: &crate::Hypervisor,
@@ -166,11 +189,7 @@ impl Snapshot {
             .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
         let exit = root.wait_keep();
         match root.shared().harness.take_taken() {
-            Some(Ok(taken)) => Ok(Arc::new(Snapshot {
-                root: Arc::new(root),
-                parent: None,
-                taken,
-            })),
+            Some(Ok(taken)) => Ok(Snapshot::new(Arc::new(root), None, taken)),
             Some(Err(e)) => Err(FuzzError::Vm(e)),
             None => Err(FuzzError::NoSnapshot(exit_text(&exit))),
         }
@@ -206,9 +225,39 @@ impl Snapshot {
         &self.taken.origin
     }
 
-    /// A new clone of the snapshot, ready to run inputs.
+    /// A new clone of the snapshot, ready to run inputs. It takes the
+    /// KVM VM and vCPU made ahead for it if they are ready, and has the
+    /// next ones made.
     pub fn target(self: &Arc<Self>, limits: Limits) -> Result<VmTarget, FuzzError> {
-        VmTarget::new(self, limits)
+        let target = VmTarget::new(self, limits);
+        self.refill_spare();
+        target
+    }
+
+    /// Whether the next clone's KVM VM and vCPU are made (see
+    /// [`Snapshot::target`]).
+    pub fn spare_ready(&self) -> bool {
+        self.spare.ready()
+    }
+
+    /// Turns making clones ahead on (the default: the next one is made at
+    /// once) or off (the one made is dropped).
+    pub fn make_clones_ahead(&self, on: bool) {
+        self.spare.set_on(on);
+        if on {
+            self.refill_spare();
+        }
+    }
+
+    /// Has the next spare made, unless one is there or on its way.
+    fn refill_spare(&self) {
+        let machine = &self.root.shared().machine;
+        self.spare.want(|| Recipe {
+            hv: machine.hv.clone(),
+            origin: self.taken.origin.clone(),
+            state: self.taken.state.clone(),
+            tsc: self.taken.tsc,
+        });
     }
 }
 
@@ -223,7 +272,7 @@ fn exit_text(exit: &Exit) -> String {
 
 /// How the guest's TSC is put back to the snapshot's value.
 #[derive(Debug, Clone, Copy)]
-enum TscReset {
+pub(crate) enum TscReset {
     /// Through KVM's TSC offset attribute: offset = snapshot TSC − host TSC.
     Offset(u64),
     /// Through the TSC MSR, written twice: KVM takes a write close to the
@@ -262,39 +311,21 @@ impl std::fmt::Debug for VmTarget {
 
 impl VmTarget {
     fn new(snap: &Arc<Snapshot>, limits: Limits) -> Result<Self, FuzzError> {
-        let vm_err = |what: &str, e: &dyn std::error::Error| {
-            FuzzError::Vm(format!("{what}: {}", crate::error_chain(e)))
-        };
         let root = snap.root.shared();
-        let hv = &root.machine.hv;
-        let mem = snap
-            .taken
-            .origin
-            .fork()
-            .map_err(|e| vm_err("cannot fork the snapshot", &e))?;
-        mem.track_vmm_writes();
-        let (kvm, tracking) = hv
-            .create_vm_tracked(&mem)
-            .map_err(|e| vm_err("cannot create the clone's VM", &e))?;
-        let cpuid = cpuid::shape(hv.supported_cpuid(), 0, Guest::Program);
-        let fd = create_vcpu(&kvm, 0, &cpuid).map_err(|e| vm_err("cannot create a vCPU", &e))?;
-        snap.taken
-            .state
-            .restore(&fd)
-            .map_err(|e| vm_err("cannot load the snapshot's vCPU state", &e))?;
-        // The register areas KVM syncs through `kvm_run` are filled only
-        // by an exit: fill them, since each run writes RAX through them.
-        let mut fd = fd;
-        fd.sync_regs_mut().regs = snap.taken.state.regs;
-        fd.sync_regs_mut().sregs = snap.taken.state.sregs;
-        let dirty = Dirty::new(&fd, &tracking, &mem).map_err(|e| FuzzError::Io {
-            what: "cannot map the dirty ring".into(),
-            source: e,
-        })?;
-        let tsc = match snap.taken.tsc {
-            Some(t) if tsc_offset_supported(&fd) => TscReset::Offset(t),
-            Some(t) => TscReset::Msr(t),
-            None => TscReset::None,
+        let Spare {
+            mem,
+            kvm,
+            fd,
+            dirty,
+            tsc,
+        } = match snap.spare.take() {
+            Some(spare) => spare,
+            None => Spare::make(&Recipe {
+                hv: root.machine.hv.clone(),
+                origin: snap.taken.origin.clone(),
+                state: snap.taken.state.clone(),
+                tsc: snap.taken.tsc,
+            })?,
         };
         let id = root.machine.next_id();
         let controls = vec![Arc::new(VcpuControl::new(true))];
@@ -410,11 +441,11 @@ impl VmTarget {
         let state = self.vcpu.capture().map_err(FuzzError::Vm)?;
         let tsc = read_tsc(&self.vcpu.fd);
         let taken = take(&self.vcpu.shared, state, tsc, buf, cap).map_err(FuzzError::Vm)?;
-        Ok(Arc::new(Snapshot {
-            root: self.snap.root.clone(),
-            parent: Some(self.snap.clone()),
+        Ok(Snapshot::new(
+            self.snap.root.clone(),
+            Some(self.snap.clone()),
             taken,
-        }))
+        ))
     }
 
     /// Runs the vCPU until the run ends.
@@ -498,7 +529,7 @@ impl VmTarget {
     /// Replaces the clone by a new one from the snapshot, keeping the
     /// coverage the run left.
     fn refork(&mut self) -> Result<(), FuzzError> {
-        let mut fresh = VmTarget::new(&self.snap, self.limits)?;
+        let mut fresh = self.snap.target(self.limits)?;
         std::mem::swap(&mut fresh.map, &mut self.map);
         fresh.map_filled = self.map_filled;
         fresh.last_dirty = self.pages.len();
@@ -605,7 +636,7 @@ enum Ended {
     Child(u64, u64),
 }
 
-fn tsc_offset_supported(fd: &VcpuFd) -> bool {
+pub(crate) fn tsc_offset_supported(fd: &VcpuFd) -> bool {
     let attr = kvm_device_attr {
         group: KVM_VCPU_TSC_CTRL,
         attr: u64::from(KVM_VCPU_TSC_OFFSET),

@@ -1,0 +1,202 @@
+//! Fuzzing clones made ahead.
+//!
+//! A clone is the snapshot's memory forked (its origin never runs, so a
+//! fork of it made now is the same as one made later), a KVM VM whose
+//! dirty-tracked memory slots point at it, and one vCPU holding the
+//! snapshot's state. Making those is nearly all of a new clone's cost here
+//! (the KVM VM and vCPU about 0.4 ms, the fork 60-90 us), so each snapshot
+//! has the next one (its *spare*) made ahead by a thread of its own, which
+//! waits while a spare is ready. A spare holds no frame of its own: its
+//! memory shares every frame with the origin until the clone runs (the
+//! pages the VMM pins in a clone are copied when the clone is set up).
+//!
+//! The thread holds what it needs (a [`Recipe`]: the origin among it) and
+//! the shared [`Spares`], never the snapshot. When the snapshot goes, it
+//! closes them and waits for the thread to end, so nothing the thread made
+//! or held outlives the snapshot.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use kvm_ioctls::{VcpuFd, VmFd};
+use memory::VmMemory;
+
+use super::FuzzError;
+use super::vm_target::{TscReset, tsc_offset_supported, vm_err};
+use crate::dirty::Dirty;
+use crate::kvm::create_vcpu;
+use crate::vcpu::VcpuState;
+use crate::x86::cpuid::{self, Guest};
+
+/// A clone's memory and KVM side, made ahead.
+#[derive(Debug)]
+pub(crate) struct Spare {
+    /// A fork of the origin, recording the VMM's writes.
+    pub(crate) mem: Arc<VmMemory>,
+    pub(crate) kvm: VmFd,
+    /// With the snapshot's state loaded, and the register areas KVM syncs
+    /// through `kvm_run` filled (an exit would fill them; each run writes
+    /// RAX through them).
+    pub(crate) fd: VcpuFd,
+    pub(crate) dirty: Dirty,
+    pub(crate) tsc: TscReset,
+}
+
+/// How to make a spare for one snapshot.
+#[derive(Debug)]
+pub(crate) struct Recipe {
+    pub(crate) hv: crate::Hypervisor,
+    pub(crate) origin: Arc<VmMemory>,
+    pub(crate) state: VcpuState,
+    pub(crate) tsc: Option<u64>,
+}
+
+impl Spare {
+    pub(crate) fn make(r: &Recipe) -> Result<Self, FuzzError> {
+        // Forked before the KVM VM exists: building the clone's host
+        // mapping then wakes no KVM notifier.
+        let mem = r
+            .origin
+            .fork()
+            .map_err(|e| vm_err("cannot fork the snapshot", &e))?;
+        mem.track_vmm_writes();
+        // The pages the VMM pins in the clone are copied there.
+        mem.make_store_ahead()
+            .map_err(|e| vm_err("cannot make a clone's memory", &e))?;
+        let (kvm, tracking) =
+            r.hv.create_vm_tracked(&mem)
+                .map_err(|e| vm_err("cannot create the clone's VM", &e))?;
+        let cpuid = cpuid::shape(r.hv.supported_cpuid(), 0, Guest::Program);
+        let mut fd =
+            create_vcpu(&kvm, 0, &cpuid).map_err(|e| vm_err("cannot create a vCPU", &e))?;
+        r.state
+            .restore(&fd)
+            .map_err(|e| vm_err("cannot load the snapshot's vCPU state", &e))?;
+        fd.sync_regs_mut().regs = r.state.regs;
+        fd.sync_regs_mut().sregs = r.state.sregs;
+        let dirty = Dirty::new(&fd, &tracking, &mem).map_err(|e| FuzzError::Io {
+            what: "cannot map the dirty ring".into(),
+            source: e,
+        })?;
+        let tsc = match r.tsc {
+            Some(t) if tsc_offset_supported(&fd) => TscReset::Offset(t),
+            Some(t) => TscReset::Msr(t),
+            None => TscReset::None,
+        };
+        Ok(Self {
+            mem,
+            kvm,
+            fd,
+            dirty,
+            tsc,
+        })
+    }
+}
+
+/// One snapshot's spare and its maker.
+#[derive(Debug, Default)]
+pub(crate) struct Spares {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    ready: Option<Spare>,
+    /// A spare is wanted and not made yet.
+    wanted: bool,
+    /// The maker thread runs (it clears this last, having dropped all it
+    /// held).
+    maker: bool,
+    /// Making ahead is turned off (the benchmark's baseline).
+    off: bool,
+    /// The snapshot is gone: the maker ends.
+    closed: bool,
+}
+
+impl Spares {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn ready(&self) -> bool {
+        self.lock().ready.is_some()
+    }
+
+    pub(crate) fn take(&self) -> Option<Spare> {
+        self.lock().ready.take()
+    }
+
+    pub(crate) fn set_on(&self, on: bool) {
+        let mut s = self.lock();
+        s.off = !on;
+        if !on {
+            s.ready = None;
+        }
+    }
+
+    /// Asks for a spare unless one is ready or on its way; the first time,
+    /// starts the maker with the recipe `recipe` gives.
+    pub(crate) fn want(self: &Arc<Self>, recipe: impl FnOnce() -> Recipe) {
+        let mut s = self.lock();
+        if s.off || s.closed || s.ready.is_some() || s.wanted {
+            return;
+        }
+        s.wanted = true;
+        if s.maker {
+            self.changed.notify_one();
+            return;
+        }
+        let (me, recipe) = (self.clone(), recipe());
+        let started = std::thread::Builder::new()
+            .name("fuzz-spare".into())
+            .spawn(move || me.make_while_open(recipe));
+        match started {
+            Ok(_) => s.maker = true,
+            Err(e) => {
+                log::debug!("no clone made ahead: {e}");
+                s.wanted = false;
+            }
+        }
+    }
+
+    /// The maker: makes a spare whenever one is wanted, until closed.
+    fn make_while_open(&self, recipe: Recipe) {
+        loop {
+            {
+                let mut s = self.lock();
+                while !s.wanted && !s.closed {
+                    s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+                }
+                if s.closed {
+                    break;
+                }
+            }
+            let made = Spare::make(&recipe);
+            let mut s = self.lock();
+            s.wanted = false;
+            match made {
+                Ok(spare) if !s.off && !s.closed => s.ready = Some(spare),
+                Ok(_) => {}
+                Err(e) => log::debug!("no clone made ahead: {e}"),
+            }
+        }
+        drop(recipe);
+        self.lock().maker = false;
+        self.changed.notify_all();
+    }
+
+    /// Ends the maker, waiting until it has dropped all it made and held,
+    /// and drops the spare (the snapshot is gone).
+    pub(crate) fn close(&self) {
+        let ready = {
+            let mut s = self.lock();
+            s.closed = true;
+            self.changed.notify_all();
+            while s.maker {
+                s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+            }
+            s.ready.take()
+        };
+        drop(ready);
+    }
+}
