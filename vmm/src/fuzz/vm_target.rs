@@ -149,7 +149,7 @@ pub struct Snapshot {
     /// shared copy-on-write with this one's).
     parent: Option<Arc<Snapshot>>,
     taken: Box<Taken>,
-    /// The next clone's KVM side and empty memory, made ahead.
+    /// The next clone, made ahead (see `spare.rs`).
     spare: Arc<Spares>,
 }
 
@@ -164,7 +164,7 @@ pub(crate) fn vm_err(what: &str, e: &dyn std::error::Error) -> FuzzError {
 }
 
 impl Snapshot {
-    /// A snapshot, its first clone's KVM VM being made at once.
+    /// A snapshot, its first clone being made ahead at once.
     fn new(root: Arc<Vm>, parent: Option<Arc<Snapshot>>, taken: Box<Taken>) -> Arc<Self> {
         let snap = Arc::new(Snapshot {
             root,
@@ -226,16 +226,15 @@ impl Snapshot {
     }
 
     /// A new clone of the snapshot, ready to run inputs. It takes the
-    /// KVM VM and vCPU made ahead for it if they are ready, and has the
-    /// next ones made.
+    /// clone made ahead if one is ready (else makes one now), and has the
+    /// next one made.
     pub fn target(self: &Arc<Self>, limits: Limits) -> Result<VmTarget, FuzzError> {
         let target = VmTarget::new(self, limits);
         self.refill_spare();
         target
     }
 
-    /// Whether the next clone's KVM VM and vCPU are made (see
-    /// [`Snapshot::target`]).
+    /// Whether the next clone is made ahead (see [`Snapshot::target`]).
     pub fn spare_ready(&self) -> bool {
         self.spare.ready()
     }
@@ -249,15 +248,19 @@ impl Snapshot {
         }
     }
 
-    /// Has the next spare made, unless one is there or on its way.
+    /// Has the next clone made ahead, unless one is there or on its way.
     fn refill_spare(&self) {
-        let machine = &self.root.shared().machine;
-        self.spare.want(|| Recipe {
-            hv: machine.hv.clone(),
+        self.spare.want(|| self.recipe());
+    }
+
+    /// What making a clone of this snapshot takes.
+    fn recipe(&self) -> Recipe {
+        Recipe {
+            hv: self.root.shared().machine.hv.clone(),
             origin: self.taken.origin.clone(),
             state: self.taken.state.clone(),
             tsc: self.taken.tsc,
-        });
+        }
     }
 }
 
@@ -320,12 +323,7 @@ impl VmTarget {
             tsc,
         } = match snap.spare.take() {
             Some(spare) => spare,
-            None => Spare::make(&Recipe {
-                hv: root.machine.hv.clone(),
-                origin: snap.taken.origin.clone(),
-                state: snap.taken.state.clone(),
-                tsc: snap.taken.tsc,
-            })?,
+            None => Spare::make(&snap.recipe())?,
         };
         let id = root.machine.next_id();
         let controls = vec![Arc::new(VcpuControl::new(true))];
