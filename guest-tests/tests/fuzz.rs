@@ -186,7 +186,11 @@ fn a_clone_takes_a_child_snapshot_resets_to_it_and_drops_it() {
         .take_child(b"Q")
         .unwrap_or_else(|e| panic!("{}", vmm::error_chain(&e)));
     assert!(Arc::ptr_eq(child.parent().unwrap(), &snap));
+    // A child snapshot has clones made ahead only once it is cloned.
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!child.spare_ready(), "a clone made ahead of any use");
     let mut c = target(&child, Limits::default());
+    wait_for_spare(&child, 1);
     for _ in 0..3 {
         assert_eq!(run(&mut c, b"Qx").0, Verdict::Fail(0x100 + u64::from(b'Q')));
         assert_eq!(run(&mut c, b"zz").0, Verdict::Fail(1));

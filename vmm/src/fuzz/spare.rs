@@ -6,7 +6,8 @@
 //! snapshot's state. Making those is nearly all of a new clone's cost here
 //! (the KVM VM and vCPU about 0.4 ms, the fork 60-90 us), so each snapshot
 //! has the next one (its *spare*) made ahead by a thread of its own, which
-//! waits while a spare is ready. A spare holds no frame of its own: its
+//! waits while a spare is ready (a child snapshot starts it at its first
+//! clone, not when taken). A spare holds no frame of its own: its
 //! memory shares every frame with the origin until the clone runs (the
 //! pages the VMM pins in a clone are copied when the clone is set up).
 //!

@@ -164,15 +164,20 @@ pub(crate) fn vm_err(what: &str, e: &dyn std::error::Error) -> FuzzError {
 }
 
 impl Snapshot {
-    /// A snapshot, its first clone being made ahead at once.
+    /// A snapshot. A root snapshot has its first clone made ahead at
+    /// once; a child snapshot (a tree may hold many) only from its first
+    /// clone on, so one never cloned costs no thread and no KVM VM.
     fn new(root: Arc<Vm>, parent: Option<Arc<Snapshot>>, taken: Box<Taken>) -> Arc<Self> {
+        let is_root = parent.is_none();
         let snap = Arc::new(Snapshot {
             root,
             parent,
             taken,
             spare: Arc::default(),
         });
-        snap.refill_spare();
+        if is_root {
+            snap.refill_spare();
+        }
         snap
     }
 
