@@ -6,6 +6,7 @@
 //! kernels.
 
 pub mod abi;
+mod ahead;
 pub mod api;
 pub mod bench;
 pub mod console;

@@ -10,13 +10,14 @@
 //! thread or stopping a VM.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use memory::VmMemory;
 
+use crate::ahead::MadeAhead;
 use crate::console::Sink;
 use crate::fork::Spare;
 use crate::kvm::Hypervisor;
@@ -53,10 +54,14 @@ pub(crate) struct Machine {
     pub(crate) vmm_pinned: AtomicU64,
     records: Mutex<HashMap<u32, Record>>,
     changed: Condvar,
-    /// The next clone, made ahead (see `fork.rs`), and whether a thread is
-    /// making one.
-    spare: Mutex<Option<Spare>>,
-    making_spare: AtomicBool,
+    /// The next clone, made ahead (see `fork.rs`).
+    spare: Arc<MadeAhead<Spare>>,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.spare.close();
+    }
 }
 
 impl Machine {
@@ -70,8 +75,7 @@ impl Machine {
             vmm_pinned: AtomicU64::new(0),
             records: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
-            spare: Mutex::new(None),
-            making_spare: AtomicBool::new(false),
+            spare: Arc::default(),
         });
         m.lock().insert(0, Record::default());
         m
@@ -184,62 +188,35 @@ impl Machine {
     /// The spare made ahead, if it fits a fork of `parent` with `vcpus`
     /// vCPUs.
     pub(crate) fn take_spare(&self, parent: &VmMemory, vcpus: usize) -> Option<Spare> {
-        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        spare.take_if(|s| s.fits(parent, vcpus))
+        self.spare.take(|s| s.fits(parent, vcpus))
     }
 
     /// Makes a spare for forks of `parent` now, unless one fits already.
     pub(crate) fn make_spare(&self, parent: &VmMemory, vcpus: usize) -> Result<(), VmmError> {
-        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        if spare.as_ref().is_some_and(|s| s.fits(parent, vcpus)) {
-            return Ok(());
+        if !self.spare.ready(|s| s.fits(parent, vcpus)) {
+            self.spare.put(Spare::make(
+                &self.hv,
+                parent.context(),
+                parent.layout().clone(),
+                vcpus,
+            )?);
         }
-        *spare = Some(Spare::make(
-            &self.hv,
-            parent.context(),
-            parent.layout().clone(),
-            vcpus,
-        )?);
         Ok(())
     }
 
-    /// Makes the next spare for forks of `parent` on a thread of its own,
-    /// unless one is there or on its way.
-    pub(crate) fn refill_spare(self: &Arc<Self>, parent: &Arc<VmMemory>, vcpus: usize) {
-        {
-            // The flag changes under the spare's lock (here and where the
-            // maker publishes), or a refill between the maker's publishing
-            // and clearing it would be lost, and no spare made again.
-            let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-            if spare.is_some() || self.making_spare.swap(true, Ordering::AcqRel) {
-                return;
-            }
-        }
-        // Neither the parent nor the machine while it works: a thread
-        // holding either would keep the parent's frames past its end.
-        let (machine, hv, ctx, layout) = (
-            Arc::downgrade(self),
-            self.hv.clone(),
-            parent.context().clone(),
-            parent.layout().clone(),
-        );
-        let made = std::thread::Builder::new()
-            .name("clone-spare".into())
-            .spawn(move || {
-                let made = Spare::make(&hv, &ctx, layout, vcpus);
-                let Some(machine) = machine.upgrade() else {
-                    return;
-                };
-                let mut spare = machine.spare.lock().unwrap_or_else(PoisonError::into_inner);
-                match made {
-                    Ok(s) => *spare = Some(s),
-                    Err(e) => log::debug!("no spare clone: {}", crate::error_chain(&e)),
-                }
-                machine.making_spare.store(false, Ordering::Release);
-            });
-        if made.is_err() {
-            self.making_spare.store(false, Ordering::Release);
-        }
+    /// Has the next spare for forks of `parent` made on the maker thread,
+    /// unless one is there or on its way. The maker holds neither the
+    /// parent nor the machine: either would keep the parent's frames past
+    /// its end.
+    pub(crate) fn refill_spare(&self, parent: &VmMemory, vcpus: usize) {
+        self.spare.want("clone-spare", || {
+            let (hv, ctx, layout) = (
+                self.hv.clone(),
+                parent.context().clone(),
+                parent.layout().clone(),
+            );
+            move || Spare::make(&hv, &ctx, layout.clone(), vcpus)
+        });
     }
 
     /// Frees the resources of clones that have ended; their exits stay

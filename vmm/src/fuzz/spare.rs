@@ -11,12 +11,12 @@
 //! memory shares every frame with the origin until the clone runs (the
 //! pages the VMM pins in a clone are copied when the clone is set up).
 //!
-//! The thread holds what it needs (a [`Recipe`]: the origin among it) and
-//! the shared [`Spares`], never the snapshot. When the snapshot goes, it
-//! closes them and waits for the thread to end, so nothing the thread made
+//! The maker thread (see `ahead.rs`) holds a [`Recipe`], the origin among
+//! it, never the snapshot. When the snapshot goes, it closes its
+//! [`Spares`] and waits for the thread to end, so nothing the thread made
 //! or held outlives the snapshot.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use kvm_ioctls::{VcpuFd, VmFd};
 use memory::VmMemory;
@@ -93,111 +93,5 @@ impl Spare {
     }
 }
 
-/// One snapshot's spare and its maker.
-#[derive(Debug, Default)]
-pub(crate) struct Spares {
-    state: Mutex<State>,
-    changed: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    ready: Option<Spare>,
-    /// A spare is wanted and not made yet.
-    wanted: bool,
-    /// The maker thread runs (it clears this last, having dropped all it
-    /// held).
-    maker: bool,
-    /// Making ahead is turned off (the benchmark's baseline).
-    off: bool,
-    /// The snapshot is gone: the maker ends.
-    closed: bool,
-}
-
-impl Spares {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(crate) fn ready(&self) -> bool {
-        self.lock().ready.is_some()
-    }
-
-    pub(crate) fn take(&self) -> Option<Spare> {
-        self.lock().ready.take()
-    }
-
-    pub(crate) fn set_on(&self, on: bool) {
-        let mut s = self.lock();
-        s.off = !on;
-        if !on {
-            s.ready = None;
-        }
-    }
-
-    /// Asks for a spare unless one is ready or on its way; the first time,
-    /// starts the maker with the recipe `recipe` gives.
-    pub(crate) fn want(self: &Arc<Self>, recipe: impl FnOnce() -> Recipe) {
-        let mut s = self.lock();
-        if s.off || s.closed || s.ready.is_some() || s.wanted {
-            return;
-        }
-        s.wanted = true;
-        if s.maker {
-            self.changed.notify_one();
-            return;
-        }
-        let (me, recipe) = (self.clone(), recipe());
-        let started = std::thread::Builder::new()
-            .name("fuzz-spare".into())
-            .spawn(move || me.make_while_open(recipe));
-        match started {
-            Ok(_) => s.maker = true,
-            Err(e) => {
-                log::debug!("no clone made ahead: {e}");
-                s.wanted = false;
-            }
-        }
-    }
-
-    /// The maker: makes a spare whenever one is wanted, until closed.
-    fn make_while_open(&self, recipe: Recipe) {
-        loop {
-            {
-                let mut s = self.lock();
-                while !s.wanted && !s.closed {
-                    s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
-                }
-                if s.closed {
-                    break;
-                }
-            }
-            let made = Spare::make(&recipe);
-            let mut s = self.lock();
-            s.wanted = false;
-            match made {
-                Ok(spare) if !s.off && !s.closed => s.ready = Some(spare),
-                Ok(_) => {}
-                Err(e) => log::debug!("no clone made ahead: {e}"),
-            }
-        }
-        drop(recipe);
-        self.lock().maker = false;
-        self.changed.notify_all();
-    }
-
-    /// Ends the maker, waiting until it has dropped all it made and held,
-    /// and drops the spare (the snapshot is gone).
-    pub(crate) fn close(&self) {
-        let ready = {
-            let mut s = self.lock();
-            s.closed = true;
-            self.changed.notify_all();
-            while s.maker {
-                s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
-            }
-            s.ready.take()
-        };
-        drop(ready);
-    }
-}
+/// A snapshot's clone made ahead, and its maker.
+pub(crate) type Spares = crate::ahead::MadeAhead<Spare>;

@@ -241,7 +241,7 @@ impl Snapshot {
 
     /// Whether the next clone is made ahead (see [`Snapshot::target`]).
     pub fn spare_ready(&self) -> bool {
-        self.spare.ready()
+        self.spare.ready(|_| true)
     }
 
     /// Turns making clones ahead on (the default: the next one is made at
@@ -255,7 +255,10 @@ impl Snapshot {
 
     /// Has the next clone made ahead, unless one is there or on its way.
     fn refill_spare(&self) {
-        self.spare.want(|| self.recipe());
+        self.spare.want("fuzz-spare", || {
+            let recipe = self.recipe();
+            move || Spare::make(&recipe)
+        });
     }
 
     /// What making a clone of this snapshot takes.
@@ -326,7 +329,7 @@ impl VmTarget {
             fd,
             dirty,
             tsc,
-        } = match snap.spare.take() {
+        } = match snap.spare.take(|_| true) {
             Some(spare) => spare,
             None => Spare::make(&snap.recipe())?,
         };
