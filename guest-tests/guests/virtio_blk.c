@@ -84,6 +84,20 @@ void gmain(u64 ram) {
     }
     for (int i = 0; i < 8; i++) T_EQ(STATUS[i], VBLK_S_OK, "batch status");
     for (u64 i = 0; i < 4096; i++) T_EQ(BUF[i], (u8)(i * 7 + 3), "batch data");
+
+    /* The device keeps pins of the pages it was given across requests;
+       the guest must not be able to tell. Buffer pages no request holds
+       are not pinned for migration and swap-out (both skip pinned pages). */
+    T_EQ(vblk_rw(&q, REQ, STATUS, VBLK_T_IN, 0, (u64)BUF2, 4096, 1), VBLK_S_OK, "read into a page");
+    T_EQ(hc(HC_MIGRATE, (u64)BUF2, PAGE, 0), 1, "a used buffer page migrates");
+    T_EQ(hc(HC_SWAP_OUT, (u64)BUF2, PAGE, 0), 1, "a used buffer page swaps out");
+    T_EQ(BUF2[5], (u8)(5 * 7 + 3), "and comes back");
+    /* A buffer page discarded and used again gets the data in its new
+       frame. */
+    T_EQ(hc(HC_DISCARD, (u64)BUF, PAGE, 0), 0, "discard the buffer");
+    T_EQ(BUF[1], 0, "a discarded page reads zeros");
+    T_EQ(vblk_rw(&q, REQ, STATUS, VBLK_T_IN, 0, (u64)BUF, 4096, 1), VBLK_S_OK, "read after discard");
+    for (u64 i = 0; i < 4096; i++) T_EQ(BUF[i], (u8)(i * 7 + 3), "data after discard");
     g_puts("VIRTIO-BLK-OK\n");
     g_exit(0);
 }

@@ -155,7 +155,6 @@ pub struct Context {
     pub(crate) config: Config,
     pub(crate) stats: Stats,
     pub(crate) next_store_id: AtomicU64,
-    next_vm_id: AtomicU64,
     vms: RankedMutex<HashMap<u64, Weak<VmMemory>>>,
     stores: RankedMutex<Vec<Weak<Store>>>,
     swap: OnceLock<Swap>,
@@ -176,7 +175,6 @@ impl Context {
             config,
             stats: Stats::default(),
             next_store_id: AtomicU64::new(1),
-            next_vm_id: AtomicU64::new(1),
             vms: RankedMutex::new(Rank::Registry, HashMap::new()),
             stores: RankedMutex::new(Rank::Registry, Vec::new()),
             swap: OnceLock::new(),
@@ -274,9 +272,12 @@ impl Context {
             .collect()
     }
 
-    /// A process-unique id for a new VM's memory.
+    /// A process-unique id for a new VM's memory (unique across
+    /// contexts too: a device's pin cache tells VMs apart by it).
     pub(crate) fn new_vm_id(&self) -> u64 {
-        self.next_vm_id.fetch_add(1, Ordering::Relaxed)
+        // Plain std: a counter, not state loom needs to model.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn register(&self, vm: &Arc<VmMemory>) {

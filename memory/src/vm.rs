@@ -192,6 +192,9 @@ pub struct VmMemory {
     /// write-protects the VM; the lockless pin path gives up when it sees
     /// it odd or changed.
     pub(crate) wp_seq: AtomicU64,
+    /// Counts the discards that dropped a present page (see
+    /// [`VmMemory::discard_generation`]).
+    discards: AtomicU64,
     /// Write protection for a listener (see `wp.rs`).
     pub(crate) wp: WpState,
     /// The resident limit and reclaim's state (see `reclaim.rs`).
@@ -243,6 +246,7 @@ impl VmMemory {
             host,
             map_lock: RankedRwLock::new(Rank::MapLock, ()),
             wp_seq: AtomicU64::new(0),
+            discards: AtomicU64::new(0),
             wp: WpState::new(),
             limit,
             vmm_writes: Default::default(),
@@ -255,8 +259,23 @@ impl VmMemory {
     }
 
     /// Process-unique id of this VM's memory (reverse maps name VMs by it).
+    #[inline]
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Changes whenever a discard drops a present page: the one way a
+    /// pinned frame stops being the frame the guest maps at its page (every
+    /// other change of a page's frame refuses or skips pinned frames: R4,
+    /// R6, R11, swap-out, migration, collapse). A device that keeps page
+    /// pins across requests reads this before it takes them and uses them
+    /// only while it reads the same.
+    ///
+    /// Ordering: the count goes up (release) after the entries changed, so
+    /// a pin taken after reading the new count (acquire) sees the change.
+    #[inline]
+    pub fn discard_generation(&self) -> u64 {
+        self.discards.load(Ordering::Acquire)
     }
 
     /// The shared context.
@@ -819,6 +838,10 @@ impl VmMemory {
                 Entry::Swap { slot, .. } => self.ctx.swap_in_use().put(slot),
                 Entry::None | Entry::Marker { .. } => {}
             }
+        }
+        if dropped > 0 {
+            // After the entries changed (see `discard_generation`).
+            self.discards.fetch_add(1, Ordering::Release);
         }
         Ok(dropped)
     }

@@ -140,6 +140,7 @@ fn discard(shared: &VmShared, addr: u64, len: u64) -> i64 {
 /// SWAP_OUT(addr, len): writes the range's present pages to swap now;
 /// returns how many went (pinned pages are skipped).
 fn swap_out(shared: &VmShared, addr: u64, len: u64) -> i64 {
+    shared.virtio.drop_cached_pins();
     over_pages(shared, "SWAP_OUT", addr, len, |mem, len| {
         mem.swap_out(addr, len).map(|r| r.swapped as i64)
     })
@@ -148,6 +149,7 @@ fn swap_out(shared: &VmShared, addr: u64, len: u64) -> i64 {
 /// MIGRATE(addr, len): moves the range's present pages to new frames now,
 /// while other vCPUs run; returns how many moved (pinned pages are skipped).
 fn migrate(shared: &VmShared, addr: u64, len: u64) -> i64 {
+    shared.virtio.drop_cached_pins();
     over_pages(shared, "MIGRATE", addr, len, |mem, len| {
         mem.migrate(addr, len).map(|r| r.moved as i64)
     })
@@ -162,6 +164,7 @@ fn collapse(shared: &VmShared, addr: u64) -> i64 {
     if addr % memory::HUGE_SIZE != 0 || (shared.mode == Mode::Program && addr < LOW_END) {
         return -errno::EINVAL;
     }
+    shared.virtio.drop_cached_pins();
     match shared.mem.collapse(addr) {
         Ok(Collapse::Done { .. } | Collapse::AlreadyHuge) => 0,
         Ok(Collapse::Refused(CollapseRefusal::ResidentLimit)) => -errno::ENOMEM,
@@ -181,6 +184,9 @@ fn collapse(shared: &VmShared, addr: u64) -> i64 {
 fn write_protect(shared: &VmShared, addr: u64, len: u64, on: u64) -> i64 {
     if on > 1 {
         return -errno::EINVAL;
+    }
+    if on == 1 {
+        shared.virtio.drop_cached_pins();
     }
     over_pages(shared, "WP", addr, len, |mem, len| {
         mem.protect_for_listener(addr, len, on == 1).map(|_| 0)

@@ -502,7 +502,10 @@ impl VirtioBus {
     }
 
     /// Every transport locked, in slot order; with `drain`, each device's
-    /// requests in flight finished first (see `Transport::quiesce`).
+    /// requests in flight finished first (see `Transport::quiesce`). The
+    /// pins devices keep between requests are dropped: a fork or a
+    /// snapshot copies pinned pages, and should copy only those of
+    /// requests.
     fn lock_all(&self, drain: bool) -> Vec<MutexGuard<'_, Transport>> {
         self.slots
             .iter()
@@ -511,9 +514,23 @@ impl VirtioBus {
                 if drain {
                     t.quiesce();
                 }
+                t.drop_cached_pins();
                 t
             })
             .collect()
+    }
+
+    /// Drops the pins devices keep between requests, one device at a
+    /// time: before the guest asks for something pinned pages are exempt
+    /// from (swap-out, migration, collapse, write protection), so that a
+    /// buffer page the guest is done with is not held back by a device.
+    pub(crate) fn drop_cached_pins(&self) {
+        for s in &self.slots {
+            s.transport
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .drop_cached_pins();
+        }
     }
 
     /// The first half of a fuzzing clone's reset: every device reset,

@@ -5,9 +5,9 @@
 //! copy-on-write with another VM, R9), a device-writable one with a write
 //! pin (which breaks copy-on-write for this VM only). Requests served at
 //! once pin short-term; requests that wait (a block request in the thread
-//! pool, a posted receive buffer) pin long-term. A device that takes a
-//! batch of requests may let their small buffers share pins of the pages
-//! that hold them ([`PinCache`]). Dropping the [`Buffers`] unpins (or lets
+//! pool, a posted receive buffer) pin long-term. A device may keep pins of
+//! the pages its requests' buffers lie in across requests and let the
+//! requests share them ([`PinCache`]). Dropping the [`Buffers`] unpins (or lets
 //! go of its share). Nothing outside the bytes the descriptors name is
 //! reachable through it, so a device can never write outside the buffers
 //! the driver named.
@@ -23,67 +23,166 @@ use super::queue::{Desc, QueueError};
 /// need no allocation.
 pub type HostSlices<'a> = smallvec::SmallVec<[VolatileSlice<'a>; 4]>;
 
-/// Descriptors at most this long that lie in one page may share a pin of
-/// that page with the other requests of a batch ([`PinCache`]): request
-/// headers and status bytes, which drivers keep side by side.
-const SHARED_MAX: u32 = 512;
+/// Sets of a [`PinCache`], each of [`WAYS`] pages: a device's cache
+/// holds 128 pages (512 KiB of guest memory) pinned at most.
+const SETS: usize = 64;
+const WAYS: usize = 2;
 
-/// Pins of whole pages that the requests of one batch share, so that a
-/// batch of requests whose small buffers lie in a few pages takes a few
-/// pins for them rather than one per buffer. Each request still reaches
-/// only the bytes its descriptors name (see [`Buffers`]); a page stays
-/// pinned while the cache or a request holds its pin.
-#[derive(Debug, Default)]
+/// Pins of whole pages kept across requests, so that a driver that reuses
+/// its buffers (request headers, status bytes, data pages: most do) pays
+/// for pinning a page once rather than on every request, as io_uring's
+/// registered buffers do. Each request still reaches only the bytes its
+/// descriptors name (see [`Buffers`]); a page stays pinned while the
+/// cache or a request holds its pin.
+///
+/// A cached pin is used only while the VM's
+/// [`VmMemory::discard_generation`] reads as when it was taken: a discard
+/// is the one change that makes a pinned page map another frame, so a
+/// request made after the guest discarded a buffer page never reaches the
+/// old frame. The cache pins only pages the device was given, holds
+/// `SETS * WAYS` of them at most (set-associative by page number: a new
+/// page takes the place of an older one of its set), and is emptied by
+/// [`PinCache::clear`], which a device calls at its reset and before a
+/// fork or a snapshot, so that neither copies pages only the cache holds.
+#[derive(Debug)]
 pub struct PinCache {
-    pages: Vec<(u64, bool, Arc<Pin>)>,
+    sets: Box<[Set]>,
+    /// The VM whose pages the cache holds ([`VmMemory::id`]).
+    vm: u64,
+    /// Its discard generation when the pins were taken.
+    generation: u64,
+}
+
+#[derive(Debug, Default)]
+struct Set {
+    ways: [Option<Cached>; WAYS],
+    /// The way a new page takes when both are full.
+    victim: usize,
+}
+
+#[derive(Debug)]
+struct Cached {
+    page: u64,
+    write: bool,
+    pin: Arc<Pin>,
+}
+
+impl Default for PinCache {
+    fn default() -> Self {
+        Self {
+            sets: (0..SETS).map(|_| Set::default()).collect(),
+            vm: u64::MAX,
+            generation: 0,
+        }
+    }
 }
 
 impl PinCache {
-    /// Forgets the pins (requests still holding one keep it).
+    /// Drops the cache's pins (requests still holding one keep it).
     pub fn clear(&mut self) {
-        self.pages.clear();
+        for set in self.sets.iter_mut() {
+            set.ways = Default::default();
+        }
     }
 
-    /// A pin of the page at `page` (a page-aligned address), shared.
-    /// A read may use a write pin of the page; a write needs one.
-    fn get(&mut self, mem: &VmMemory, page: u64, flags: PinFlags) -> Result<Arc<Pin>, QueueError> {
-        let found = self
-            .pages
+    /// Pages the cache holds pinned.
+    pub fn len(&self) -> usize {
+        self.sets
             .iter()
-            .find(|(p, write, _)| *p == page && (*write || !flags.write));
-        if let Some((_, _, pin)) = found {
-            return Ok(pin.clone());
+            .flat_map(|s| s.ways.iter().flatten())
+            .count()
+    }
+
+    /// Whether the cache holds no pin.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Empties the cache unless its pins are of `mem` and still good (see
+    /// the type's documentation). Called before taking pins from it.
+    fn validate(&mut self, mem: &VmMemory) {
+        let generation = mem.discard_generation();
+        if self.vm != mem.id() || self.generation != generation {
+            self.clear();
+            self.vm = mem.id();
+            self.generation = generation;
         }
+    }
+
+    /// A pin of the page at `page` (a page-aligned address), shared, and
+    /// long-term since the cache keeps it. A read may use a write pin of
+    /// the page; a write needs one.
+    fn get(&mut self, mem: &VmMemory, page: u64, write: bool) -> Result<Arc<Pin>, QueueError> {
+        match self.hit(page, write) {
+            Some(pin) => Ok(pin),
+            None => self.fill(mem, page, write),
+        }
+    }
+
+    /// The cached pin of `page`, if it serves a `write` (or a read).
+    #[inline]
+    fn hit(&self, page: u64, write: bool) -> Option<Arc<Pin>> {
+        self.sets[Self::set_of(page)]
+            .ways
+            .iter()
+            .flatten()
+            .find(|c| c.page == page && (c.write || !write))
+            .map(|c| c.pin.clone())
+    }
+
+    fn set_of(page: u64) -> usize {
+        (page / PAGE_SIZE) as usize % SETS
+    }
+
+    /// Pins `page` into the cache, in place of its read pin if a write is
+    /// wanted, else of an empty way or of the set's victim.
+    #[cold]
+    fn fill(&mut self, mem: &VmMemory, page: u64, write: bool) -> Result<Arc<Pin>, QueueError> {
+        let set = &mut self.sets[Self::set_of(page)];
+        let mut way = None;
+        for (i, c) in set.ways.iter().enumerate() {
+            match c {
+                Some(c) if c.page == page => way = Some(i),
+                None => way = way.or(Some(i)),
+                Some(_) => {}
+            }
+        }
+        let way = way.unwrap_or_else(|| {
+            set.victim = (set.victim + 1) % WAYS;
+            set.victim
+        });
+        // The old pin goes first: it may be this page's read pin.
+        set.ways[way] = None;
+        let flags = PinFlags {
+            write,
+            longterm: true,
+        };
         let pin = Arc::new(
             mem.pin(page, PAGE_SIZE, flags)
                 .map_err(QueueError::Buffer)?,
         );
-        self.pages.push((page, flags.write, pin.clone()));
+        set.ways[way] = Some(Cached {
+            page,
+            write,
+            pin: pin.clone(),
+        });
         Ok(pin)
     }
 }
 
-/// A pin of a buffer, or of the page that holds it.
-#[derive(Debug)]
-enum Held {
-    Own(Pin),
-    Shared(Arc<Pin>),
-}
-
-/// One buffer: `len` bytes at `off` in a pin.
+/// One buffer: `len` bytes at `off` in a pin of its own or in a cached
+/// pin of the page that holds it (shared: a request's pieces are small to
+/// move around, and plain words).
 #[derive(Debug)]
 struct Piece {
-    pin: Held,
+    pin: Arc<Pin>,
     off: u64,
     len: u64,
 }
 
 impl Piece {
     fn pin(&self) -> &Pin {
-        match &self.pin {
-            Held::Own(p) => p,
-            Held::Shared(p) => p,
-        }
+        &self.pin
     }
 }
 
@@ -112,7 +211,8 @@ impl Buffers {
         Self::pin_with(mem, chain, longterm, limit, None)
     }
 
-    /// [`Buffers::pin`], with small buffers pinned through `cache`.
+    /// [`Buffers::pin`], with the buffers that lie in one page pinned
+    /// through `cache`.
     pub fn pin_with(
         mem: &VmMemory,
         chain: &[Desc],
@@ -128,6 +228,9 @@ impl Buffers {
             pieces: smallvec::SmallVec::with_capacity(chain.len()),
             ..Buffers::default()
         };
+        if let Some(c) = cache.as_deref_mut() {
+            c.validate(mem);
+        }
         for d in chain {
             if d.indirect {
                 return Err(QueueError::Indirect);
@@ -146,19 +249,14 @@ impl Buffers {
             let len = u64::from(d.len);
             let page = d.addr - d.addr % PAGE_SIZE;
             let in_one_page = d.addr % PAGE_SIZE + len <= PAGE_SIZE;
-            let piece = match cache.as_deref_mut() {
-                Some(c) if d.len <= SHARED_MAX && in_one_page => Piece {
-                    pin: Held::Shared(c.get(mem, page, flags)?),
-                    off: d.addr - page,
-                    len,
-                },
-                _ => Piece {
-                    pin: Held::Own(mem.pin(d.addr, len, flags).map_err(QueueError::Buffer)?),
-                    off: 0,
-                    len,
-                },
+            let (pin, off) = match cache.as_deref_mut() {
+                Some(c) if in_one_page => (c.get(mem, page, d.write)?, d.addr - page),
+                _ => (
+                    Arc::new(mem.pin(d.addr, len, flags).map_err(QueueError::Buffer)?),
+                    0,
+                ),
             };
-            b.pieces.push(piece);
+            b.pieces.push(Piece { pin, off, len });
             if d.write {
                 b.wlen += len;
             } else {
@@ -315,6 +413,61 @@ mod tests {
     }
 
     #[test]
+    fn cached_page_pins_serve_later_requests_until_a_discard() {
+        let mem = memory();
+        let mut cache = PinCache::default();
+        let chain = [
+            desc(0x2000, 16, false),
+            desc(0x3000, 4096, true),
+            desc(0x2010, 1, true),
+        ];
+        let pin = |cache: &mut PinCache| {
+            Buffers::pin_with(&mem, &chain, true, 1 << 20, Some(cache)).unwrap()
+        };
+        for _ in 0..3 {
+            drop(pin(&mut cache));
+        }
+        assert_eq!(cache.len(), 2, "the header/status page and the data page");
+        assert_eq!(mem.context().stats().pins, 2, "kept by the cache");
+        // The guest drops the data page: the next request reaches the
+        // page's new frame, not the one the cache held.
+        mem.discard(0x3000, 4096).unwrap();
+        let b = pin(&mut cache);
+        b.write(0, &[0xab]).unwrap();
+        let mut got = [0u8];
+        mem.read(0x3000, &mut got).unwrap();
+        assert_eq!(got, [0xab], "the guest sees the device's write");
+        drop(b);
+        cache.clear();
+        assert_eq!(mem.context().stats().pins, 0, "cleared");
+    }
+
+    #[test]
+    fn a_full_set_gives_way_and_another_vm_empties_the_cache() {
+        let ctx = memory::Context::new(memory::Config::default());
+        let layout = memory::Layout::new(&[(0, 4 << 20)]).unwrap();
+        let mem = VmMemory::new(&ctx, layout).unwrap();
+        let mut cache = PinCache::default();
+        // Three pages of one set: the third takes an older one's place.
+        let stride = (SETS as u64) * PAGE_SIZE;
+        for i in 0..3 {
+            let chain = [desc(0x1000 + i * stride, 64, true)];
+            drop(Buffers::pin_with(&mem, &chain, true, 1 << 20, Some(&mut cache)).unwrap());
+        }
+        assert_eq!(cache.len(), WAYS);
+        assert_eq!(mem.context().stats().pins, WAYS as u64);
+        let other = memory();
+        let chain = [desc(0x1000, 64, true)];
+        drop(Buffers::pin_with(&other, &chain, true, 1 << 20, Some(&mut cache)).unwrap());
+        assert_eq!(cache.len(), 1, "only the other VM's page");
+        assert_eq!(
+            mem.context().stats().pins,
+            0,
+            "the first VM's pins are gone"
+        );
+    }
+
+    #[test]
     fn requests_sharing_page_pins_reach_only_their_own_bytes() {
         let mem = memory();
         let mut cache = PinCache::default();
@@ -333,7 +486,11 @@ mod tests {
         assert_eq!(got, [7, 9, 0]);
         cache.clear();
         drop(a);
-        assert_eq!(mem.context().stats().pins, 2, "b still holds the pages");
+        assert_eq!(
+            mem.context().stats().pins,
+            1,
+            "b still holds the page's write pin (its header shares it)"
+        );
         drop(b);
         assert_eq!(mem.context().stats().pins, 0);
     }

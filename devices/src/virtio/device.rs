@@ -159,6 +159,13 @@ pub trait VirtioDevice: Send + std::fmt::Debug {
     /// dropped, after a reset). Devices that serve every request on the
     /// device thread have nothing to wait for.
     fn quiesce(&mut self, _ctx: &mut Ctx<'_>) {}
+    /// Drops the pins the device keeps between requests (a
+    /// [`super::buffers::PinCache`]); requests in flight keep theirs.
+    /// Called before a fork or a snapshot (which copy pinned pages) and
+    /// before the guest asks for something pinned pages are exempt from
+    /// (swap-out, migration, collapse, write protection), so that only the
+    /// pins of requests count there.
+    fn drop_cached_pins(&mut self) {}
     /// Puts the device's own state back to what it was when
     /// [`VirtioDevice::fork`] made it: a fuzzing clone's reset to its
     /// snapshot (a block overlay drops the clone's writes). Called after a

@@ -424,6 +424,12 @@ impl Transport {
         self.with_device(|d, ctx| d.quiesce(ctx));
     }
 
+    /// Drops the pins the device keeps between requests (see
+    /// [`VirtioDevice::drop_cached_pins`]).
+    pub fn drop_cached_pins(&mut self) {
+        self.device.drop_cached_pins();
+    }
+
     /// The first half of a fuzzing clone's reset to its snapshot: a device
     /// reset (the rings' pins are dropped, completions still on their way
     /// are dropped), then the backend drained and the device's own state

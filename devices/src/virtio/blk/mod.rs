@@ -1,8 +1,9 @@
 //! virtio-blk (virtio 1.2, section 5.2) over a disk image.
 //!
 //! The device thread takes every available request off the queue at once
-//! and pins their buffers (the small ones, headers and status bytes,
-//! sharing one pin per page). A read whose data the page cache holds is
+//! and pins their buffers: each buffer that lies in one page through pins
+//! of whole pages the device keeps across requests ([`PinCache`]), since
+//! drivers reuse their headers, status bytes and data pages. A read whose data the page cache holds is
 //! served at once, `preadv2(RWF_NOWAIT)` straight into the pinned guest
 //! frames. The other reads go to an io_uring ([`uring`]), submitted once
 //! per batch; they complete later and wake the device thread through an
@@ -103,7 +104,7 @@ pub struct Block {
     polled: bool,
     /// Requests completed during the current pass, for one used-ring update.
     done: Vec<(u16, u32)>,
-    /// The pages of the current pass's headers and status bytes.
+    /// Page pins kept across requests.
     pins: PinCache,
     /// How the I/O threads hand requests back.
     handoff: Arc<Handoff>,
@@ -158,7 +159,6 @@ impl Block {
         for p in popped {
             self.submit(ctx, q, p, &mut done);
         }
-        self.pins.clear();
         if let Some(u) = &mut self.uring {
             u.submit();
         }
@@ -472,6 +472,11 @@ impl VirtioDevice for Block {
         // Requests still on the I/O threads or in the io_uring complete
         // into their pins; the queues' new generation drops their
         // completions.
+        self.pins.clear();
+    }
+
+    fn drop_cached_pins(&mut self) {
+        self.pins.clear();
     }
 
     fn quiesce(&mut self, ctx: &mut Ctx<'_>) {
