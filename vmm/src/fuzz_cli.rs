@@ -140,6 +140,11 @@ pub struct FuzzArgs {
     #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_size)]
     mem: u64,
 
+    /// Map guest RAM with 2 MiB pages, as `vmm run --huge` does (refused if the host
+    /// cannot provide them).
+    #[arg(long)]
+    huge: bool,
+
     #[command(flatten)]
     devices: TargetDevices,
 }
@@ -153,6 +158,11 @@ pub struct FuzzTargetArgs {
     /// Guest RAM: a multiple of 2 MiB, with a K, M, G or T suffix.
     #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_size)]
     mem: u64,
+
+    /// Map guest RAM with 2 MiB pages, as `vmm run --huge` does (refused if the host
+    /// cannot provide them).
+    #[arg(long)]
+    huge: bool,
 
     /// A run longer than this is a hang; keep it below afl-fuzz's -t.
     #[arg(long, default_value_t = 500, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
@@ -201,10 +211,14 @@ fn run_fuzz(args: FuzzArgs, matches: Option<&ArgMatches>) -> Result<ExitCode, St
         (None, None) => Role::Alone,
     };
     let timeout = Duration::from_millis(args.timeout);
+    if args.huge {
+        memory::huge_pages_available()?;
+    }
     let reproduce = format!(
-        "vmm fuzz-target --program {} --mem {} --timeout {}{} FILE",
+        "vmm fuzz-target --program {} --mem {}{} --timeout {}{} FILE",
         args.program.display(),
         size_arg(args.mem),
+        if args.huge { " --huge" } else { "" },
         args.timeout,
         device_flags(&devices),
     );
@@ -220,11 +234,11 @@ fn run_fuzz(args: FuzzArgs, matches: Option<&ArgMatches>) -> Result<ExitCode, St
     };
     // The VMs are made once the corpus and output directory are found good.
     let mut factory: Option<TargetFactory> = None;
-    let mem = args.mem;
+    let ram = (args.mem, args.huge);
     let mut make = || -> Result<Box<dyn Target>, FuzzError> {
         let f = match &mut factory {
             Some(f) => f,
-            None => factory.insert(vm_targets(program.clone(), mem, timeout, devices.clone())?),
+            None => factory.insert(vm_targets(program.clone(), ram, timeout, devices.clone())?),
         };
         f()
     };
@@ -252,7 +266,11 @@ fn run_fuzz_target(args: FuzzTargetArgs, matches: Option<&ArgMatches>) -> Result
     let program = read_program(&args.program)?;
     let timeout = Duration::from_millis(args.timeout);
     let devices = args.devices.in_order(matches);
-    let mut make = vm_targets(program, args.mem, timeout, devices).map_err(|e| error_chain(&e))?;
+    if args.huge {
+        memory::huge_pages_available()?;
+    }
+    let mut make = vm_targets(program, (args.mem, args.huge), timeout, devices)
+        .map_err(|e| error_chain(&e))?;
     let mut target = make().map_err(|e| error_chain(&e))?;
     let outcome =
         forkserver::run(target.as_mut(), args.file.as_deref()).map_err(|e| error_chain(&e))?;

@@ -121,6 +121,16 @@ struct RestoreArgs {
     /// Listen on the Unix socket PATH (which must not exist) for `vmm snapshot`.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+
+    /// Map guest RAM with 2 MiB pages, as `vmm run --huge` does: blocks the snapshot left
+    /// empty get a 2 MiB frame on their first touch; blocks holding pages of the memory
+    /// file stay on 4 KiB pages (COLLAPSE, or --collapse, merges them once read).
+    #[arg(long)]
+    huge: bool,
+
+    /// With --huge: collapse in the background, as `vmm run --collapse` does.
+    #[arg(long, requires = "huge")]
+    collapse: bool,
 }
 
 #[derive(Args, Debug)]
@@ -518,9 +528,13 @@ fn snapshot(args: &SnapshotArgs) -> Result<(), String> {
 
 /// `vmm restore`: runs a VM again from snapshot files.
 fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
+    if args.huge {
+        memory::huge_pages_available()?;
+    }
     let hv = Hypervisor::open().map_err(|e| error_chain(&e))?;
     let ctx = memory::Context::new(memory::Config {
         swap_file: args.swap.clone(),
+        huge: args.huge,
         ..memory::Config::default()
     });
     if args.swap.is_some() {
@@ -528,6 +542,11 @@ fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
     }
     let vm = Vm::restore(&hv, &ctx, &args.state, &args.mem_file, Sink::Stdout)
         .map_err(|e| error_chain(&e))?;
+    let _collapser = args
+        .collapse
+        .then(|| memory::Collapser::start(&ctx, std::time::Duration::from_millis(100), 16))
+        .transpose()
+        .map_err(|e| format!("cannot start the collapser: {e}"))?;
     serve_and_wait(vm, args.api_sock.as_deref(), args.stats)
 }
 

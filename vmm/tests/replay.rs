@@ -66,3 +66,25 @@ fn a_fuzz_target_with_a_block_device_runs_from_the_command_line() {
     assert!(out.stderr.contains("SNAPSHOT"), "{out}");
     assert!(!out.stderr.contains("panicked"), "{out}");
 }
+
+#[test]
+fn fuzz_target_runs_an_input_on_huge_mappings() {
+    let input = guest_tests::Scratch::new("replay-huge.input", b"FUZZ?");
+    let program = guest_tests::Scratch::new("replay-huge.elf", vmm::guests::FUZZ_PLANTED);
+    let vmm = Path::new(env!("CARGO_BIN_EXE_vmm"));
+    let run = |extra: &[&str]| {
+        let mut a = vec!["fuzz-target", "--program", program.0.to_str().unwrap()];
+        a.extend(["--mem", "16M"]);
+        a.extend(extra);
+        a.push(input.0.to_str().unwrap());
+        guest_tests::run_vmm(vmm, &a)
+    };
+    let huge = run(&["--huge"]);
+    assert_eq!(huge.status, Some(3), "a guest exception: {huge}");
+    assert!(!huge.stderr.contains("panicked"), "{huge}");
+    assert_eq!(
+        huge.stderr,
+        run(&[]).stderr,
+        "the same verdict on small pages"
+    );
+}

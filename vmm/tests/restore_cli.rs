@@ -83,6 +83,11 @@ fn a_program_saved_through_its_api_socket_runs_again_from_the_files() {
         back.stderr.contains("pages loaded from snapshot files"),
         "{back}"
     );
+    // And on 2 MiB mappings: blocks holding pages of the file stay small,
+    // empty ones may map huge; the guest sees the same.
+    let huge = vmm(&["restore", "--state", st, "--mem-file", m, "--huge"]);
+    assert_eq!(huge.status, Some(42), "{huge}");
+    assert_eq!(huge.stdout, after, "{huge}");
 
     // Damaged or swapped files are refused before any guest runs.
     let bad = vmm(&["restore", "--state", m, "--mem-file", m]);

@@ -23,8 +23,16 @@ fn input(pages: u32) -> [u8; 4] {
 impl Bench {
     fn fuzz_snapshot(&self, mem: u64) -> Result<Arc<Snapshot>, VmmError> {
         let program = crate::guests::FUZZ_BENCH.to_vec();
-        Snapshot::of_program(&self.hv, program, mem, Vec::new(), crate::Sink::Discard)
-            .map_err(fuzz_err)
+        let memory = memory::Config::default();
+        Snapshot::of_program(
+            &self.hv,
+            program,
+            mem,
+            Vec::new(),
+            crate::Sink::Discard,
+            memory,
+        )
+        .map_err(fuzz_err)
     }
 
     /// Runs per second of the benchmark target dirtying `pages`, and the

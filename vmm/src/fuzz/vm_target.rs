@@ -201,16 +201,18 @@ impl Snapshot {
     }
 
     /// Runs `program` with `mem` bytes of RAM and `devices`, in a memory
-    /// context of its own and with its console going to `sink`, until it
-    /// calls SNAPSHOT.
+    /// context of its own with `memory`'s settings (`huge`: 2 MiB
+    /// mappings) and with its console going to `sink`, until it calls
+    /// SNAPSHOT.
     pub fn of_program(
         hv: &crate::Hypervisor,
         program: Vec<u8>,
         mem: u64,
         devices: Vec<crate::virtio::DeviceConfig>,
         sink: crate::Sink,
+        memory: memory::Config,
     ) -> Result<Arc<Snapshot>, FuzzError> {
-        let ctx = memory::Context::new(memory::Config::default());
+        let ctx = memory::Context::new(memory);
         let cfg = VmConfig {
             mem,
             devices,
@@ -775,18 +777,22 @@ fn watch() {
 /// What makes one [`Target`] per fuzzing job.
 pub type TargetFactory = Box<dyn FnMut() -> Result<Box<dyn Target>, FuzzError> + Send>;
 
-/// Runs `program` (with `mem` bytes of RAM and `devices`) to its SNAPSHOT
-/// and returns a factory of clones of that snapshot, each run cut short
-/// after `timeout`. The program's console output up to SNAPSHOT goes to
-/// stdout; the clones' output is dropped.
+/// Runs `program` (with `mem` bytes of RAM, on 2 MiB mappings if `huge`,
+/// and `devices`) to its SNAPSHOT and returns a factory of clones of that
+/// snapshot, each run cut short after `timeout`. The program's console
+/// output up to SNAPSHOT goes to stdout; the clones' output is dropped.
 pub fn vm_targets(
     program: Vec<u8>,
-    mem: u64,
+    (mem, huge): (u64, bool),
     timeout: Duration,
     devices: Vec<crate::virtio::DeviceConfig>,
 ) -> Result<TargetFactory, FuzzError> {
     let hv = crate::Hypervisor::open().map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
-    let snap = Snapshot::of_program(&hv, program, mem, devices, crate::Sink::Stdout)?;
+    let memory = memory::Config {
+        huge,
+        ..memory::Config::default()
+    };
+    let snap = Snapshot::of_program(&hv, program, mem, devices, crate::Sink::Stdout, memory)?;
     let limits = Limits {
         timeout,
         ..Limits::default()
