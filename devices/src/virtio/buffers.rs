@@ -170,31 +170,42 @@ impl PinCache {
     }
 }
 
-/// One buffer: `len` bytes at `off` in a pin of its own or in a cached
-/// pin of the page that holds it (shared: a request's pieces are small to
-/// move around, and plain words).
-#[derive(Debug)]
-struct Piece {
-    pin: Arc<Pin>,
-    off: u64,
-    len: u64,
-}
+/// Where one buffer lies in its pin: `len` bytes at `off`, packed into
+/// one word (`off` is below a page, `len` a descriptor's 32-bit length).
+#[derive(Clone, Copy, Debug)]
+struct Span(u64);
 
-impl Piece {
-    fn pin(&self) -> &Pin {
-        &self.pin
+impl Span {
+    fn new(off: u64, len: u32) -> Self {
+        debug_assert!(off < PAGE_SIZE);
+        Self((off << 32) | u64::from(len))
+    }
+
+    fn off(self) -> u64 {
+        self.0 >> 32
+    }
+
+    fn len(self) -> u64 {
+        self.0 & u64::from(u32::MAX)
     }
 }
+
+/// Some of a request's buffers: their pins and where they lie in them.
+type Pieces<'a> = (&'a [Arc<Pin>], &'a [Span]);
 
 /// The pinned buffers of one request: the device-readable ones, then the
 /// device-writable ones, each a pin (or a part of a page pin shared with
 /// the other requests of a batch).
 #[derive(Debug, Default)]
 pub struct Buffers {
-    /// The readable pieces, then the writable ones (a block request's
-    /// three fit without an allocation).
-    pieces: smallvec::SmallVec<[Piece; 3]>,
-    /// Where the writable pieces start.
+    /// One per buffer, the readable ones first: a pin of its own or a
+    /// cached pin of the page that holds it (a block request's three fit
+    /// without an allocation).
+    pins: smallvec::SmallVec<[Arc<Pin>; 3]>,
+    /// Where each buffer lies in its pin. (Two arrays of plain words: a
+    /// buffer is added with no struct put together in memory first.)
+    spans: smallvec::SmallVec<[Span; 3]>,
+    /// Where the writable buffers start.
     split: usize,
     rlen: u64,
     wlen: u64,
@@ -224,10 +235,7 @@ impl Buffers {
         if total > limit {
             return Err(QueueError::TooLarge(total));
         }
-        let mut b = Buffers {
-            pieces: smallvec::SmallVec::with_capacity(chain.len()),
-            ..Buffers::default()
-        };
+        let mut b = Buffers::default();
         if let Some(c) = cache.as_deref_mut() {
             c.validate(mem);
         }
@@ -235,7 +243,7 @@ impl Buffers {
             if d.indirect {
                 return Err(QueueError::Indirect);
             }
-            let writable_seen = b.split < b.pieces.len();
+            let writable_seen = b.split < b.pins.len();
             if !d.write && writable_seen {
                 return Err(QueueError::WrongOrder);
             }
@@ -256,23 +264,24 @@ impl Buffers {
                     0,
                 ),
             };
-            b.pieces.push(Piece { pin, off, len });
+            b.pins.push(pin);
+            b.spans.push(Span::new(off, d.len));
             if d.write {
                 b.wlen += len;
             } else {
                 b.rlen += len;
-                b.split = b.pieces.len();
+                b.split = b.pins.len();
             }
         }
         Ok(b)
     }
 
-    fn readable(&self) -> &[Piece] {
-        &self.pieces[..self.split]
+    fn readable(&self) -> Pieces<'_> {
+        (&self.pins[..self.split], &self.spans[..self.split])
     }
 
-    fn writable(&self) -> &[Piece] {
-        &self.pieces[self.split..]
+    fn writable(&self) -> Pieces<'_> {
+        (&self.pins[self.split..], &self.spans[self.split..])
     }
 
     /// Device-readable bytes.
@@ -286,24 +295,24 @@ impl Buffers {
     }
 
     /// Calls `f(pin, offset in pin, length, bytes done)` for each part of
-    /// `[off, off + len)` of the concatenated `pieces`.
+    /// `[off, off + len)` of the concatenated buffers `pieces`.
     fn parts<'p>(
-        pieces: &'p [Piece],
+        (pins, spans): Pieces<'p>,
         mut off: u64,
         mut len: u64,
         mut f: impl FnMut(&'p Pin, u64, u64, u64),
     ) {
         let mut done = 0;
-        for p in pieces {
+        for (pin, span) in pins.iter().zip(spans) {
             if len == 0 {
                 break;
             }
-            if off >= p.len {
-                off -= p.len;
+            if off >= span.len() {
+                off -= span.len();
                 continue;
             }
-            let n = (p.len - off).min(len);
-            f(p.pin(), p.off + off, n, done);
+            let n = (span.len() - off).min(len);
+            f(pin, span.off() + off, n, done);
             done += n;
             len -= n;
             off = 0;
@@ -344,7 +353,7 @@ impl Buffers {
         r
     }
 
-    fn slices_of(pieces: &[Piece], off: u64, len: u64) -> HostSlices<'_> {
+    fn slices_of(pieces: Pieces<'_>, off: u64, len: u64) -> HostSlices<'_> {
         let mut out = HostSlices::new();
         Self::parts(pieces, off, len, |p, at, n, _| {
             let (mut skip, mut want) = (at, n);
