@@ -67,8 +67,10 @@ fn live_saving(
     progress: impl FnMut(u64, u64),
 ) -> Result<(LiveReport, AtInstant), VmmError> {
     // While the guest runs, protect every page: the pause then only covers
-    // pages changed since.
+    // pages changed since. Pins devices keep between requests go first, or
+    // their pages would count as written through a pin at the instant.
     let t = Instant::now();
+    vm.virtio.drop_cached_pins();
     let snap = LiveSnapshot::prepare(&vm.mem, image)?;
     let arm = t.elapsed();
     let (mut report, started, at) = match paused(vm, |resume| Ok(snap.begin(&vm.mem, resume)?)) {
