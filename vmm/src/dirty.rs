@@ -15,6 +15,14 @@
 //! ```
 //!
 //! Cost grows with the pages a run wrote, never with RAM size.
+//!
+//! Entries may also be collected without `KVM_RESET_DIRTY_RINGS`
+//! ([`Dirty::harvest`] with `rearm` false): their pages then stay writable
+//! in KVM, and the guest writes them again without a fault and without a
+//! new entry. A fuzzing clone does this for the pages its runs keep
+//! writing (restoring such a page every run costs a 4 KiB copy; taking
+//! write access back and the next run's fault on it cost much more here),
+//! and so must restore all of them after every run.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -96,26 +104,32 @@ impl Dirty {
     }
 
     /// Appends the page numbers written since the last harvest to `out`
-    /// and write-protects them again in KVM (memslot `i` is `mem`'s RAM
-    /// range `i`).
+    /// (memslot `i` is `mem`'s RAM range `i`). With `rearm`, KVM
+    /// write-protects them again, and every page collected unarmed before
+    /// them; without, a ring leaves them writable (see the module's
+    /// documentation). Returns whether the pages are armed again (the
+    /// dirty log always re-arms).
     pub(crate) fn harvest(
         &mut self,
         vm: &VmFd,
         mem: &VmMemory,
         out: &mut Vec<u64>,
-    ) -> io::Result<()> {
+        rearm: bool,
+    ) -> io::Result<bool> {
         match self {
             Dirty::Ring(ring) => {
                 let ranges = mem.layout().ranges();
-                if ring.collect(|slot, offset| {
+                let n = ring.collect(|slot, offset| {
                     if let Some(r) = ranges.get(slot as usize) {
                         out.push(r.first_page + offset);
                     }
-                }) > 0
-                {
+                });
+                ring.unarmed |= n > 0;
+                if rearm && ring.unarmed {
                     reset_rings(vm)?;
+                    ring.unarmed = false;
                 }
-                Ok(())
+                Ok(rearm)
             }
             Dirty::Log(slots) => {
                 for &(slot, first, pages) in slots.iter() {
@@ -130,7 +144,7 @@ impl Dirty {
                         }
                     }
                 }
-                Ok(())
+                Ok(true)
             }
         }
     }
@@ -153,6 +167,8 @@ pub(crate) struct Ring {
     base: *mut kvm_dirty_gfn,
     entries: u32,
     cursor: u32,
+    /// Entries were collected since the last `KVM_RESET_DIRTY_RINGS`.
+    unarmed: bool,
 }
 
 // SAFETY: the ring is a mapping owned by this value; only the thread that
@@ -182,6 +198,7 @@ impl Ring {
             base: p.cast(),
             entries: bytes / std::mem::size_of::<kvm_dirty_gfn>() as u32,
             cursor: 0,
+            unarmed: false,
         })
     }
 

@@ -122,9 +122,10 @@ pub struct Limits {
     pub timeout: Duration,
     /// VM exits before a run counts as a hang.
     pub exits: u64,
-    /// After a run that dirtied more pages than this, the clone is made
-    /// anew from the snapshot instead of reset (its private frames go
-    /// back). None: always reset, which `vmm bench` measures as the faster
+    /// After a run whose reset would restore more pages than this (those
+    /// it dirtied, and those kept writable, see [`VmTarget`]), the clone
+    /// is made anew from the snapshot instead of reset (its private frames
+    /// go back). None: always reset, which `vmm bench` measures as the faster
     /// choice here at any size (see the README).
     pub refork_above: Option<usize>,
 }
@@ -138,6 +139,12 @@ impl Default for Limits {
         }
     }
 }
+
+/// Unarmed pages (see [`VmTarget`]'s `harvest`) a clone keeps beyond twice
+/// its write set, and at most: restoring 2048 pages every run costs about
+/// what 80 write faults on tracked pages cost here.
+const UNARMED_MIN: u64 = 64;
+const UNARMED_MAX: u64 = 2048;
 
 /// A VM stopped at its reset point, which clones run inputs from.
 #[derive(Debug)]
@@ -312,6 +319,14 @@ pub struct VmTarget {
     last_dirty: usize,
     /// Time spent reading and re-arming KVM's dirty tracking.
     harvest_time: Duration,
+    /// Pages whose dirty-ring entries were collected without re-arming
+    /// KVM's write tracking: the guest writes them again unseen, so every
+    /// reset restores them (see `dirty.rs`).
+    unarmed: Vec<u64>,
+    /// Pages the last run that started with none unarmed wrote.
+    write_set: u64,
+    /// The dirty ring filled during this run.
+    ring_filled: bool,
 }
 
 impl std::fmt::Debug for VmTarget {
@@ -363,6 +378,9 @@ impl VmTarget {
             clock: Arc::new(RunClock::default()),
             last_dirty: 0,
             harvest_time: Duration::ZERO,
+            unarmed: Vec::new(),
+            write_set: 0,
+            ring_filled: false,
         };
         log::debug!("fuzzing clone {id}: TSC reset by {:?}", target.tsc);
         Ok(target)
@@ -469,9 +487,13 @@ impl VmTarget {
                     }
                 }
                 Flow::DirtyRingFull => {
+                    // Re-arming frees the ring; the unarmed pages may have
+                    // been written before it, so this run restores them.
                     let shared = &self.vcpu.shared;
+                    self.pages.append(&mut self.unarmed);
+                    self.ring_filled = true;
                     self.dirty
-                        .harvest(&shared.kvm, &shared.mem, &mut self.pages)
+                        .harvest(&shared.kvm, &shared.mem, &mut self.pages, true)
                         .map_err(Self::vm_error)?;
                 }
                 Flow::ChildSnapshot(buf, cap) => return Ok(Ended::Child(buf, cap)),
@@ -512,9 +534,7 @@ impl VmTarget {
             .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
         *shared.pins.lock().unwrap_or_else(PoisonError::into_inner) = PinTest::new();
         let harvest = Instant::now();
-        self.dirty
-            .harvest(&shared.kvm, mem, &mut self.pages)
-            .map_err(Self::vm_error)?;
+        self.harvest(&shared.kvm, mem)?;
         self.harvest_time += harvest.elapsed();
         mem.take_vmm_writes(&mut self.pages);
         self.read_coverage(mem)?;
@@ -532,6 +552,44 @@ impl VmTarget {
         self.last_dirty = self.pages.len();
         self.pages.clear();
         self.restore_vcpu()
+    }
+
+    /// Lists the pages the run may have written: those KVM reports now,
+    /// and the unarmed ones, which KVM no longer reports. Newly reported
+    /// pages stay unarmed too: a target mostly writes the same pages run
+    /// after run, and copying one back costs far less here than taking
+    /// write access from it and the fault of its next write. A run that
+    /// started with none unarmed shows the target's whole write set; once
+    /// the unarmed pages are more than twice that (pages written once and
+    /// never again pile up), KVM takes write access from all of them again.
+    fn harvest(&mut self, kvm: &kvm_ioctls::VmFd, mem: &VmMemory) -> Result<(), FuzzError> {
+        // A ring that filled mid-run was re-armed then: what it reports
+        // now is only the end of the run.
+        let filled = std::mem::take(&mut self.ring_filled);
+        let whole_set = self.unarmed.is_empty() && !filled;
+        self.pages.extend_from_slice(&self.unarmed);
+        let before = self.pages.len();
+        let armed = self
+            .dirty
+            .harvest(kvm, mem, &mut self.pages, false)
+            .map_err(Self::vm_error)?;
+        if armed {
+            return Ok(());
+        }
+        if whole_set {
+            self.write_set = (self.pages.len() - before) as u64;
+        }
+        self.unarmed.extend_from_slice(&self.pages[before..]);
+        self.unarmed.sort_unstable();
+        self.unarmed.dedup();
+        let keep = (2 * self.write_set + UNARMED_MIN).min(UNARMED_MAX);
+        if self.unarmed.len() as u64 > keep {
+            self.dirty
+                .harvest(kvm, mem, &mut self.pages, true)
+                .map_err(Self::vm_error)?;
+            self.unarmed.clear();
+        }
+        Ok(())
     }
 
     /// Replaces the clone by a new one from the snapshot, keeping the
