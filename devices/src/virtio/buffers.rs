@@ -194,8 +194,8 @@ impl Span {
 type Pieces<'a> = (&'a [Arc<Pin>], &'a [Span]);
 
 /// The pinned buffers of one request: the device-readable ones, then the
-/// device-writable ones, each a pin (or a part of a page pin shared with
-/// the other requests of a batch).
+/// device-writable ones, each a pin of its own or a part of a page pin the
+/// device keeps and shares between requests ([`PinCache`]).
 #[derive(Debug, Default)]
 pub struct Buffers {
     /// One per buffer, the readable ones first: a pin of its own or a
