@@ -51,6 +51,8 @@ pub struct PinCache {
     vm: u64,
     /// Its discard generation when the pins were taken.
     generation: u64,
+    /// Whether pins are kept (not under a resident limit).
+    keep: bool,
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +75,7 @@ impl Default for PinCache {
             sets: (0..SETS).map(|_| Set::default()).collect(),
             vm: u64::MAX,
             generation: 0,
+            keep: true,
         }
     }
 }
@@ -99,10 +102,13 @@ impl PinCache {
     }
 
     /// Empties the cache unless its pins are of `mem` and still good (see
-    /// the type's documentation). Called before taking pins from it.
+    /// the type's documentation), or if `mem` has a resident limit: pinned
+    /// pages stay resident, and a device that is idle should not hold a
+    /// VM above its limit. Called before taking pins from it.
     fn validate(&mut self, mem: &VmMemory) {
         let generation = mem.discard_generation();
-        if self.vm != mem.id() || self.generation != generation {
+        self.keep = mem.resident_limit().is_none();
+        if self.vm != mem.id() || self.generation != generation || !self.keep {
             self.clear();
             self.vm = mem.id();
             self.generation = generation;
@@ -110,8 +116,8 @@ impl PinCache {
     }
 
     /// A pin of the page at `page` (a page-aligned address), shared, and
-    /// long-term since the cache keeps it. A read may use a write pin of
-    /// the page; a write needs one.
+    /// long-term since the cache may keep it. A read may use a write pin
+    /// of the page; a write needs one.
     fn get(&mut self, mem: &VmMemory, page: u64, write: bool) -> Result<Arc<Pin>, QueueError> {
         match self.hit(page, write) {
             Some(pin) => Ok(pin),
@@ -161,6 +167,10 @@ impl PinCache {
             mem.pin(page, PAGE_SIZE, flags)
                 .map_err(QueueError::Buffer)?,
         );
+        if !self.keep {
+            // The buffer's alone: dropped with its request.
+            return Ok(pin);
+        }
         set.ways[way] = Some(Cached {
             page,
             write,
@@ -449,6 +459,21 @@ mod tests {
         drop(b);
         cache.clear();
         assert_eq!(mem.context().stats().pins, 0, "cleared");
+    }
+
+    #[test]
+    fn under_a_resident_limit_no_pin_outlives_its_request() {
+        let mem = memory();
+        let mut cache = PinCache::default();
+        let chain = [desc(0x2000, 16, false), desc(0x3000, 4096, true)];
+        drop(Buffers::pin_with(&mem, &chain, true, 1 << 20, Some(&mut cache)).unwrap());
+        assert_eq!(mem.context().stats().pins, 2, "kept without a limit");
+        mem.set_resident_limit(Some(16));
+        let b = Buffers::pin_with(&mem, &chain, true, 1 << 20, Some(&mut cache)).unwrap();
+        assert!(cache.is_empty(), "the kept pins were dropped");
+        assert_eq!(mem.context().stats().pins, 2, "the request's own");
+        drop(b);
+        assert_eq!(mem.context().stats().pins, 0, "none outlives the request");
     }
 
     #[test]
