@@ -19,6 +19,16 @@ fn swapped_pages_come_back_intact() {
     assert!(outcome.stats.swap_ins >= 64, "{:?}", outcome.stats);
 }
 
+/// Migrations back to back under a vCPU that writes the pages without
+/// pause: its faults on pages moved meanwhile are retried, never taken for
+/// faults nothing can resolve (which stops the VM).
+#[test]
+fn a_vcpu_writing_pages_migrated_back_to_back_is_never_stuck() {
+    let (outcome, console) = run_program(guest("migrate_storm"), 64 * MIB, 2);
+    assert_eq!(outcome.exit, Exit::Code(0), "{console}");
+    assert!(console.contains("MIGRATE-STORM-OK"), "{console}");
+}
+
 #[test]
 fn a_counter_survives_swap_and_migration_under_a_running_vcpu() {
     let (outcome, console) = run_program(guest("counter_race"), 64 * MIB, 2);

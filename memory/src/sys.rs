@@ -85,6 +85,10 @@ pub(crate) struct Mapping {
     len: usize,
     /// Every piece mapped into the range asks for 2 MiB host pages.
     huge: bool,
+    /// Calls that changed what the range maps or allows, counted once
+    /// each has (see [`Mapping::changes`]). A plain counter: nothing is
+    /// ordered by it.
+    changes: std::sync::atomic::AtomicU64,
 }
 
 // SAFETY: a `Mapping` is an address range; it is only dereferenced through
@@ -138,6 +142,7 @@ impl Mapping {
             base,
             len,
             huge: false,
+            changes: Default::default(),
         };
         m.advise_huge()?;
         Ok(m)
@@ -177,6 +182,7 @@ impl Mapping {
             base,
             len,
             huge: false,
+            changes: Default::default(),
         })
     }
 
@@ -194,6 +200,18 @@ impl Mapping {
         // SAFETY: an advice on a range of our own reservation; it changes
         // how the host backs the pages, never their contents.
         check(unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) })
+    }
+
+    /// How many calls have changed what the range maps or allows so far.
+    /// A call is counted once it has returned, so an access that faulted
+    /// while it ran sees the count move afterwards.
+    pub(crate) fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Address of page `page` of the range.
@@ -239,6 +257,7 @@ impl Mapping {
                 (page * PAGE_SIZE) as libc::off_t,
             )
         };
+        self.changed();
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -259,6 +278,7 @@ impl Mapping {
                 0,
             )
         };
+        self.changed();
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -295,6 +315,7 @@ impl Mapping {
                 target.cast::<libc::c_void>(),
             )
         };
+        self.changed();
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -329,7 +350,9 @@ impl Mapping {
             libc::PROT_READ
         };
         // SAFETY: changes protection inside our own reservation only.
-        check(unsafe { libc::mprotect(addr, len, prot) })
+        let r = check(unsafe { libc::mprotect(addr, len, prot) });
+        self.changed();
+        r
     }
 }
 

@@ -264,6 +264,16 @@ impl VmMemory {
         self.id
     }
 
+    /// Changes whenever the host mapping of the VM's RAM (what KVM maps
+    /// from) changes, counted once the change is made. A fault KVM reports
+    /// for an access the table allows is explained when this moved while
+    /// the guest ran: another thread moved or protected the page meanwhile
+    /// (a migration, a swap-out, a fork), and the access will go through
+    /// once that is done.
+    pub fn host_mapping_changes(&self) -> u64 {
+        self.host.changes()
+    }
+
     /// Changes whenever a discard drops a present page: the one way a
     /// pinned frame stops being the frame the guest maps at its page (every
     /// other change of a page's frame refuses or skips pinned frames: R4,

@@ -32,10 +32,9 @@ use crate::vm::{Exit, Mode, VmShared};
 use crate::x86::decode::{self, CpuState, FaultDecoder, PageAccess};
 use crate::x86::program::{self, FAULT_PORT, GuestFault};
 
-/// Consecutive faults that needed nothing before the VM is stopped. One
-/// can be legitimate (another thread changed the page between the fault
-/// and its resolution); a hundred in a row means the VMM cannot tell what
-/// the guest needs.
+/// Consecutive faults that needed nothing, while no other thread changed
+/// the host mapping, before the VM is stopped: a hundred in a row means
+/// the VMM cannot tell what the guest needs.
 const MAX_STUCK: u32 = 100;
 
 thread_local! {
@@ -285,6 +284,7 @@ impl Vcpu {
             fd,
             index,
             stuck: 0,
+            host_seen: 0,
             decoder: FaultDecoder::default(),
         }
     }
@@ -335,6 +335,8 @@ pub(crate) struct Vcpu {
     pub(crate) fd: VcpuFd,
     index: u32,
     stuck: u32,
+    /// The memory's host-mapping change count when the guest last entered.
+    host_seen: u64,
     decoder: FaultDecoder,
 }
 
@@ -540,6 +542,7 @@ impl Vcpu {
 
     /// Runs the guest until one exit is handled.
     pub(crate) fn step(&mut self) -> Flow {
+        self.host_seen = self.shared.mem.host_mapping_changes();
         let event = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 pio_in(&self.shared, port, data);
@@ -702,6 +705,10 @@ impl Vcpu {
             progress = self.resolve(&decode::implicit_accesses(&cpu, &reader))?;
         }
         progress |= brought_back.get();
+        // Nothing to resolve, but the host mapping changed while the guest
+        // ran (a page was being moved or protected by another thread): the
+        // fault was real, and the retry goes through once that is done.
+        progress |= mem.host_mapping_changes() != self.host_seen;
         if progress {
             self.stuck = 0;
             return Ok(());
