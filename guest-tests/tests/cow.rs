@@ -49,8 +49,17 @@ fn s7_s8_s9_read_only_pins_see_later_writes() {
 #[test]
 fn s10_collapse_before_and_after_fork() {
     let stats = expect_ok("cow_collapse", "COW-COLLAPSE-OK");
-    // Two in the parent, one in the child, one after the refusals.
-    assert_eq!(stats.collapses, 4);
+    // The first COLLAPSE, one adaptive copy-on-write collapse in the
+    // parent after each fork, the one after the refusals; and one more
+    // when the second child writes its block before the parent has copied
+    // its own out of it (the child's COLLAPSE found the shared block huge
+    // already, so its writes copy, and the adaptive policy collapses at
+    // its second copy). Which comes first is up to the scheduler.
+    assert!(
+        (4..=5).contains(&stats.collapses),
+        "{} collapses",
+        stats.collapses
+    );
 }
 
 const MAILBOX: u64 = 0x20_0000;
