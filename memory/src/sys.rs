@@ -86,8 +86,9 @@ pub(crate) struct Mapping {
     /// Every piece mapped into the range asks for 2 MiB host pages.
     huge: bool,
     /// Calls that changed what the range maps or allows, counted once
-    /// each has (see [`Mapping::changes`]). A plain counter: nothing is
-    /// ordered by it.
+    /// each has (see [`Mapping::changes`]). std's atomic, not the one
+    /// loom models: it orders no memory access, a vCPU only compares two
+    /// of its values.
     changes: std::sync::atomic::AtomicU64,
 }
 

@@ -3,11 +3,11 @@
 //! The device thread takes every available request off the queue at once
 //! and pins their buffers: each buffer that lies in one page through pins
 //! of whole pages the device keeps across requests ([`PinCache`]), since
-//! drivers reuse their headers, status bytes and data pages. A read whose data the page cache holds is
-//! served at once, `preadv2(RWF_NOWAIT)` straight into the pinned guest
-//! frames. The other reads go to an io_uring ([`uring`]), submitted once
-//! per batch; they complete later and wake the device thread through an
-//! eventfd, so any number of them can wait for the disk without a thread
+//! drivers reuse their headers, status bytes and data pages. A read whose
+//! data the page cache holds is served at once, `preadv2(RWF_NOWAIT)`
+//! straight into the pinned guest frames. The other reads go to an
+//! io_uring ([`uring`]), submitted once per batch; they complete later and
+//! wake the device thread through an eventfd, so any number of them can wait for the disk without a thread
 //! each. Every other request (writes, which first preserve what a fork's
 //! clone must keep seeing, flushes, discards, a clone's reads of its
 //! overlay) goes with its pins to the I/O threads ([`pool`]), which serve
