@@ -5,16 +5,16 @@
 //! of whole pages the device keeps across requests ([`PinCache`]), since
 //! drivers reuse their headers, status bytes and data pages. A read whose
 //! data the page cache holds is served at once, `preadv2(RWF_NOWAIT)`
-//! straight into the pinned guest frames. The other reads go to an
-//! io_uring ([`uring`]), submitted once per batch; they complete later and
-//! wake the device thread through an eventfd, so any number of them can wait for the disk without a thread
-//! each. Every other request (writes, which first preserve what a fork's
-//! clone must keep seeing, flushes, discards, a clone's reads of its
-//! overlay) goes with its pins to the I/O threads ([`pool`]), which serve
-//! it, write the status byte, drop the pins and complete it. What
-//! completed during a pass over the queue goes back in one pass over the
-//! used ring, with at most one interrupt. So a slow request never holds
-//! up the queue.
+//! straight into the pinned guest frames. The other reads go to an io_uring
+//! ([`uring`]), submitted once per batch; they complete later and wake the
+//! device thread through an eventfd, so any number of them can wait for the
+//! disk without a thread each. Every other request (writes, which first
+//! preserve what a fork's clone must keep seeing, flushes, discards, a
+//! clone's reads of its overlay) goes with its pins to the I/O threads
+//! ([`pool`]), which serve it, write the status byte, drop the pins and
+//! complete it. What completed during a pass over the queue goes back in
+//! one pass over the used ring, with at most one interrupt. So a slow
+//! request never holds up the queue.
 //!
 //! Where the kernel refuses io_uring, the reads the page cache misses go
 //! to the I/O threads too. A clone made by fork gets a copy-on-write view
