@@ -171,6 +171,7 @@ impl Context {
     /// A new context. Values out of range in `config` are clamped.
     pub fn new(mut config: Config) -> Arc<Self> {
         config.fault_around = config.fault_around.clamp(1, 512).next_power_of_two();
+        crate::host_reap::start();
         Arc::new(Self {
             config,
             stats: Stats::default(),

@@ -165,6 +165,13 @@ impl Entry {
         raw & (KIND_MASK | WRITABLE) == KIND_PRESENT | WRITABLE
     }
 
+    /// The store of a packed present entry and whether it is writable,
+    /// without unpacking it; None if it is not present.
+    pub(crate) fn raw_present(raw: u64) -> Option<(u32, bool)> {
+        (raw & KIND_MASK == KIND_PRESENT)
+            .then_some(((raw >> INDEX_SHIFT) as u32, raw & WRITABLE != 0))
+    }
+
     /// Whether a packed entry is present, without unpacking it.
     pub(crate) fn raw_is_present(raw: u64) -> bool {
         raw & KIND_MASK == KIND_PRESENT

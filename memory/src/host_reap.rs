@@ -9,7 +9,10 @@
 //! host's mapping lock while preempted, and every `mmap` of the VMM would
 //! wait for it.) Nothing reaches those entries meanwhile: no memslot
 //! names the range and no pointer into it exists; a frame freed meanwhile
-//! is unmapped from it by the host like from any other mapping.
+//! is unmapped from it by the host like from any other mapping. A fork
+//! that moves the VM to new host ranges hands over the old host mapping
+//! whole the same way; the memslots of the old KVM VM still name it, but
+//! no vCPU runs there any more (KVM drops its mappings as pieces go).
 
 use crate::sys::Mapping;
 
@@ -17,25 +20,42 @@ use crate::sys::Mapping;
 /// long behind one.
 const CHUNK_PAGES: u64 = 64;
 
-/// Unmaps `m` soon, on the reaper thread (now, if it cannot be started).
+/// Starts the reaper thread unless it runs: done when the first memory
+/// context is made, so that no fork pays for starting a thread (which
+/// waits for the host's mapping lock like an `mmap`).
 #[cfg(not(loom))]
-pub(crate) fn release_later(m: Mapping) {
+pub(crate) fn start() {
+    reaper();
+}
+
+#[cfg(loom)]
+pub(crate) fn start() {}
+
+#[cfg(not(loom))]
+fn reaper() -> Option<&'static std::sync::mpsc::Sender<Mapping>> {
     use std::sync::OnceLock;
     use std::sync::mpsc::{Sender, channel};
     static REAPER: OnceLock<Option<Sender<Mapping>>> = OnceLock::new();
-    let reaper = REAPER.get_or_init(|| {
-        let (tx, rx) = channel::<Mapping>();
-        std::thread::Builder::new()
-            .name("host-reaper".into())
-            .spawn(move || {
-                for m in rx {
-                    m.release_gradually(CHUNK_PAGES);
-                }
-            })
-            .ok()
-            .map(|_| tx)
-    });
-    match reaper {
+    REAPER
+        .get_or_init(|| {
+            let (tx, rx) = channel::<Mapping>();
+            std::thread::Builder::new()
+                .name("host-reaper".into())
+                .spawn(move || {
+                    for m in rx {
+                        m.release_gradually(CHUNK_PAGES);
+                    }
+                })
+                .ok()
+                .map(|_| tx)
+        })
+        .as_ref()
+}
+
+/// Unmaps `m` soon, on the reaper thread (now, if it cannot be started).
+#[cfg(not(loom))]
+pub(crate) fn release_later(m: Mapping) {
+    match reaper() {
         Some(tx) => {
             if let Err(back) = tx.send(m) {
                 back.0.release_gradually(CHUNK_PAGES);

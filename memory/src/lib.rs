@@ -23,7 +23,11 @@
 //! 10. the context's table of snapshot image areas;
 //! 11. a VM's record of pages the VMM wrote;
 //! 12. a table's record of changed entries (a live snapshot's, see
-//!     `table.rs`).
+//!     `table.rs`);
+//! 13. a VM's host mapping handle (std's lock: readers hold it around one
+//!     host call; a fork that moves the VM to a spare's mapping writes the
+//!     VM's and then the spare's, under the VM's memory-map lock held for
+//!     writing).
 //!
 //! Frame counts and the anon-exclusive bit are atomics, changed under the
 //! table lock of an entry that maps the frame, or by the holder of a
@@ -36,7 +40,9 @@
 //!
 //! `memory` knows nothing of KVM: it hands the VMM host ranges to register
 //! as memslots and changes the protection of host pages itself; KVM follows
-//! through its MMU notifiers.
+//! through its MMU notifiers. A fork may instead move the VM to new host
+//! ranges ([`VmMemory::fork_rehosted`]); the VMM then moves it to a KVM VM
+//! over them.
 
 mod audit;
 mod collapse;

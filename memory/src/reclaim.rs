@@ -389,6 +389,21 @@ impl VmMemory {
         self.table.present()
     }
 
+    /// Of [`VmMemory::resident`], the pages mapped by small (4 KiB)
+    /// entries: those whose host mappings cost a fork per page (a snapshot
+    /// that may change at once).
+    pub fn resident_small(&self) -> u64 {
+        let _map = self.map_lock.read();
+        let huge = self
+            .table
+            .leaves()
+            .filter(|(_, leaf)| leaf.huge().is_some())
+            .count() as u64;
+        self.table
+            .present()
+            .saturating_sub(huge * crate::layout::PAGES_PER_LEAF)
+    }
+
     /// Marks `[gpa, gpa + len)` unevictable, like `mlock`: reclaim and
     /// [`VmMemory::swap_out`] leave its pages present. For memory the
     /// host's CPU reads on the guest's behalf without a fault it could

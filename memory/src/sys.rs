@@ -85,11 +85,6 @@ pub(crate) struct Mapping {
     len: usize,
     /// Every piece mapped into the range asks for 2 MiB host pages.
     huge: bool,
-    /// Calls that changed what the range maps or allows, counted once
-    /// each has (see [`Mapping::changes`]). std's atomic, not the one
-    /// loom models: it orders no memory access, a vCPU only compares two
-    /// of its values.
-    changes: std::sync::atomic::AtomicU64,
 }
 
 // SAFETY: a `Mapping` is an address range; it is only dereferenced through
@@ -143,7 +138,6 @@ impl Mapping {
             base,
             len,
             huge: false,
-            changes: Default::default(),
         };
         m.advise_huge()?;
         Ok(m)
@@ -183,7 +177,6 @@ impl Mapping {
             base,
             len,
             huge: false,
-            changes: Default::default(),
         })
     }
 
@@ -201,18 +194,6 @@ impl Mapping {
         // SAFETY: an advice on a range of our own reservation; it changes
         // how the host backs the pages, never their contents.
         check(unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) })
-    }
-
-    /// How many calls have changed what the range maps or allows so far.
-    /// A call is counted once it has returned, so an access that faulted
-    /// while it ran sees the count move afterwards.
-    pub(crate) fn changes(&self) -> u64 {
-        self.changes.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn changed(&self) {
-        self.changes
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Address of page `page` of the range.
@@ -258,7 +239,6 @@ impl Mapping {
                 (page * PAGE_SIZE) as libc::off_t,
             )
         };
-        self.changed();
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -279,7 +259,6 @@ impl Mapping {
                 0,
             )
         };
-        self.changed();
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -316,11 +295,23 @@ impl Mapping {
                 target.cast::<libc::c_void>(),
             )
         };
-        self.changed();
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
         Ok(scratch)
+    }
+
+    /// Moves the range out into the returned mapping, leaving this one
+    /// empty (it unmaps nothing): for an owner being dropped that hands
+    /// its range on (see `host_reap.rs`).
+    pub(crate) fn take(&mut self) -> Mapping {
+        let len = std::mem::take(&mut self.len);
+        let base = std::mem::replace(&mut self.base, NonNull::dangling());
+        Mapping {
+            base,
+            len,
+            huge: self.huge,
+        }
     }
 
     /// Unmaps the range `chunk` pages at a time, so that no one call holds
@@ -351,14 +342,15 @@ impl Mapping {
             libc::PROT_READ
         };
         // SAFETY: changes protection inside our own reservation only.
-        let r = check(unsafe { libc::mprotect(addr, len, prot) });
-        self.changed();
-        r
+        check(unsafe { libc::mprotect(addr, len, prot) })
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
         // SAFETY: the range was mapped by us and nothing refers into it once
         // its owner is dropped.
         let ret = unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };

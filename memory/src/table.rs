@@ -404,6 +404,15 @@ impl Leaf {
         }
     }
 
+    /// The packed entries, the leaf's first page first (none while the
+    /// small table is detached); the caller holds the leaf's lock or the
+    /// memory-map lock. For walks over whole leaves.
+    pub(crate) fn raw_entries(&self) -> impl Iterator<Item = u64> + '_ {
+        assert_locked();
+        let entries: &[AtomicU64] = self.small().map_or(&[], |t| &t.0);
+        entries.iter().map(|e| e.load(Ordering::Acquire))
+    }
+
     /// Reads the packed entry (0, none, if the small table is detached);
     /// the caller holds the leaf's lock or the memory-map lock.
     pub(crate) fn raw(&self, page: u64) -> u64 {

@@ -183,8 +183,21 @@ pub struct VmMemory {
     /// asked to collapse ([`crate::HugeCow::Adaptive`]).
     pub(crate) cow_block: AtomicU64,
     pub(crate) collapse_wanted: AtomicU64,
-    /// The host mapping KVM sees.
-    pub(crate) host: Mapping,
+    /// The host mapping KVM sees. std's lock, a leaf: readers hold it
+    /// around one host call each (under the memory-map lock, like every
+    /// change of the mapping); only a fork that moves the VM to a new host
+    /// mapping writes it (see `fork.rs`), holding the memory-map lock for
+    /// writing, so it never waits for a reader.
+    host: std::sync::RwLock<Mapping>,
+    /// Calls that changed what the host mapping maps or allows, counted
+    /// once each has returned (see [`VmMemory::host_mapping_changes`]).
+    /// std's atomic, not the one loom models: it orders no memory access,
+    /// a vCPU only compares two of its values.
+    host_changes: std::sync::atomic::AtomicU64,
+    /// Set once this memory, a spare, holds a moved VM's old host mapping
+    /// ([`VmMemory::mark_spent`]). std's atomic: only its owner's later
+    /// calls read it.
+    spent: std::sync::atomic::AtomicBool,
     /// Linux's `mmap_lock`: read for faults and pins, write for fork and
     /// teardown-like changes of the whole VM.
     pub(crate) map_lock: RankedRwLock<()>,
@@ -225,13 +238,7 @@ impl VmMemory {
         layout: Layout,
         limit: crate::reclaim::Limit,
     ) -> Result<Arc<Self>, MemError> {
-        let len = layout.size();
-        let host = if ctx.config.huge {
-            Mapping::reserve_huge(len as usize)
-        } else {
-            Mapping::reserve(len as usize)
-        }
-        .map_err(|source| MemError::Reserve { len, source })?;
+        let host = Self::reserve_host(ctx, &layout)?;
         let vm = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             id: ctx.new_vm_id(),
@@ -243,7 +250,9 @@ impl VmMemory {
             collapse_cursor: AtomicU64::new(0),
             cow_block: AtomicU64::new(0),
             collapse_wanted: AtomicU64::new(0),
-            host,
+            host: std::sync::RwLock::new(host),
+            host_changes: std::sync::atomic::AtomicU64::new(0),
+            spent: std::sync::atomic::AtomicBool::new(false),
             map_lock: RankedRwLock::new(Rank::MapLock, ()),
             wp_seq: AtomicU64::new(0),
             discards: AtomicU64::new(0),
@@ -271,7 +280,7 @@ impl VmMemory {
     /// (a migration, a swap-out, a fork), and the access will go through
     /// once that is done.
     pub fn host_mapping_changes(&self) -> u64 {
-        self.host.changes()
+        self.host_changes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Changes whenever a discard drops a present page: the one way a
@@ -304,7 +313,7 @@ impl VmMemory {
         self.layout
             .ranges()
             .iter()
-            .map(|r| (r.gpa, r.len, self.host.page_ptr(r.first_page) as u64))
+            .map(|r| (r.gpa, r.len, self.host().page_ptr(r.first_page) as u64))
             .collect()
     }
 
@@ -438,15 +447,15 @@ impl VmMemory {
         store: &Store,
         writable: bool,
     ) -> Result<(), MemError> {
-        self.host
-            .map_file(page, pages, store.fd(), writable)
-            .map_err(|e| Self::host_err(page, pages, e))
+        let done = self.host().map_file(page, pages, store.fd(), writable);
+        self.host_changed();
+        done.map_err(|e| Self::host_err(page, pages, e))
     }
 
     pub(crate) fn host_unmap(&self, page: u64, pages: u64) -> Result<(), MemError> {
-        self.host
-            .unmap(page, pages)
-            .map_err(|e| Self::host_err(page, pages, e))
+        let done = self.host().unmap(page, pages);
+        self.host_changed();
+        done.map_err(|e| Self::host_err(page, pages, e))
     }
 
     pub(crate) fn host_protect(
@@ -455,9 +464,72 @@ impl VmMemory {
         pages: u64,
         writable: bool,
     ) -> Result<(), MemError> {
+        let done = self.host().protect(page, pages, writable);
+        self.host_changed();
+        done.map_err(|e| Self::host_err(page, pages, e))
+    }
+
+    /// Moves the host page table entries of `pages` pages from `page` out
+    /// of the host mapping (see [`Mapping::move_entries_out`]).
+    pub(crate) fn host_move_entries_out(&self, page: u64, pages: u64) -> std::io::Result<Mapping> {
+        let done = self.host().move_entries_out(page, pages);
+        self.host_changed();
+        done
+    }
+
+    /// The host mapping, for one call.
+    fn host(&self) -> std::sync::RwLockReadGuard<'_, Mapping> {
         self.host
-            .protect(page, pages, writable)
-            .map_err(|e| Self::host_err(page, pages, e))
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn host_changed(&self) {
+        self.host_changes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// An empty host mapping for RAM of `layout`.
+    fn reserve_host(ctx: &Context, layout: &Layout) -> Result<Mapping, MemError> {
+        let len = layout.size();
+        if ctx.config.huge {
+            Mapping::reserve_huge(len as usize)
+        } else {
+            Mapping::reserve(len as usize)
+        }
+        .map_err(|source| MemError::Reserve { len, source })
+    }
+
+    /// Marks this spare as holding a moved VM's old host mapping: it is
+    /// never used as a spare again, and its drop hands the mapping to the
+    /// reaper, which unmaps it a piece at a time off every path (see
+    /// `host_reap.rs`); at once it would hold the host's mapping lock for
+    /// tens of milliseconds per GiB. Nothing may reach the old mapping
+    /// any more.
+    pub(crate) fn mark_spent(&self) {
+        self.spent.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether [`VmMemory::mark_spent`] was called.
+    pub(crate) fn is_spent(&self) -> bool {
+        self.spent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Gives this VM the host mapping of `spare` and `spare` this VM's: a
+    /// fork that rehosts the parent (see `fork.rs`). The caller holds this
+    /// VM's memory-map lock for writing and `spare` is used by no one.
+    pub(crate) fn swap_host(&self, spare: &VmMemory) {
+        let mut mine = self
+            .host
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut theirs = spare
+            .host
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::swap(&mut *mine, &mut *theirs);
+        drop((mine, theirs));
+        self.host_changed();
     }
 
     // ---- frames --------------------------------------------------------
@@ -990,6 +1062,13 @@ impl Drop for VmMemory {
                     _ => {}
                 }
             }
+        }
+        if *self.spent.get_mut() {
+            let host = self
+                .host
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            crate::host_reap::release_later(host.take());
         }
     }
 }

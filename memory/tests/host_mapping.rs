@@ -1,25 +1,10 @@
 //! The host mapping follows the stage-2 table, frames are allocated on first
 //! touch and freed when no longer mapped.
 
-use memory::{Access, Config, Context, Entry, Layout, VmMemory};
+mod common;
 
-/// Protection of the host page at `addr` as "rw", "r-" or "--", from
-/// /proc/self/maps.
-fn host_prot(addr: u64) -> String {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    for line in maps.lines() {
-        let mut parts = line.split_whitespace();
-        let range = parts.next().unwrap();
-        let perms = parts.next().unwrap();
-        let (lo, hi) = range.split_once('-').unwrap();
-        let lo = u64::from_str_radix(lo, 16).unwrap();
-        let hi = u64::from_str_radix(hi, 16).unwrap();
-        if (lo..hi).contains(&addr) {
-            return perms[..2].to_string();
-        }
-    }
-    panic!("{addr:#x} is not mapped at all");
-}
+use common::host_prot;
+use memory::{Access, Config, Context, Entry, Layout, VmMemory};
 
 fn vm(fault_around: u64) -> (std::sync::Arc<Context>, std::sync::Arc<VmMemory>, u64) {
     let ctx = Context::new(Config {

@@ -62,3 +62,20 @@ pub fn byte(vm: &VmMemory, gpa: u64) -> u8 {
 pub fn info(vm: &VmMemory, gpa: u64) -> FrameInfo {
     vm.frame_info(gpa).expect("page present")
 }
+
+/// Protection of the host page at `addr` as "rw", "r-" or "--", from
+/// /proc/self/maps.
+pub fn host_prot(addr: u64) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let (range, perms) = (parts.next().unwrap(), parts.next().unwrap());
+        let (lo, hi) = range.split_once('-').unwrap();
+        let lo = u64::from_str_radix(lo, 16).unwrap();
+        let hi = u64::from_str_radix(hi, 16).unwrap();
+        if (lo..hi).contains(&addr) {
+            return perms[..2].to_string();
+        }
+    }
+    panic!("{addr:#x} is not mapped at all");
+}
