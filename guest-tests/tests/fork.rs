@@ -31,6 +31,25 @@ fn fork_copies_every_running_vcpu() {
     expect_ok("fork_vcpus", 2, "FORK-VCPUS-OK");
 }
 
+/// From its second fork on, a VM with 40 MiB written moves to a KVM VM
+/// and host mapping made ahead (the first fork has them made). The guest
+/// checks its memory, its second vCPU, its TSC and a device pin across
+/// four forks, and each clone what it saw.
+#[test]
+fn forks_of_a_large_vm_move_it_and_it_runs_on() {
+    let vm = guest_tests::Running::start(guest("fork_move"), 96 * MIB, 2);
+    let first_host = vm.memory.host_ranges()[0].2;
+    let memory = vm.memory.clone();
+    let (outcome, console) = vm.finish();
+    assert_eq!(outcome.exit, Exit::Code(0), "{console}");
+    assert!(console.contains("FORK-MOVE-OK"), "{console}");
+    assert_ne!(
+        memory.host_ranges()[0].2,
+        first_host,
+        "the VM never moved: {console}"
+    );
+}
+
 #[test]
 fn eight_vms_fork_and_write_at_once_and_nothing_leaks() {
     let started = Instant::now();

@@ -98,8 +98,35 @@ impl<T: Send + 'static> MadeAhead<T> {
             return;
         }
         s.wanted = true;
+        self.changed.notify_all();
+        self.start_locked(&mut s, name, recipe);
+    }
+
+    /// Starts the maker thread like [`MadeAhead::want`] without asking for
+    /// one yet: starting a thread can cost milliseconds while other threads
+    /// change the process's mappings, better spent before a fork than in
+    /// it.
+    pub(crate) fn start<M, E>(self: &Arc<Self>, name: &str, recipe: impl FnOnce() -> M)
+    where
+        M: FnMut() -> Result<T, E> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let mut s = self.lock();
+        if !s.off && !s.closed {
+            self.start_locked(&mut s, name, recipe);
+        }
+    }
+
+    fn start_locked<M, E>(
+        self: &Arc<Self>,
+        s: &mut MutexGuard<'_, State<T>>,
+        name: &str,
+        recipe: impl FnOnce() -> M,
+    ) where
+        M: FnMut() -> Result<T, E> + Send + 'static,
+        E: std::fmt::Display,
+    {
         if s.maker {
-            self.changed.notify_all();
             return;
         }
         let (me, make) = (self.clone(), recipe());
@@ -117,6 +144,7 @@ impl<T: Send + 'static> MadeAhead<T> {
 
     /// The maker: makes one whenever one is wanted, until closed.
     fn make_while_open<E: std::fmt::Display>(&self, mut make: impl FnMut() -> Result<T, E>) {
+        crate::retire::lower_priority();
         loop {
             {
                 let mut s = self.lock();

@@ -18,6 +18,21 @@
 //! next clone's empty memory, which already has its host ranges, and a KVM
 //! VM with memory slots over them and its vCPUs. The next fork takes it,
 //! forks memory into it and only loads the vCPU states.
+//!
+//! A VM with many pages on small mappings ([`MOVE_MIN_PAGES`]) *moves* at
+//! a fork to a second spare: taking write access from its pages
+//! in place would cost per page, mostly in KVM dropping its own mapping of
+//! each (75-95 ns a page here, a whole Linux `fork()`'s worth). Instead,
+//! memory maps the VM afresh in the spare's host ranges
+//! (`VmMemory::fork_rehosted`), its vCPUs move to the spare's KVM VM
+//! (loaded with their states, TSC included, and wired to the same device
+//! notifiers) before they run again, and the old KVM VM and vCPUs are
+//! dropped on the retiring thread once the fork is done (`retire.rs`),
+//! the old host mapping a piece at a time by memory's reaper. The guest
+//! sees nothing of it. Each fork has the next spares made on a thread of
+//! lower priority; a fork that finds none makes the one it moves to
+//! itself, before the pause (0.5-1 ms, still far below what it saves),
+//! and `Vm::prepare_fork` makes both at once.
 
 use std::sync::Arc;
 
@@ -26,6 +41,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use memory::VmMemory;
 
 use crate::kvm::{Hypervisor, create_vcpu};
+use crate::machine::SpareFor;
 use crate::vcpu::{PauseRequest, VcpuControl, VcpuState};
 use crate::vm::{Exit, Mode, VmShared, VmmError, setup_program_vcpu, spawn_vcpus};
 use crate::x86::cpuid::{self, Guest};
@@ -97,10 +113,29 @@ pub(crate) fn fork(
         states[i as usize] = Some(state);
     }
 
-    // 0. While the vCPUs run, take write access from every page: the
-    // pause then only covers pages written since.
-    if let Err(e) = parent.mem.demote_writable() {
-        log::debug!("fork: demoting pages ahead: {}", crate::vcpu::chain(&e));
+    // 0. A large VM moves to a new KVM VM and host mapping, made ahead or
+    // now (0.5-1 ms) while the vCPUs run; a VM that does not move takes
+    // write access from every page while they run: the pause then only
+    // covers pages written since.
+    let move_wanted = may_move(&parent.mem) && parent.mem.resident_small() >= MOVE_MIN_PAGES;
+    let _quiet = crate::retire::hold();
+    let target = if move_wanted {
+        machine
+            .take_spare(SpareFor::Parent, &parent.mem, n)
+            .or_else(|| match machine.spare_now(&parent.mem, n) {
+                Ok(spare) => Some(spare),
+                Err(e) => {
+                    log::debug!("fork: the VM stays where it is: {}", crate::vcpu::chain(&e));
+                    None
+                }
+            })
+    } else {
+        None
+    };
+    if target.is_none() {
+        if let Err(e) = parent.mem.demote_writable() {
+            log::debug!("fork: demoting pages ahead: {}", crate::vcpu::chain(&e));
+        }
     }
     // 1. Pause.
     let pause_start = std::time::Instant::now();
@@ -129,6 +164,9 @@ pub(crate) fn fork(
     };
     if let Some(why) = failure {
         resume();
+        if let Some(t) = target {
+            crate::retire::later(t);
+        }
         return Err(VmmError::Config(format!("cannot fork: {why}")));
     }
     // Devices stand still from before memory is snapshotted until after.
@@ -136,15 +174,29 @@ pub(crate) fn fork(
         Ok((frozen, guard)) => (frozen, Some(guard)),
         Err(e) => {
             resume();
+            if let Some(t) = target {
+                crate::retire::later(t);
+            }
             return Err(e.into());
         }
     };
+    let mut moving = target.and_then(|t| match prepare_move(parent, t, &states) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            log::debug!("fork: the VM stays where it is: {}", crate::vcpu::chain(&e));
+            None
+        }
+    });
+    let new_host = moving.as_ref().map(|m| m.mem.clone());
     let mut builder = None;
-    let (spare_mem, mut made) = match machine.take_spare(&parent.mem, n) {
+    let (spare_mem, mut made) = match machine.take_spare(SpareFor::Clone, &parent.mem, n) {
         Some(Spare { mem, kvm, vcpus }) => (Some(mem), Some((kvm, vcpus))),
         None => (None, None),
     };
-    let protected = |child: &Arc<VmMemory>| {
+    let mut protected = |child: &Arc<VmMemory>, moved: bool| {
+        if let Some(m) = moving.take().filter(|_| moved) {
+            finish_move(parent, m);
+        }
         drop(still.take());
         resume();
         let (hv, child) = (machine.hv.clone(), child.clone());
@@ -159,12 +211,18 @@ pub(crate) fn fork(
                 }),
         );
     };
-    let child_mem = match spare_mem {
-        Some(mem) => parent.mem.fork_into(mem, protected),
-        None => parent.mem.fork_with(protected),
+    let child_mem = match (&new_host, spare_mem) {
+        (Some(host), spare) => parent.mem.fork_rehosted(spare, host, protected),
+        (None, Some(mem)) => parent.mem.fork_into(mem, |c| protected(c, false)),
+        (None, None) => parent.mem.fork_with(|c| protected(c, false)),
     };
     drop(still);
     resume();
+    // The spare memory (memory has handed the old host mapping on to its
+    // reaper) and what was not used if the VM did not move.
+    if let Some(left) = new_host {
+        crate::retire::later((left, moving));
+    }
     let built = match builder {
         Some(Ok(handle)) => handle.join().unwrap_or_else(|_| {
             Err(VmmError::Config(
@@ -190,9 +248,14 @@ pub(crate) fn fork(
     // Recorded before it runs: a clone may end (and record its exit) at
     // once.
     machine.add_clone(id, parent.id, shared.clone());
+    // The next clone (and place to move to) is made on a thread of lower
+    // priority: asking for it before the clone runs keeps the ask itself
+    // off the two vCPUs' CPUs, and the making off the clone's start.
+    machine.refill_spare(SpareFor::Clone, &parent.mem, n);
+    if move_wanted {
+        machine.refill_spare(SpareFor::Parent, &parent.mem, n);
+    }
     let spawned = spawn_vcpus(&shared, fds);
-    // The next clone, made once this one runs (not to compete with it).
-    machine.refill_spare(&parent.mem, n);
     match spawned {
         Ok(threads) => machine.set_threads(id, threads),
         Err(e) => {
@@ -204,6 +267,58 @@ pub(crate) fn fork(
         }
     }
     Ok(id)
+}
+
+/// Pages on small mappings from which a fork moves the VM rather than
+/// take write access from its pages in place (see the module
+/// documentation): a move costs loading the vCPUs again (tens of
+/// microseconds) and, when none was made ahead, making the KVM VM to move
+/// to (0.5-1 ms); taking write access costs 75-95 ns a small page, so at
+/// this count already 0.6-0.8 ms on the fork's path, and it grows. A
+/// VM on huge mappings forks in place: taking write access from a 2 MiB
+/// page costs about what a move's mapping of it does.
+const MOVE_MIN_PAGES: u64 = 8192;
+
+/// Whether forks of a VM of memory `mem` may move it: its RAM can hold
+/// [`MOVE_MIN_PAGES`].
+pub(crate) fn may_move(mem: &VmMemory) -> bool {
+    mem.layout().size() / memory::PAGE_SIZE >= MOVE_MIN_PAGES
+}
+
+/// Where a forking VM moves: a spare's memory (whose host mapping becomes
+/// the VM's), KVM VM and vCPUs, loaded with the VM's vCPU states.
+#[derive(Debug)]
+struct Move {
+    mem: Arc<VmMemory>,
+    kvm: VmFd,
+    vcpus: Vec<VcpuFd>,
+}
+
+/// Loads the paused VM's vCPU `states` into `spare` and wires the VM's
+/// device notifications into it.
+fn prepare_move(
+    parent: &VmShared,
+    spare: Spare,
+    states: &[Option<VcpuState>],
+) -> Result<Move, VmmError> {
+    let (kvm, vcpus, _) = load_vcpus(&parent.machine.hv, spare.kvm, spare.vcpus, states)?;
+    parent.virtio.wire_notifications(&kvm)?;
+    Ok(Move {
+        mem: spare.mem,
+        kvm,
+        vcpus,
+    })
+}
+
+/// Memory has moved the VM to `to`'s host mapping: its vCPUs follow to
+/// `to`'s KVM VM before any of them runs again, and the old KVM VM goes
+/// to the retiring thread (its vCPUs follow as each thread switches).
+fn finish_move(parent: &VmShared, to: Move) {
+    let old = parent.replace_kvm(to.kvm);
+    for (control, fd) in parent.controls.iter().zip(to.vcpus) {
+        control.move_to(fd);
+    }
+    crate::retire::later(old);
 }
 
 /// A KVM VM over `mem` with vCPUs in `states` (None: a vCPU that never

@@ -20,6 +20,7 @@ pub mod linux;
 mod machine;
 mod pins;
 mod restore;
+mod retire;
 pub mod snapfile;
 pub mod snapshot;
 mod vcpu;

@@ -56,11 +56,34 @@ pub(crate) struct Machine {
     changed: Condvar,
     /// The next clone, made ahead (see `fork.rs`).
     spare: Arc<MadeAhead<Spare>>,
+    /// The next KVM VM and host mapping for a large VM that forks (see
+    /// `fork.rs`), made ahead.
+    host_spare: Arc<MadeAhead<Spare>>,
+}
+
+/// What a spare is for (see `fork.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SpareFor {
+    /// The next clone.
+    Clone,
+    /// The forking VM itself, moved to it.
+    Parent,
+}
+
+impl SpareFor {
+    /// The name of the thread that makes such spares.
+    fn maker(self) -> &'static str {
+        match self {
+            SpareFor::Clone => "clone-spare",
+            SpareFor::Parent => "host-spare",
+        }
+    }
 }
 
 impl Drop for Machine {
     fn drop(&mut self) {
         self.spare.close();
+        self.host_spare.close();
     }
 }
 
@@ -76,6 +99,7 @@ impl Machine {
             records: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
             spare: Arc::default(),
+            host_spare: Arc::default(),
         });
         m.lock().insert(0, Record::default());
         m
@@ -185,38 +209,71 @@ impl Machine {
         drop(r.shared.take());
     }
 
-    /// The spare made ahead, if it fits a fork of `parent` with `vcpus`
-    /// vCPUs.
-    pub(crate) fn take_spare(&self, parent: &VmMemory, vcpus: usize) -> Option<Spare> {
-        self.spare.take(|s| s.fits(parent, vcpus))
+    fn spare(&self, what: SpareFor) -> &Arc<MadeAhead<Spare>> {
+        match what {
+            SpareFor::Clone => &self.spare,
+            SpareFor::Parent => &self.host_spare,
+        }
     }
 
-    /// Makes a spare for forks of `parent` now, unless one fits already.
-    pub(crate) fn make_spare(&self, parent: &VmMemory, vcpus: usize) -> Result<(), VmmError> {
-        if !self.spare.ready(|s| s.fits(parent, vcpus)) {
-            self.spare.put(Spare::make(
-                &self.hv,
-                parent.context(),
-                parent.layout().clone(),
-                vcpus,
-            )?);
+    /// The spare for `what` made ahead, if it fits a fork of `parent` with
+    /// `vcpus` vCPUs.
+    pub(crate) fn take_spare(
+        &self,
+        what: SpareFor,
+        parent: &VmMemory,
+        vcpus: usize,
+    ) -> Option<Spare> {
+        self.spare(what).take(|s| s.fits(parent, vcpus))
+    }
+
+    /// Makes a spare for `what` in forks of `parent` now, unless one fits
+    /// already.
+    pub(crate) fn make_spare(
+        &self,
+        what: SpareFor,
+        parent: &VmMemory,
+        vcpus: usize,
+    ) -> Result<(), VmmError> {
+        let slot = self.spare(what);
+        if !slot.ready(|s| s.fits(parent, vcpus)) {
+            slot.put(self.spare_now(parent, vcpus)?);
         }
         Ok(())
     }
 
-    /// Has the next spare for forks of `parent` made on the maker thread,
-    /// unless one is there or on its way. The maker holds neither the
-    /// parent nor the machine: either would keep the parent's frames past
-    /// its end.
-    pub(crate) fn refill_spare(&self, parent: &VmMemory, vcpus: usize) {
-        self.spare.want("clone-spare", || {
-            let (hv, ctx, layout) = (
-                self.hv.clone(),
-                parent.context().clone(),
-                parent.layout().clone(),
-            );
-            move || Spare::make(&hv, &ctx, layout.clone(), vcpus)
-        });
+    /// A spare for forks of `parent`, made now by the caller.
+    pub(crate) fn spare_now(&self, parent: &VmMemory, vcpus: usize) -> Result<Spare, VmmError> {
+        Spare::make(&self.hv, parent.context(), parent.layout().clone(), vcpus)
+    }
+
+    /// Has the next spare for `what` in forks of `parent` made on a maker
+    /// thread, unless one is there or on its way. The maker holds neither
+    /// the parent nor the machine: either would keep the parent's frames
+    /// past its end.
+    pub(crate) fn refill_spare(&self, what: SpareFor, parent: &VmMemory, vcpus: usize) {
+        self.spare(what)
+            .want(what.maker(), self.spare_recipe(parent, vcpus));
+    }
+
+    /// Starts the maker of spares for `what` in forks of `parent` (see
+    /// [`MadeAhead::start`]).
+    pub(crate) fn start_spare_maker(&self, what: SpareFor, parent: &VmMemory, vcpus: usize) {
+        self.spare(what)
+            .start(what.maker(), self.spare_recipe(parent, vcpus));
+    }
+
+    fn spare_recipe(
+        &self,
+        parent: &VmMemory,
+        vcpus: usize,
+    ) -> impl FnOnce() -> Box<dyn FnMut() -> Result<Spare, VmmError> + Send> {
+        let (hv, ctx, layout) = (
+            self.hv.clone(),
+            parent.context().clone(),
+            parent.layout().clone(),
+        );
+        move || Box::new(move || Spare::make(&hv, &ctx, layout.clone(), vcpus))
     }
 
     /// Frees the resources of clones that have ended; their exits stay

@@ -389,6 +389,7 @@ fn parse(payload: &[u8]) -> Result<SnapState, String> {
                 sregs: r.blob::<kvm_sregs>("the system registers")?,
                 xsave: r.blob::<kvm_xsave>("the vector registers")?,
                 xcrs: r.blob::<kvm_xcrs>("XCR0")?,
+                tsc: None,
             }),
             other => return Err(format!("vCPU {i} has the unknown kind {other}")),
         });

@@ -25,6 +25,7 @@ fn state() -> SnapState {
             nr_xcrs: 1,
             ..Default::default()
         },
+        tsc: None,
     };
     SnapState {
         ram: vec![(0, 3 << 30), (4 << 30, 1 << 30)],

@@ -18,6 +18,7 @@
 
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 
@@ -122,6 +123,11 @@ pub(crate) struct VcpuControl {
     changed: Condvar,
     thread: OnceLock<libc::pthread_t>,
     saved: Mutex<Option<Result<VcpuState, String>>>,
+    /// A vCPU of the KVM VM the VM moved to, for the thread to run from
+    /// before it next enters the guest (see `fork.rs`), and whether one
+    /// waits there (read before every step, so an atomic).
+    moved: Mutex<Option<VcpuFd>>,
+    moved_pending: AtomicBool,
 }
 
 impl VcpuControl {
@@ -135,7 +141,27 @@ impl VcpuControl {
             changed: Condvar::new(),
             thread: OnceLock::new(),
             saved: Mutex::new(None),
+            moved: Mutex::new(None),
+            moved_pending: AtomicBool::new(false),
         }
+    }
+
+    /// Hands the vCPU `fd`, loaded with its state, to run from now on: its
+    /// VM moved to a new KVM VM while it was paused, parked or forking.
+    pub(crate) fn move_to(&self, fd: VcpuFd) {
+        *self.moved.lock().unwrap_or_else(PoisonError::into_inner) = Some(fd);
+        self.moved_pending.store(true, Ordering::Release);
+    }
+
+    /// The vCPU's side of [`VcpuControl::move_to`].
+    fn take_moved(&self) -> Option<VcpuFd> {
+        if !self.moved_pending.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        self.moved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     pub(crate) fn set_thread(&self, handle: &JoinHandle<()>) {
@@ -297,9 +323,32 @@ impl Vcpu {
         KVM_RUN.with(|r| r.set(run_ptr));
     }
 
+    /// Switches to the vCPU its VM moved to, if it moved. The old one goes
+    /// to the retiring thread once a kick can no longer reach it.
+    ///
+    /// The new vCPU has not exited yet, so `kvm_run` holds none of its
+    /// registers: they are copied there, as an exit would, for a hypercall
+    /// to return through (see [`Vcpu::set_rax`]).
+    pub(crate) fn follow_move(&mut self, control: &VcpuControl) {
+        if let Some(fd) = control.take_moved() {
+            let old = std::mem::replace(&mut self.fd, fd);
+            self.bind_thread();
+            crate::retire::later(old);
+            match self.fd.get_regs() {
+                Ok(regs) => self.fd.sync_regs_mut().regs = regs,
+                Err(e) => self.shared.finish(Exit::Error(format!(
+                    "vCPU {} cannot read its registers after moving: {e}",
+                    self.index
+                ))),
+            }
+        }
+    }
+
     fn run_loop(&mut self, control: &VcpuControl) {
         loop {
-            match control.next() {
+            let next = control.next();
+            self.follow_move(control);
+            match next {
                 Next::Run => match self.step() {
                     Flow::Go | Flow::DirtyRingFull | Flow::ChildSnapshot(..) => {}
                     Flow::End(exit) => {
@@ -363,6 +412,9 @@ pub(crate) struct VcpuState {
     pub(crate) sregs: kvm_sregs,
     pub(crate) xsave: kvm_xsave,
     pub(crate) xcrs: kvm_xcrs,
+    /// The guest's TSC when the state was saved, if KVM told it: a VM
+    /// continued elsewhere keeps its time.
+    pub(crate) tsc: Option<u64>,
 }
 
 impl Clone for VcpuState {
@@ -377,6 +429,7 @@ impl Clone for VcpuState {
                 ..Default::default()
             },
             xcrs: self.xcrs,
+            tsc: self.tsc,
         }
     }
 }
@@ -395,7 +448,28 @@ impl VcpuState {
             fd.set_xsave(&self.xsave)
         })?;
         ioctl("set registers", fd.set_regs(&self.regs))?;
+        if let Some(tsc) = self.tsc {
+            ioctl("set the TSC", write_tsc(fd, tsc))?;
+        }
         Ok(())
+    }
+}
+
+/// Sets the guest's TSC of `fd` to `value`, the way KVM takes it as meant:
+/// a host write close to the TSC KVM expects is taken for an attempt to
+/// keep vCPUs in step and ignored, so a distant value goes first.
+pub(crate) fn write_tsc(fd: &VcpuFd, value: u64) -> Result<(), kvm_ioctls::Error> {
+    let entry = |data| kvm_bindings::kvm_msr_entry {
+        index: crate::fuzz::vm_target::MSR_IA32_TSC,
+        data,
+        ..Default::default()
+    };
+    let msrs =
+        kvm_bindings::Msrs::from_entries(&[entry(value.wrapping_add(1 << 62)), entry(value)])
+            .map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+    match fd.set_msrs(&msrs)? {
+        2 => Ok(()),
+        _ => Err(kvm_ioctls::Error::new(libc::EINVAL)),
     }
 }
 
@@ -439,6 +513,7 @@ impl Vcpu {
                 .get_xsave()
                 .map_err(|e| fail("reading vector registers", e))?,
             xcrs: self.fd.get_xcrs().map_err(|e| fail("reading XCR0", e))?,
+            tsc: crate::fuzz::vm_target::read_tsc(&self.fd),
         })
     }
 
@@ -506,7 +581,10 @@ impl Vcpu {
                 return -errno::EIO;
             }
         };
-        match crate::fork::fork(&self.shared, Some((self.index, state))) {
+        let forked = crate::fork::fork(&self.shared, Some((self.index, state)));
+        let control = self.shared.controls[self.index as usize].clone();
+        self.follow_move(&control);
+        match forked {
             Ok(id) => i64::from(id),
             Err(e) => {
                 log::warn!("FORK: {}", chain(&e));

@@ -354,6 +354,16 @@ impl VirtioBus {
         Ok(bus)
     }
 
+    /// Wires every queue's notification into `kvm` as well: the VM is
+    /// moving to that KVM VM (see `fork.rs`). Program mode only, whose
+    /// devices raise no interrupts.
+    pub(crate) fn wire_notifications(&self, kvm: &VmFd) -> Result<(), VirtioError> {
+        for (i, slot) in self.slots.iter().enumerate() {
+            wire_queues(i, &slot.transport, kvm)?;
+        }
+        Ok(())
+    }
+
     fn plug(
         i: usize,
         device: Box<dyn VirtioDevice>,
@@ -375,17 +385,7 @@ impl VirtioBus {
             }
         };
         let transport = Transport::new(device, mem.clone(), Arc::new(interrupt))?;
-        {
-            let t = transport.lock().unwrap_or_else(PoisonError::into_inner);
-            let notify = IoEventAddress::Mmio(slot_addr(i) + reg::QUEUE_NOTIFY);
-            for (q, queue) in t.queues().iter().enumerate() {
-                kvm.register_ioevent(queue.notify_fd(), &notify, q as u32)
-                    .map_err(|source| VirtioError::Kvm {
-                        what: "add an ioeventfd for a virtio queue",
-                        source,
-                    })?;
-            }
-        }
+        wire_queues(i, &transport, kvm)?;
         if let Some(state) = state {
             transport
                 .lock()
@@ -586,6 +586,21 @@ impl Rewound<'_> {
             t.restore(state);
         }
     }
+}
+
+/// Has KVM signal each queue's notifier of slot `i` when the guest
+/// writes the queue's number to its notify register.
+fn wire_queues(i: usize, transport: &Shared, kvm: &VmFd) -> Result<(), VirtioError> {
+    let t = transport.lock().unwrap_or_else(PoisonError::into_inner);
+    let notify = IoEventAddress::Mmio(slot_addr(i) + reg::QUEUE_NOTIFY);
+    for (q, queue) in t.queues().iter().enumerate() {
+        kvm.register_ioevent(queue.notify_fd(), &notify, q as u32)
+            .map_err(|source| VirtioError::Kvm {
+                what: "add an ioeventfd for a virtio queue",
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 fn check_count(n: usize, mode: Mode) -> Result<(), VirtioError> {

@@ -17,7 +17,7 @@ use crate::console::{Console, ConsoleWriter, Sink};
 use crate::elf::{ElfError, Program};
 use crate::fuzz::harness::Harness;
 use crate::kvm::{Hypervisor, KvmError, create_vcpu, ioctl};
-use crate::machine::Machine;
+use crate::machine::{Machine, SpareFor};
 pub(crate) use crate::pins::VmmPins;
 use crate::vcpu::{self, VcpuControl};
 use crate::virtio::VirtioBus;
@@ -201,8 +201,9 @@ pub(crate) struct VmShared {
     pub(crate) id: u32,
     pub(crate) machine: Arc<Machine>,
     pub(crate) mem: Arc<VmMemory>,
-    /// The KVM VM; it lives as long as its vCPU threads run.
-    pub(crate) kvm: VmFd,
+    /// The KVM VM; it lives as long as its vCPU threads run. A fork may
+    /// move the VM to a new one (see `fork.rs`).
+    kvm: Mutex<Arc<VmFd>>,
     pub(crate) console: Arc<Console>,
     pub(crate) serial: Mutex<Serial<ConsoleWriter>>,
     pub(crate) pins: Mutex<PinTest>,
@@ -219,6 +220,23 @@ pub(crate) struct VmShared {
 }
 
 impl VmShared {
+    /// The KVM VM the vCPUs run in now.
+    pub(crate) fn kvm(&self) -> Arc<VmFd> {
+        self.kvm
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes `kvm` the VM's KVM VM; returns the one it replaces. The
+    /// caller has moved every vCPU there (see `fork.rs`).
+    pub(crate) fn replace_kvm(&self, kvm: VmFd) -> Arc<VmFd> {
+        std::mem::replace(
+            &mut *self.kvm.lock().unwrap_or_else(PoisonError::into_inner),
+            Arc::new(kvm),
+        )
+    }
+
     /// Ends the VM with `exit` unless it already ended; stops every vCPU.
     pub(crate) fn finish(&self, exit: Exit) {
         {
@@ -399,7 +417,7 @@ impl Vm {
                 id: 0,
                 machine: parts.machine,
                 mem: parts.mem,
-                kvm: parts.kvm,
+                kvm: Mutex::new(Arc::new(parts.kvm)),
                 console: parts.console,
                 serial: parts.serial,
                 pins: Mutex::new(PinTest::new()),
@@ -440,12 +458,20 @@ impl Vm {
 
     /// Makes the next clone's KVM VM, vCPUs and empty memory now, so that
     /// the next fork only forks memory and loads vCPU states (each fork
-    /// makes the one after it so, on a thread of its own).
+    /// makes the one after it so, on a thread of its own); for a VM large
+    /// enough, also the KVM VM the fork moves it to (see `fork.rs`).
     pub fn prepare_fork(&self) -> Result<(), VmmError> {
-        let shared = &self.shared;
-        shared
-            .machine
-            .make_spare(&shared.mem, shared.controls.len())
+        let (shared, n) = (&self.shared, self.shared.controls.len());
+        let machine = &shared.machine;
+        let mut wanted = vec![SpareFor::Clone];
+        if crate::fork::may_move(&shared.mem) {
+            wanted.push(SpareFor::Parent);
+        }
+        for what in wanted {
+            machine.make_spare(what, &shared.mem, n)?;
+            machine.start_spare_maker(what, &shared.mem, n);
+        }
+        Ok(())
     }
 
     /// Forks the running VM: the clone continues from this instant with
@@ -640,7 +666,7 @@ impl VmShared {
             id,
             machine: self.machine.clone(),
             mem,
-            kvm,
+            kvm: Mutex::new(Arc::new(kvm)),
             console,
             serial: Mutex::new(serial),
             pins: Mutex::new(PinTest::new()),

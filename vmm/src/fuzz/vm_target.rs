@@ -50,7 +50,7 @@ use crate::virtio::Template;
 use crate::vm::{Exit, Vm, VmConfig, VmShared};
 use crate::x86::program::COVERAGE_MAP;
 
-const MSR_IA32_TSC: u32 = 0x10;
+pub(crate) const MSR_IA32_TSC: u32 = 0x10;
 const MAP_PAGES: u64 = MAP_SIZE as u64 / memory::PAGE_SIZE;
 
 /// What the root's SNAPSHOT produced.
@@ -493,7 +493,7 @@ impl VmTarget {
                     self.pages.append(&mut self.unarmed);
                     self.ring_filled = true;
                     self.dirty
-                        .harvest(&shared.kvm, &shared.mem, &mut self.pages, true)
+                        .harvest(&shared.kvm(), &shared.mem, &mut self.pages, true)
                         .map_err(Self::vm_error)?;
                 }
                 Flow::ChildSnapshot(buf, cap) => return Ok(Ended::Child(buf, cap)),
@@ -534,7 +534,7 @@ impl VmTarget {
             .map_err(|e| FuzzError::Vm(crate::error_chain(&e)))?;
         *shared.pins.lock().unwrap_or_else(PoisonError::into_inner) = PinTest::new();
         let harvest = Instant::now();
-        self.harvest(&shared.kvm, mem)?;
+        self.harvest(&shared.kvm(), mem)?;
         self.harvest_time += harvest.elapsed();
         mem.take_vmm_writes(&mut self.pages);
         self.read_coverage(mem)?;
@@ -658,18 +658,7 @@ impl VmTarget {
                 vcpu_attr(fd, KVM_SET_DEVICE_ATTR(), &attr)
                     .map_err(|e| FuzzError::Vm(format!("cannot restore the TSC offset: {e}")))
             }
-            TscReset::Msr(guest) => {
-                for value in [guest.wrapping_add(1 << 62), guest] {
-                    let msrs = Msrs::from_entries(&[kvm_msr_entry {
-                        index: MSR_IA32_TSC,
-                        data: value,
-                        ..Default::default()
-                    }])
-                    .map_err(|e| FuzzError::Vm(format!("cannot restore the TSC: {e:?}")))?;
-                    fd.set_msrs(&msrs).map_err(fail)?;
-                }
-                Ok(())
-            }
+            TscReset::Msr(guest) => crate::vcpu::write_tsc(fd, guest).map_err(fail),
             TscReset::None => Ok(()),
         }
     }
