@@ -1,6 +1,7 @@
-/* Forks of a VM large enough to move (40 MiB written): from the second
-   fork on, the VMM moves the parent to a KVM VM and host mapping made
-   ahead. Over several forks, with vCPU 1 counting and checking its own
+/* Forks of a VM large enough to move (40 MiB written): at each fork the
+   VMM moves the parent to a new KVM VM and host mapping (the first fork
+   makes them, later forks find them made ahead by the fork before).
+   Over several forks, with vCPU 1 counting and checking its own
    pages all along and a page pinned by the pin-test device:
    - each clone sees the memory of its fork's instant, and none of the
      parent's later writes;
