@@ -134,31 +134,48 @@ fn read_u64(mem: &impl PhysReader, gpa: u64) -> Option<u64> {
 }
 
 /// Translations remembered between faults: a tiny software TLB, keyed by
-/// CR3 and linear page. An entry can go stale when the guest edits its
-/// page tables; a stale translation only makes the VMM resolve the wrong
-/// page, the instruction faults again, and the caller flushes and decodes
-/// afresh.
+/// CR3 and linear page, one entry per guest page whatever its size (a
+/// 2 MiB page is one entry, as in the CPU's own TLB). An entry can go
+/// stale when the guest edits its page tables; a stale translation only
+/// makes the VMM resolve the wrong page, the instruction faults again, and
+/// the caller flushes and decodes afresh.
 #[derive(Debug, Default)]
 struct Tlb {
-    entries: [(u64, u64, u64); 8],
+    entries: [TlbEntry; 8],
     next: usize,
 }
 
+/// One remembered translation: `va & !mask` maps to `gpa_base`.
+#[derive(Clone, Copy, Debug, Default)]
+struct TlbEntry {
+    cr3: u64,
+    va_base: u64,
+    gpa_base: u64,
+    /// Page size minus one; zero marks an empty entry.
+    mask: u64,
+}
+
 impl Tlb {
-    fn lookup(&self, cr3: u64, va_page: u64) -> Option<u64> {
+    fn lookup(&self, cr3: u64, va: u64) -> Option<u64> {
         self.entries
             .iter()
-            .find(|e| e.0 == cr3 && e.1 == va_page && e.2 != u64::MAX)
-            .map(|e| e.2)
+            .find(|e| e.mask != 0 && e.cr3 == cr3 && va & !e.mask == e.va_base)
+            .map(|e| e.gpa_base | (va & e.mask))
     }
 
-    fn insert(&mut self, cr3: u64, va_page: u64, gpa_page: u64) {
-        self.entries[self.next] = (cr3, va_page, gpa_page);
+    fn insert(&mut self, cr3: u64, va: u64, gpa: u64, page_size: u64) {
+        let mask = page_size - 1;
+        self.entries[self.next] = TlbEntry {
+            cr3,
+            va_base: va & !mask,
+            gpa_base: gpa & !mask,
+            mask,
+        };
         self.next = (self.next + 1) % self.entries.len();
     }
 
     fn flush(&mut self) {
-        self.entries = [(0, 0, u64::MAX); 8];
+        self.entries = [TlbEntry::default(); 8];
     }
 }
 
@@ -170,10 +187,8 @@ pub struct FaultDecoder {
 
 impl Default for FaultDecoder {
     fn default() -> Self {
-        let mut tlb = Tlb::default();
-        tlb.flush();
         Self {
-            tlb,
+            tlb: Tlb::default(),
             info: InstructionInfoFactory::new(),
         }
     }
@@ -204,9 +219,8 @@ impl FaultDecoder {
         out: &mut Vec<PageAccess>,
     ) -> Result<u64, WalkError> {
         let paging = cpu.paging();
-        let va_page = va & !(PAGE - 1);
-        if let Some(gpa_page) = self.tlb.lookup(paging.cr3, va_page) {
-            return Ok(gpa_page | (va & (PAGE - 1)));
+        if let Some(gpa) = self.tlb.lookup(paging.cr3, va) {
+            return Ok(gpa);
         }
         let t = translate(&paging, va, write, |a| read_u64(mem, a))?;
         for TableRef { gpa, needs_update } in &t.tables {
@@ -218,7 +232,7 @@ impl FaultDecoder {
                 },
             );
         }
-        self.tlb.insert(paging.cr3, va_page, t.gpa & !(PAGE - 1));
+        self.tlb.insert(paging.cr3, va, t.gpa, t.page_size);
         Ok(t.gpa)
     }
 
@@ -471,6 +485,36 @@ mod tests {
         d.flush();
         let fresh = d.instruction_accesses(&cpu, &mem).unwrap();
         assert!(has(&fresh, 0x60_0000, true), "{fresh:x?}");
+    }
+
+    #[test]
+    fn a_large_page_is_remembered_whole() {
+        // mov %rax, (%rbx): the code and the operand sit in 2 MiB pages.
+        let mut g = Guest::new(&[0x48, 0x89, 0x03]);
+        let mut d = FaultDecoder::default();
+        let mut decode = |rbx: u64| {
+            g.regs.rbx = rbx;
+            let mem = |gpa: u64, buf: &mut [u8]| g.read(gpa, buf);
+            let cpu = CpuState {
+                regs: &g.regs,
+                sregs: &g.sregs,
+            };
+            d.instruction_accesses(&cpu, &mem).unwrap()
+        };
+        let first = decode(0x20_0010);
+        assert!(has(&first, 0x3000, false), "{first:x?}");
+        // Elsewhere in the same 2 MiB page: no walk, the right page.
+        let same = decode(0x3f_f008);
+        assert!(
+            has(&same, 0x3f_f000, true) && !has(&same, 0x3000, false),
+            "{same:x?}"
+        );
+        // Another 2 MiB page is walked.
+        let other = decode(0x60_0010);
+        assert!(
+            has(&other, 0x60_0000, true) && has(&other, 0x3000, false),
+            "{other:x?}"
+        );
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct TableRef {
 pub struct Translation {
     /// Guest-physical address.
     pub gpa: u64,
+    /// Size of the page that maps it: 4 KiB, 2 MiB or 1 GiB (4 KiB with
+    /// paging off).
+    pub page_size: u64,
     /// The entries walked, outermost first.
     pub tables: Vec<TableRef>,
 }
@@ -84,6 +87,7 @@ pub fn translate(
     if regs.cr0 & CR0_PG == 0 {
         return Ok(Translation {
             gpa: va,
+            page_size: 1 << 12,
             tables: Vec::new(),
         });
     }
@@ -111,6 +115,7 @@ pub fn translate(
             let base = e & ADDR & !size_mask;
             return Ok(Translation {
                 gpa: base | (va & size_mask),
+                page_size: 1 << shift,
                 tables,
             });
         }
@@ -146,6 +151,7 @@ mod tests {
         let t = tables();
         let r = translate(&LONG, 0x12345, true, |a| t.get(&a).copied()).unwrap();
         assert_eq!(r.gpa, 0x12345);
+        assert_eq!(r.page_size, 2 << 20);
         assert_eq!(r.tables.len(), 3);
         assert!(r.tables.iter().all(|t| !t.needs_update));
     }
@@ -156,6 +162,7 @@ mod tests {
         let va = 0x20_0000 + 5 * 0x1000 + 0x10;
         let r = translate(&LONG, va, true, |a| t.get(&a).copied()).unwrap();
         assert_eq!(r.gpa, 0x7010);
+        assert_eq!(r.page_size, 4096);
         assert_eq!(
             r.tables.iter().map(|t| t.needs_update).collect::<Vec<_>>(),
             vec![false, false, true, true]
