@@ -577,7 +577,9 @@ impl VmMemory {
             return runs.add_many(self, plan.first, PAGES_PER_LEAF, store, keep);
         }
         // Runs within the leaf first (a written leaf is one), read from the
-        // packed entries: this walk is most of the guest's pause.
+        // packed entries: this walk is most of the guest's pause. (Handing
+        // each page to `MapRuns::add` instead made this step 10-15%
+        // slower at 1 GiB.)
         let end = (plan.first + PAGES_PER_LEAF).min(self.table.pages());
         let mut run: Option<(u64, u64, u32, bool)> = None;
         for (p, raw) in (plan.first..end).zip(leaf.raw_entries()) {
@@ -690,15 +692,6 @@ impl VmMemory {
         };
         if let Some(huge) = leaf.huge() {
             self.protect_huge_for_fork(child, stores, first, huge, &mut plan, runs)?;
-            return Ok(plan);
-        }
-        if runs.gather_only && !pinned_leaf {
-            // Nothing to copy; the plan alone says what to protect.
-            for (p, raw) in (first..end).zip(leaf.raw_entries()) {
-                if Entry::raw_is_writable(raw) {
-                    plan.set_demoted(p);
-                }
-            }
             return Ok(plan);
         }
         // After a demotion ahead most leaves have nothing writable and no
