@@ -447,15 +447,13 @@ impl VmMemory {
         store: &Store,
         writable: bool,
     ) -> Result<(), MemError> {
-        let done = self.host().map_file(page, pages, store.fd(), writable);
-        self.host_changed();
-        done.map_err(|e| Self::host_err(page, pages, e))
+        self.host_call(|h| h.map_file(page, pages, store.fd(), writable))
+            .map_err(|e| Self::host_err(page, pages, e))
     }
 
     pub(crate) fn host_unmap(&self, page: u64, pages: u64) -> Result<(), MemError> {
-        let done = self.host().unmap(page, pages);
-        self.host_changed();
-        done.map_err(|e| Self::host_err(page, pages, e))
+        self.host_call(|h| h.unmap(page, pages))
+            .map_err(|e| Self::host_err(page, pages, e))
     }
 
     pub(crate) fn host_protect(
@@ -464,15 +462,20 @@ impl VmMemory {
         pages: u64,
         writable: bool,
     ) -> Result<(), MemError> {
-        let done = self.host().protect(page, pages, writable);
-        self.host_changed();
-        done.map_err(|e| Self::host_err(page, pages, e))
+        self.host_call(|h| h.protect(page, pages, writable))
+            .map_err(|e| Self::host_err(page, pages, e))
     }
 
     /// Moves the host page table entries of `pages` pages from `page` out
     /// of the host mapping (see [`Mapping::move_entries_out`]).
     pub(crate) fn host_move_entries_out(&self, page: u64, pages: u64) -> std::io::Result<Mapping> {
-        let done = self.host().move_entries_out(page, pages);
+        self.host_call(|h| h.move_entries_out(page, pages))
+    }
+
+    /// One call that changes the host mapping, counted once it returned
+    /// (see [`VmMemory::host_mapping_changes`]).
+    fn host_call<T>(&self, call: impl FnOnce(&Mapping) -> io::Result<T>) -> io::Result<T> {
+        let done = call(&self.host());
         self.host_changed();
         done
     }
