@@ -455,12 +455,25 @@ impl VcpuState {
     }
 }
 
+/// The guest's time-stamp counter, as an MSR.
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// Reads the guest's TSC of `fd`, if KVM tells it.
+pub(crate) fn read_tsc(fd: &VcpuFd) -> Option<u64> {
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .ok()?;
+    (fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
+}
+
 /// Sets the guest's TSC of `fd` to `value`, the way KVM takes it as meant:
 /// a host write close to the TSC KVM expects is taken for an attempt to
 /// keep vCPUs in step and ignored, so a distant value goes first.
 pub(crate) fn write_tsc(fd: &VcpuFd, value: u64) -> Result<(), kvm_ioctls::Error> {
     let entry = |data| kvm_bindings::kvm_msr_entry {
-        index: crate::fuzz::vm_target::MSR_IA32_TSC,
+        index: MSR_IA32_TSC,
         data,
         ..Default::default()
     };
@@ -513,7 +526,7 @@ impl Vcpu {
                 .get_xsave()
                 .map_err(|e| fail("reading vector registers", e))?,
             xcrs: self.fd.get_xcrs().map_err(|e| fail("reading XCR0", e))?,
-            tsc: crate::fuzz::vm_target::read_tsc(&self.fd),
+            tsc: read_tsc(&self.fd),
         })
     }
 
@@ -563,10 +576,9 @@ impl Vcpu {
             self.set_rax(n as u64);
             return Flow::Go;
         }
-        let taken = self.capture().and_then(|state| {
-            let tsc = crate::fuzz::vm_target::read_tsc(&self.fd);
-            crate::fuzz::vm_target::take(&self.shared, state, tsc, buf, cap)
-        });
+        let taken = self
+            .capture()
+            .and_then(|state| crate::fuzz::vm_target::take(&self.shared, state, buf, cap));
         self.shared.harness.set_taken(taken);
         Flow::End(Exit::Code(0))
     }

@@ -48,7 +48,6 @@ pub(crate) struct Recipe {
     pub(crate) hv: crate::Hypervisor,
     pub(crate) origin: Arc<VmMemory>,
     pub(crate) state: VcpuState,
-    pub(crate) tsc: Option<u64>,
 }
 
 impl Spare {
@@ -78,7 +77,7 @@ impl Spare {
             what: "cannot map the dirty ring".into(),
             source: e,
         })?;
-        let tsc = match r.tsc {
+        let tsc = match r.state.tsc {
             Some(t) if tsc_offset_supported(&fd) => TscReset::Offset(t),
             Some(t) => TscReset::Msr(t),
             None => TscReset::None,

@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use devices::pin_test::PinTest;
-use kvm_bindings::{KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, Msrs, kvm_device_attr, kvm_msr_entry};
+use kvm_bindings::{KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, kvm_device_attr};
 use kvm_ioctls::{SyncReg, VcpuFd};
 use memory::VmMemory;
 
@@ -50,7 +50,6 @@ use crate::virtio::Template;
 use crate::vm::{Exit, Vm, VmConfig, VmShared};
 use crate::x86::program::COVERAGE_MAP;
 
-pub(crate) const MSR_IA32_TSC: u32 = 0x10;
 const MAP_PAGES: u64 = MAP_SIZE as u64 / memory::PAGE_SIZE;
 
 /// What the root's SNAPSHOT produced.
@@ -59,26 +58,14 @@ pub(crate) struct Taken {
     origin: Arc<VmMemory>,
     devices: Template,
     state: VcpuState,
-    tsc: Option<u64>,
     buf: u64,
     cap: u64,
-}
-
-/// Reads the guest's TSC.
-pub(crate) fn read_tsc(fd: &VcpuFd) -> Option<u64> {
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index: MSR_IA32_TSC,
-        ..Default::default()
-    }])
-    .ok()?;
-    (fd.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
 }
 
 /// The root's SNAPSHOT: forks its memory into the origin.
 pub(crate) fn take(
     shared: &VmShared,
     state: VcpuState,
-    tsc: Option<u64>,
     buf: u64,
     cap: u64,
 ) -> Result<Box<Taken>, String> {
@@ -109,7 +96,6 @@ pub(crate) fn take(
         origin,
         devices,
         state,
-        tsc,
         buf,
         cap,
     }))
@@ -276,7 +262,6 @@ impl Snapshot {
             hv: self.root.shared().machine.hv.clone(),
             origin: self.taken.origin.clone(),
             state: self.taken.state.clone(),
-            tsc: self.taken.tsc,
         }
     }
 }
@@ -465,8 +450,7 @@ impl VmTarget {
     /// The child snapshot at the guest's SNAPSHOT(buf, cap) now.
     fn fork_child(&mut self, buf: u64, cap: u64) -> Result<Arc<Snapshot>, FuzzError> {
         let state = self.vcpu.capture().map_err(FuzzError::Vm)?;
-        let tsc = read_tsc(&self.vcpu.fd);
-        let taken = take(&self.vcpu.shared, state, tsc, buf, cap).map_err(FuzzError::Vm)?;
+        let taken = take(&self.vcpu.shared, state, buf, cap).map_err(FuzzError::Vm)?;
         Ok(Snapshot::new(
             self.snap.root.clone(),
             Some(self.snap.clone()),
