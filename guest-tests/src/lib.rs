@@ -51,8 +51,34 @@ pub fn guest(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
-/// Opens /dev/kvm, or fails the test saying why.
+/// The VMM's log in a test's output: its warnings and errors, and its
+/// notes on forks (why a fork left the VM where it was). The test harness
+/// shows what a test's threads print only when the test fails.
+struct TestLog;
+
+impl log::Log for TestLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn || m.target() == "vmm::fork"
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            eprintln!("[{} {}] {}", r.level(), r.target(), r.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Opens /dev/kvm, or fails the test saying why. Also sends the VMM's log
+/// to the test's output (see [`TestLog`]).
 pub fn hypervisor() -> Hypervisor {
+    static LOG: std::sync::Once = std::sync::Once::new();
+    LOG.call_once(|| {
+        if log::set_logger(&TestLog).is_ok() {
+            log::set_max_level(log::LevelFilter::Debug);
+        }
+    });
     Hypervisor::open().unwrap_or_else(|e| {
         panic!(
             "these tests run real VMs and need /dev/kvm: {}",

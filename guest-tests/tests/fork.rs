@@ -38,16 +38,14 @@ fn fork_copies_every_running_vcpu() {
 #[test]
 fn forks_of_a_large_vm_move_it_and_it_runs_on() {
     let vm = guest_tests::Running::start(guest("fork_move"), 96 * MIB, 2);
-    let first_host = vm.memory.host_ranges()[0].2;
     let memory = vm.memory.clone();
     let (outcome, console) = vm.finish();
     assert_eq!(outcome.exit, Exit::Code(0), "{console}");
     assert!(console.contains("FORK-MOVE-OK"), "{console}");
-    assert_ne!(
-        memory.host_ranges()[0].2,
-        first_host,
-        "the VM never moved: {console}"
-    );
+    // Every fork (the guest makes four) moves it. (Its host mapping's
+    // address does not tell: the last move may land where the first
+    // mapping was, once that is unmapped.)
+    assert_eq!(memory.moves(), 4, "forks that moved the VM: {console}");
 }
 
 #[test]

@@ -528,6 +528,7 @@ impl VmMemory {
         });
         if let Some(spare) = rehost.filter(|_| rehosted) {
             spare.mark_spent();
+            self.note_move();
         }
         result?;
         drop(_child_map);

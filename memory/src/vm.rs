@@ -198,6 +198,9 @@ pub struct VmMemory {
     /// ([`VmMemory::mark_spent`]). std's atomic: only its owner's later
     /// calls read it.
     spent: std::sync::atomic::AtomicBool,
+    /// Forks that moved this VM to a spare's host mapping
+    /// ([`VmMemory::moves`]). std's atomic: a count, ordering nothing.
+    moves: std::sync::atomic::AtomicU64,
     /// Linux's `mmap_lock`: read for faults and pins, write for fork and
     /// teardown-like changes of the whole VM.
     pub(crate) map_lock: RankedRwLock<()>,
@@ -253,6 +256,7 @@ impl VmMemory {
             host: std::sync::RwLock::new(host),
             host_changes: std::sync::atomic::AtomicU64::new(0),
             spent: std::sync::atomic::AtomicBool::new(false),
+            moves: std::sync::atomic::AtomicU64::new(0),
             map_lock: RankedRwLock::new(Rank::MapLock, ()),
             wp_seq: AtomicU64::new(0),
             discards: AtomicU64::new(0),
@@ -511,6 +515,19 @@ impl VmMemory {
     /// any more.
     pub(crate) fn mark_spent(&self) {
         self.spent.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many forks moved this VM to a new host mapping
+    /// ([`VmMemory::fork_rehosted`]). A move cannot be told from the
+    /// mapping's address: the new one may be placed where an earlier,
+    /// since unmapped, one was.
+    pub fn moves(&self) -> u64 {
+        self.moves.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn note_move(&self) {
+        self.moves
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether [`VmMemory::mark_spent`] was called.

@@ -58,6 +58,7 @@ fn the_parent_moves_to_the_spare_mapping_with_shared_pages_read_only() {
         .unwrap();
     assert_eq!(told, Some(true));
     assert_eq!(host_base(&p), new, "the parent did not move");
+    assert_eq!((p.moves(), c.moves(), host.moves()), (1, 0, 0));
     // The spare holds the old mapping until it is dropped (its drop hands
     // it to the reaper) and is never a spare again.
     assert_eq!(host_base(&host), old);
@@ -106,6 +107,7 @@ fn a_rehosted_fork_into_a_spare_child_and_again() {
         .fork_rehosted(None, &host2, |_, moved| assert!(moved))
         .unwrap();
     assert_eq!(host_base(&p), next);
+    assert_eq!(p.moves(), 2);
     assert_host_follows_table(&p);
     for vm in [&p, &c, &c2] {
         assert_eq!(byte(vm, A), 5);
@@ -124,6 +126,7 @@ fn a_used_spare_is_refused_and_the_parent_keeps_its_mapping() {
     let forked = p.fork_rehosted(None, &host, |_, _| panic!("no snapshot expected"));
     assert!(forked.is_err());
     assert_eq!(host_base(&p), old);
+    assert_eq!(p.moves(), 0);
     assert_host_follows_table(&p);
 }
 
