@@ -293,3 +293,76 @@ fn two_instances_combine_their_finds_through_sync() {
     assert!(out.join("a/is_main_node").exists() && !out.join("b/is_main_node").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The planted guest's logic: an edge per byte of "FUZZ" matched in
+/// order, one more when the input goes on after it; nothing else counts.
+struct Prefix {
+    map: Vec<u8>,
+}
+
+impl Target for Prefix {
+    fn run(&mut self, input: &[u8]) -> Result<Verdict, FuzzError> {
+        self.map.fill(0);
+        self.map[1] = 1;
+        let matched = input
+            .iter()
+            .zip(b"FUZZ")
+            .take_while(|(a, b)| a == b)
+            .count();
+        for i in 0..matched {
+            self.map[10 + i] = 1;
+        }
+        if matched == 4 && input.len() > 4 {
+            self.map[20] = 1;
+        }
+        Ok(Verdict::Ok)
+    }
+
+    fn coverage(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+#[test]
+fn new_entries_are_trimmed_to_the_bytes_their_path_needs() {
+    let dir = scratch_dir("campaign-trim");
+    let (corpus, out) = (dir.join("in"), dir.join("out"));
+    std::fs::create_dir_all(&corpus).unwrap();
+    // Every mutant of this seed is long; the one that completes "FUZZ"
+    // takes a new path that its first five bytes alone take.
+    let mut seed = b"FUZ".to_vec();
+    seed.resize(3000, b'x');
+    std::fs::write(corpus.join("long"), &seed).unwrap();
+    let opts = Options {
+        max_time: Some(Duration::from_secs(120)),
+        ..options(&corpus, &out)
+    };
+    let stop = AtomicBool::new(false);
+    let queue = out.join("default/queue");
+    let found = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let mut prefix = || {
+                Ok(Box::new(Prefix {
+                    map: vec![0; crate::fuzz::MAP_SIZE],
+                }) as Box<dyn Target>)
+            };
+            run(&opts, &mut prefix, &stop)
+        });
+        let found = wait_for(Duration::from_secs(90), &stop, || {
+            names(&queue).iter().any(|n| n.contains(",src:000000,"))
+        });
+        h.join().unwrap().unwrap();
+        found
+    });
+    assert!(found, "no find: {:?}", names(&queue));
+    for n in names(&queue).iter().filter(|n| n.contains(",src:")) {
+        let data = std::fs::read(queue.join(n)).unwrap();
+        assert!(
+            data.starts_with(b"FUZZ") && data.len() <= 8,
+            "{n} kept {} bytes: {:?}",
+            data.len(),
+            String::from_utf8_lossy(&data[..data.len().min(16)])
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -21,6 +21,12 @@ const CAL_RUNS: u32 = 8;
 const SPLICE_ONE_IN: usize = 3;
 /// Entries offered for splicing with each pick.
 const SPLICE_PARTNERS: usize = 8;
+/// Trimming (AFL's `trim_case`) first removes blocks of 1/16 of the
+/// input's length rounded up to a power of two, halving down to 1/1024,
+/// and never blocks under 4 bytes.
+const TRIM_START_STEPS: usize = 16;
+const TRIM_END_STEPS: usize = 1024;
+const TRIM_MIN_BYTES: usize = 4;
 
 /// An entry picked for fuzzing.
 struct Pick {
@@ -221,6 +227,8 @@ impl<'a> Worker<'a> {
         }
         let trace = Trace::classify(self.target.coverage());
         self.seen.merge(&trace);
+        let (input, us) = self.trim(input, &trace, us)?;
+        let input = &input[..];
         let index = {
             let mut st = self.shared.lock();
             let new = st.corpus.virgin.merge(&trace);
@@ -242,6 +250,48 @@ impl<'a> Worker<'a> {
             index
         };
         self.calibrate(index, input, &trace, us)
+    }
+
+    /// AFL's trimming of a new entry: removes blocks, halving their size,
+    /// wherever the input without them takes exactly the same path
+    /// (`trace`). Havoc's block insertions make long finds whose tail does
+    /// nothing; left long, an entry's mutants rarely touch the bytes that
+    /// matter. Returns the trimmed input and the time of its last run.
+    fn trim(
+        &mut self,
+        input: &[u8],
+        trace: &Trace,
+        us: u64,
+    ) -> Result<(Vec<u8>, u64), CampaignError> {
+        let (mut data, mut us) = (input.to_vec(), us);
+        if data.len() <= TRIM_MIN_BYTES {
+            return Ok((data, us));
+        }
+        let mut remove = (data.len().next_power_of_two() / TRIM_START_STEPS).max(TRIM_MIN_BYTES);
+        while remove >= (data.len().next_power_of_two() / TRIM_END_STEPS).max(TRIM_MIN_BYTES) {
+            // As AFL, the first block stays: it is where most targets look.
+            let mut at = remove;
+            while at < data.len() {
+                if self.shared.stopped() {
+                    return Ok((data, us));
+                }
+                let n = remove.min(data.len() - at);
+                let mut shorter = Vec::with_capacity(data.len() - n);
+                shorter.extend_from_slice(&data[..at]);
+                shorter.extend_from_slice(&data[at + n..]);
+                let (verdict, took) = self.exec(&shorter)?;
+                let same = !verdict.is_crash()
+                    && verdict != Verdict::Hang
+                    && Trace::classify(self.target.coverage()).bytes() == trace.bytes();
+                if same {
+                    (data, us) = (shorter, took);
+                } else {
+                    at += remove;
+                }
+            }
+            remove /= 2;
+        }
+        Ok((data, us))
     }
 
     fn describe(&self, origin: Origin<'_>) -> String {
